@@ -1,0 +1,1 @@
+"""Per-model-family glue: where the hooks go. An adapter never decides which tokens survive."""

@@ -1,0 +1,56 @@
+"""``vtoken`` console script. Each subcommand lives in its own module with ``add_arguments`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "methods": ("vtoken.cli", "list the registered methods, their arguments and supported models"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="also print each argument's default")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import vtoken
+
+    hosts = vtoken.hosts()
+    for name, info in sorted(vtoken.methods().items()):
+        supported = ", ".join(hosts[h].description if h in hosts else h for h in info.hosts)
+        print(f"{name:18s} {info.summary}")
+        print(f"{'':18s} models: {supported}")
+        if args.verbose:
+            for field, default in info.fields().items():
+                shown = "required" if default is dataclasses.MISSING else repr(default)
+                print(f"{'':20s}{field} = {shown}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vtoken", description="Make vision models spend fewer tokens.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=module)
+        sp._vtoken_module = module  # resolved lazily below
+    args, _ = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(COMMANDS[args.command][0])
+    # Re-parse with the command's real arguments, now that its module is loaded.
+    parser = argparse.ArgumentParser(prog=f"vtoken {args.command}", description=COMMANDS[args.command][1])
+    module.add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    return int(module.run(parser.parse_args(argv[argv.index(args.command) + 1 :])) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The object ``vtoken.patch`` returns: everything a method changed on one model instance, and how to undo it."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+# module -> {slot: handle}. Two methods may share a model (e.g. clustering in the vision tower and ToDRE after
+# the projector) but never the same slot of the same module. Weak keys: a patched model can still be collected.
+_SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MISSING = object()
+
+
+class Handle:
+    """A method installed on one model instance.
+
+    ``remove()`` undoes every hook and attribute the method installed, in reverse order, and is idempotent.
+    The handle is also a context manager (``with vtoken.patch(...) as h:``). ``stats`` describes the last call.
+    """
+
+    def __init__(self, model: Any, method: str, config: Any, host: str):
+        self.model = model
+        self.method = method
+        self.config = config
+        self.host = host
+        self.stats: Any = None
+        self._undo: list[Callable[[], None]] = []
+        self._active = True
+
+    # -- building the patch (adapters call these) ------------------------------------------------------------
+    def claim(self, module: Any, slot: str) -> None:
+        """Reserve ``slot`` on ``module`` for this handle; a second method on the same slot is an error."""
+        slots = _SLOTS.setdefault(module, {})
+        other = slots.get(slot)
+        if other is not None:
+            same = " (the same method)" if other.method == self.method else ""
+            raise ValueError(
+                f"{type(module).__name__} is already patched with {other.method!r}{same} at {slot!r}; "
+                f"call .remove() on that handle before patching it with {self.method!r}"
+            )
+        slots[slot] = self
+        self._undo.append(lambda: slots.pop(slot, None))
+
+    def add_hook(self, removable: Any) -> Any:
+        """Track a ``torch.utils.hooks.RemovableHandle`` (or anything with ``.remove()``)."""
+        self._undo.append(removable.remove)
+        return removable
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        """Shadow ``obj.name`` on this instance only; the previous instance state comes back on remove()."""
+        previous = obj.__dict__.get(name, _MISSING)
+        obj.__dict__[name] = value  # bypasses nn.Module.__setattr__, so a function never becomes a submodule
+
+        def restore():
+            if previous is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                obj.__dict__[name] = previous
+
+        self._undo.append(restore)
+
+    def on_remove(self, fn: Callable[[], None]) -> None:
+        self._undo.append(fn)
+
+    # -- using it ----------------------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def remove(self) -> None:
+        """Restore the model exactly as it was before ``patch``; safe to call twice."""
+        errors = []
+        while self._undo:
+            fn = self._undo.pop()
+            try:
+                fn()
+            except Exception as exc:  # keep undoing: a half-restored model is worse than a reported error
+                errors.append(exc)
+        self._active = False
+        if errors:
+            raise RuntimeError(f"vtoken: {len(errors)} step(s) failed while removing {self.method!r}: {errors[0]!r}")
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "removed"
+        return f"<vtoken.Handle {self.method!r} on {type(self.model).__name__} ({self.host}), {state}>"

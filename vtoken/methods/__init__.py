@@ -1,0 +1,21 @@
+"""Methods as pure tensor code plus a validated config dataclass each (registered with ``register_method``).
+
+``vtoken.methods`` is both this package and the documented registry call ``vtoken.methods()``: importing a
+subpackage rebinds the parent's attribute, so the package itself is made callable instead of fighting that.
+"""
+
+import sys
+import types
+
+from vtoken.methods import baselines, todre  # noqa: F401  (registration side effects)
+
+
+class _RegistryModule(types.ModuleType):
+    def __call__(self):
+        """Registry: method name -> MethodInfo (config class, supported hosts, one-line summary)."""
+        from vtoken.registry import method_registry
+
+        return method_registry()
+
+
+sys.modules[__name__].__class__ = _RegistryModule

@@ -1,0 +1,131 @@
+"""Baselines under the same API as the published methods, so users compare on equal terms.
+
+* ``random``   — a seeded random subset of the projected visual tokens (boundary).
+* ``pool``     — 2-D adaptive average pooling of each patch grid (boundary).
+* ``attn_topk`` — FastV: after decoder layer K, keep the visual tokens the last prompt token attends to most.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vtoken.budget import resolve_budget
+from vtoken.methods.base import (
+    GridSegment,
+    ImageContext,
+    LayerContext,
+    Reduction,
+    VisualTokenMethod,
+    check_int,
+)
+from vtoken.registry import register_method
+
+VLM_HOSTS = ("llava", "llava_next")
+
+
+@register_method("random", hosts=VLM_HOSTS)
+@dataclass
+class RandomConfig(VisualTokenMethod):
+    """Keep a seeded random subset of each image's visual tokens (after the projector).
+
+    The subset depends only on ``seed`` and the image's token count, never on the batch, so a batch gives the
+    same tokens as single runs and a rerun gives the same tokens; change ``seed`` to draw another subset.
+    """
+
+    seed: int = 0
+    boundary = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(self.seed, "seed", 0)
+
+    def reduce(self, features: torch.Tensor, ctx: ImageContext) -> Reduction:
+        k = resolve_budget(self.keep, ctx.n)
+        gen = torch.Generator().manual_seed(self.seed)
+        kept = torch.randperm(ctx.n, generator=gen)[:k].sort().values.to(features.device)
+        return Reduction(features[kept], kept)
+
+
+def pooled_grid(rows: int, cols: int, budget: int) -> tuple[int, int]:
+    """Largest ``r x c <= budget`` grid with roughly the aspect ratio of ``rows x cols`` (never upsampling)."""
+    r = min(rows, max(1, round(math.sqrt(budget * rows / cols))))
+    c = min(cols, max(1, budget // r))
+    r = min(rows, max(1, budget // c))
+    return r, c
+
+
+def split_budget(k: int, sizes: list[int]) -> list[int]:
+    """Share ``k`` tokens among segments in proportion to their sizes (largest remainders, >= 1 each)."""
+    total = sum(sizes)
+    exact = [k * s / total for s in sizes]
+    out = [max(1, int(e)) for e in exact]
+    order = sorted(range(len(sizes)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    for i in order:
+        if sum(out) >= k:
+            break
+        out[i] += 1
+    return out
+
+
+@register_method("pool", hosts=VLM_HOSTS)
+@dataclass
+class PoolConfig(VisualTokenMethod):
+    """2-D adaptive average pooling of each patch grid to about ``keep`` tokens (after the projector).
+
+    The pooled grid keeps the image's aspect ratio, so it holds ``r x c <= keep`` tokens (64 -> 8x8,
+    58 -> 8x7); ``handle.stats`` reports the exact count. AnyRes images share the budget between the
+    thumbnail and the high-resolution grid in proportion to their sizes; separator tokens are dropped.
+    """
+
+    boundary = True
+
+    def reduce(self, features: torch.Tensor, ctx: ImageContext) -> Reduction:
+        k = resolve_budget(self.keep, ctx.n)
+        segments: list[GridSegment] = ctx.segments
+        budgets = split_budget(k, [s.rows * s.cols for s in segments])
+        pooled = []
+        for seg, budget in zip(segments, budgets):
+            grid = features[seg.patch_index().to(features.device)]  # (rows, cols, D)
+            r, c = pooled_grid(seg.rows, seg.cols, budget)
+            out = F.adaptive_avg_pool2d(grid.permute(2, 0, 1).float(), (r, c))
+            pooled.append(out.flatten(1).T.to(features.dtype))
+        return Reduction(torch.cat(pooled), None)
+
+
+@register_method("attn_topk", hosts=VLM_HOSTS)
+@dataclass
+class AttnTopKConfig(VisualTokenMethod):
+    """FastV: after decoder layer ``layer`` (K), keep the visual tokens with the highest head-averaged
+    attention from the last prompt token, measured in layer K-1. Defaults are FastV's K=2, R=50%."""
+
+    keep: int | float = 0.5
+    layer: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(self.layer, "layer", 1)
+
+    def score_layers(self, num_layers: int) -> tuple[int, ...]:
+        check_int(self.layer, "layer", 1, num_layers - 1)
+        return (self.layer - 1,)
+
+    def prune(self, ctx: LayerContext) -> torch.Tensor:
+        last = ctx.last_index().unsqueeze(1)  # (B, 1)
+        attn = ctx.attention(last).mean(dim=1)[:, 0]  # (B, L)
+        return keep_top_visual(attn, ctx, self.keep)
+
+
+def keep_top_visual(scores: torch.Tensor, ctx: LayerContext, keep) -> torch.Tensor:
+    """(B, L) mask keeping every non-visual token plus the ``keep`` best-scoring visual tokens per sample."""
+    budgets = torch.tensor(
+        [resolve_budget(keep, int(n)) for n in ctx.n_visual_input.tolist()], device=scores.device
+    )
+    masked = torch.where(ctx.visual, scores.float(), float("-inf"))
+    order = masked.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return ~ctx.visual | (rank < budgets.unsqueeze(1))

@@ -1,0 +1,153 @@
+"""ToDRE (Li et al., arXiv 2505.18757): diversity-driven selection + task-relevance removal.
+
+Stage 1 (boundary, query-agnostic): pick a pivot with the vision encoder's [CLS] attention, then greedily
+keep the tokens that are least similar (cosine, post-projector space) to those already kept.
+``rule="maxsum"`` is the paper's v2 algorithm (argmin of the *summed* similarity to the kept set);
+``rule="maxmin"`` is the classical greedy k-center / farthest-point rule that v1 names.
+
+Stage 2 (in the decoder, prefill): at layer ``stage2_layer`` (default ``7L // 8``, 0-based) measure two
+head-averaged cross-modal attention ratios; if both are below ``tau`` the visual tokens are dropped from every
+later layer. Text set T: every real non-visual token except the first one (BOS / attention sink, which plays
+the paper's "system" role). With LLaVA's order (prompt, image, question) the visual->text ratio then only sees
+the pre-image prompt tokens; the paper's Eq. 8 read literally would make it identically zero under causal
+attention. ``handle.stats`` records how often the rule fires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vtoken.budget import resolve_budget
+from vtoken.methods.base import (
+    ImageContext,
+    LayerContext,
+    Reduction,
+    VisualTokenMethod,
+    check_choice,
+    check_float,
+    check_int,
+)
+from vtoken.registry import register_method
+
+
+def maxsum_select(x: torch.Tensor, k: int, pivot: int | torch.Tensor) -> torch.Tensor:
+    """Greedy max-sum diversification on rows of ``x`` (n, D), L2-normalised. Returns k indices, pick order.
+
+    Each step keeps the token with the smallest cumulative cosine similarity to the kept set. Runs on the
+    device without host syncs: k matrix-vector products.
+    """
+    n = x.shape[0]
+    k = min(k, n)
+    picked = torch.empty(k, dtype=torch.long, device=x.device)
+    cur = torch.as_tensor(pivot, device=x.device).reshape(())
+    total = torch.zeros(n, dtype=torch.float32, device=x.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=x.device)
+    for step in range(k):
+        picked[step] = cur
+        taken[cur] = True
+        total += (x @ x[cur]).float()
+        cur = torch.where(taken, float("inf"), total).argmin()
+    return picked
+
+
+def maxmin_select(x: torch.Tensor, k: int, pivot: int | torch.Tensor) -> torch.Tensor:
+    """Greedy k-center (farthest point) on rows of ``x`` (n, D), L2-normalised, distance ``1 - cos``."""
+    n = x.shape[0]
+    k = min(k, n)
+    picked = torch.empty(k, dtype=torch.long, device=x.device)
+    cur = torch.as_tensor(pivot, device=x.device).reshape(())
+    nearest = torch.full((n,), float("inf"), dtype=torch.float32, device=x.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=x.device)
+    for step in range(k):
+        picked[step] = cur
+        taken[cur] = True
+        nearest = torch.minimum(nearest, 1.0 - (x @ x[cur]).float())
+        cur = torch.where(taken, float("-inf"), nearest).argmax()
+    return picked
+
+
+SELECTORS = {"maxsum": maxsum_select, "maxmin": maxmin_select}
+
+
+def cross_modal_ratios(ctx: LayerContext, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_text_to_visual, alpha_visual_to_text), each (B,), from head-averaged attention of this layer.
+
+    alpha_t->v: mean over text query rows of the attention mass on visual keys (rows sum to one).
+    alpha_v->t: mean over visual query rows of the mass on text keys.
+    """
+    B, L = ctx.valid.shape
+    first = ctx.valid.float().argmax(dim=1)  # first real token: BOS / attention sink, not "text"
+    text = ctx.text.clone()
+    text[torch.arange(B), first] = False
+    sums = {"tv": torch.zeros(B), "vt": torch.zeros(B)}
+    sums = {k: v.to(ctx.hidden.device) for k, v in sums.items()}
+    for start in range(0, L, chunk):
+        rows = torch.arange(start, min(L, start + chunk), device=ctx.hidden.device).expand(B, -1)
+        probs = ctx.attention(rows).mean(dim=1)  # (B, R, L)
+        to_visual = (probs * ctx.visual.unsqueeze(1)).sum(-1)  # (B, R)
+        to_text = (probs * text.unsqueeze(1)).sum(-1)
+        sums["tv"] += (to_visual * text[:, start : start + chunk]).sum(-1)
+        sums["vt"] += (to_text * ctx.visual[:, start : start + chunk]).sum(-1)
+    t2v = sums["tv"] / text.sum(-1).clamp(min=1)
+    v2t = sums["vt"] / ctx.visual.sum(-1).clamp(min=1)
+    return t2v, v2t
+
+
+@register_method("todre", hosts=("llava", "llava_next"))
+@dataclass
+class ToDREConfig(VisualTokenMethod):
+    """ToDRE: [CLS]-pivoted greedy diversity selection after the projector + late task-relevance removal."""
+
+    keep: int | float = 0.25
+    rule: str = "maxsum"
+    pivot: str = "cls"
+    stage2: bool = True
+    stage2_layer: int | None = None
+    tau: float = 0.10
+    seed: int = 0
+    boundary = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice(self.rule, "rule", tuple(SELECTORS))
+        check_choice(self.pivot, "pivot", ("cls", "random"))
+        check_choice(self.stage2, "stage2", (True, False))
+        if self.stage2_layer is not None:
+            check_int(self.stage2_layer, "stage2_layer", 0)
+        self.tau = check_float(self.tau, "tau", 0.0, 1.0)
+        check_int(self.seed, "seed", 0)
+
+    # stage 1 -------------------------------------------------------------------------------------------------
+    def choose_pivot(self, ctx: ImageContext) -> torch.Tensor:
+        scores = ctx.pivot_scores() if self.pivot == "cls" else None
+        if scores is not None and torch.isfinite(scores).any():
+            return scores.argmax()
+        # Encoders without [CLS] (or pivot="random"): a seeded random pivot, which the paper's ablation shows
+        # costs at most 0.2 points.
+        return torch.randint(ctx.n, (), generator=torch.Generator().manual_seed(self.seed))
+
+    def reduce(self, features: torch.Tensor, ctx: ImageContext) -> Reduction:
+        k = resolve_budget(self.keep, ctx.n)
+        if k >= ctx.n:
+            return Reduction(features, torch.arange(ctx.n, device=features.device))
+        x = F.normalize(features.float(), dim=-1)
+        picked = SELECTORS[self.rule](x, k, self.choose_pivot(ctx).to(features.device))
+        kept = picked.sort().values  # keep raster order: the LLM was trained on it
+        return Reduction(features[kept], kept)
+
+    # stage 2 -------------------------------------------------------------------------------------------------
+    def check_layer(self, num_layers: int) -> int:
+        layer = (7 * num_layers) // 8 if self.stage2_layer is None else self.stage2_layer
+        return check_int(layer, "stage2_layer", 0, num_layers - 2)
+
+    def score_layers(self, num_layers: int) -> tuple[int, ...]:
+        return (self.check_layer(num_layers),) if self.stage2 else ()
+
+    def prune(self, ctx: LayerContext) -> torch.Tensor:
+        t2v, v2t = cross_modal_ratios(ctx)
+        drop = (t2v < self.tau) & (v2t < self.tau)
+        ctx.record.update(text_to_visual=t2v.tolist(), visual_to_text=v2t.tolist(), removed=drop.tolist())
+        return ~(ctx.visual & drop.unsqueeze(1))
