@@ -59,7 +59,6 @@ class ImageContext:
     # [CLS]->patch attention of the vision encoder, lazily computed, (n,) with -inf where a token has none
     # (AnyRes high-resolution crops, newline separators). None when the encoder has no [CLS].
     pivot_scores: Callable[[], torch.Tensor | None] = lambda: None
-    generator: torch.Generator | None = None
 
 
 @dataclass

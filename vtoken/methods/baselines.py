@@ -50,11 +50,13 @@ class RandomConfig(VisualTokenMethod):
         return Reduction(features[kept], kept)
 
 
-def pooled_grid(rows: int, cols: int, budget: int) -> tuple[int, int]:
-    """Largest ``r x c <= budget`` grid with roughly the aspect ratio of ``rows x cols`` (never upsampling)."""
+def pooled_grid(rows: int, cols: int, budget: int, newline: bool = False) -> tuple[int, int]:
+    """Largest ``r x c`` grid with roughly the aspect of ``rows x cols`` whose tokens, plus one separator per row
+    when ``newline``, fit in ``budget`` (never upsampling)."""
+    sep = int(newline)
     r = min(rows, max(1, round(math.sqrt(budget * rows / cols))))
-    c = min(cols, max(1, budget // r))
-    r = min(rows, max(1, budget // c))
+    c = min(cols, max(1, budget // r - sep))
+    r = min(rows, max(1, budget // (c + sep)))
     return r, c
 
 
@@ -76,9 +78,10 @@ def split_budget(k: int, sizes: list[int]) -> list[int]:
 class PoolConfig(VisualTokenMethod):
     """2-D adaptive average pooling of each patch grid to about ``keep`` tokens (after the projector).
 
-    The pooled grid keeps the image's aspect ratio, so it holds ``r x c <= keep`` tokens (64 -> 8x8,
-    58 -> 8x7); ``handle.stats`` reports the exact count. AnyRes images share the budget between the
-    thumbnail and the high-resolution grid in proportion to their sizes; separator tokens are dropped.
+    The pooled grid keeps the image's aspect ratio, so it holds ``r x c <= keep`` tokens (64 -> 8x8, 58 -> 8x7);
+    ``handle.stats`` reports the exact count. LLaVA-NeXT's layout is preserved: the thumbnail and the
+    high-resolution grid share the budget in proportion to their sizes, each pooled row of the high-resolution
+    grid keeps its ``image_newline`` separator, and tokens outside any grid are kept as they are.
     """
 
     boundary = True
@@ -86,21 +89,30 @@ class PoolConfig(VisualTokenMethod):
     def reduce(self, features: torch.Tensor, ctx: ImageContext) -> Reduction:
         k = resolve_budget(self.keep, ctx.n)
         segments: list[GridSegment] = ctx.segments
-        budgets = split_budget(k, [s.rows * s.cols for s in segments])
-        pooled = []
+        covered = torch.zeros(ctx.n, dtype=torch.bool)
+        for seg in segments:
+            covered[seg.start : seg.start + seg.length] = True
+        extras = (~covered).nonzero().squeeze(1).tolist()
+        budgets = split_budget(max(k - len(extras), len(segments)), [s.length for s in segments])
+        pieces = [(i, features[i : i + 1]) for i in extras]
         for seg, budget in zip(segments, budgets):
             grid = features[seg.patch_index().to(features.device)]  # (rows, cols, D)
-            r, c = pooled_grid(seg.rows, seg.cols, budget)
-            out = F.adaptive_avg_pool2d(grid.permute(2, 0, 1).float(), (r, c))
-            pooled.append(out.flatten(1).T.to(features.dtype))
-        return Reduction(torch.cat(pooled), None)
+            r, c = pooled_grid(seg.rows, seg.cols, budget, seg.newline)
+            out = F.adaptive_avg_pool2d(grid.permute(2, 0, 1).float(), (r, c)).permute(1, 2, 0).to(features.dtype)
+            if seg.newline:
+                separator = features[seg.start + seg.cols].expand(r, 1, -1)
+                out = torch.cat([out, separator], dim=1)
+            pieces.append((seg.start, out.reshape(-1, features.shape[-1])))
+        return Reduction(torch.cat([p for _, p in sorted(pieces, key=lambda item: item[0])]), None)
 
 
 @register_method("attn_topk", hosts=VLM_HOSTS)
 @dataclass
 class AttnTopKConfig(VisualTokenMethod):
-    """FastV: after decoder layer ``layer`` (K), keep the visual tokens with the highest head-averaged
-    attention from the last prompt token, measured in layer K-1. Defaults are FastV's K=2, R=50%."""
+    """FastV: after decoder layer K, keep the visual tokens the last prompt token attends to most.
+
+    Attention is head-averaged and measured in layer K-1 (``layer`` = K); defaults are FastV's K=2, R=50%.
+    """
 
     keep: int | float = 0.5
     layer: int = 2

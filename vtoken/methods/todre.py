@@ -140,8 +140,9 @@ class ToDREConfig(VisualTokenMethod):
 
     # stage 2 -------------------------------------------------------------------------------------------------
     def check_layer(self, num_layers: int) -> int:
-        layer = (7 * num_layers) // 8 if self.stage2_layer is None else self.stage2_layer
-        return check_int(layer, "stage2_layer", 0, num_layers - 2)
+        if self.stage2_layer is None:  # 7L/8, but never the last layer: a removal must leave a layer to act on
+            return max(0, min((7 * num_layers) // 8, num_layers - 2))
+        return check_int(self.stage2_layer, "stage2_layer", 0, num_layers - 2)
 
     def score_layers(self, num_layers: int) -> tuple[int, ...]:
         return (self.check_layer(num_layers),) if self.stage2 else ()

@@ -1,0 +1,386 @@
+"""Shared VLM machinery: shortening the prompt at the multimodal boundary, and dropping tokens between decoder
+layers during prefill (the mechanism of ARCHITECTURE.md), for Llama-like HF decoders.
+
+Both keep the host's own attention implementation (eager, SDPA, FlashAttention) and ``generate()`` untouched:
+only the inputs of the LLM call and of each decoder layer are edited, per forward, through hooks.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from vtoken.methods.base import LayerContext, VisualTokenMethod
+
+
+@dataclass
+class VLMStats:
+    """What the last prefill did. Lists are per image (``visual_tokens_in/kept``), per sample
+    (``visual_tokens_llm``) or per decoder layer then per sample (``tokens_per_layer``)."""
+
+    prefills: int = 0
+    visual_tokens_in: list[int] = field(default_factory=list)
+    visual_tokens_kept: list[int] = field(default_factory=list)
+    kept_indices: list[torch.Tensor | None] = field(default_factory=list)
+    visual_tokens_llm: list[int] = field(default_factory=list)
+    tokens_per_layer: list[list[int]] = field(default_factory=list)
+    visual_tokens_per_layer: list[list[int]] = field(default_factory=list)
+    selection_time_s: float = 0.0
+    scoring_time_s: float = 0.0
+    records: dict[int, dict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def reset(self) -> None:
+        prefills = self.prefills
+        self.__init__()
+        self.prefills = prefills + 1
+
+
+def timed(device: torch.device):
+    """Wall time of a block, synchronising CUDA so the time belongs to the block and not to the next kernel."""
+
+    class _Timer:
+        elapsed = 0.0
+
+        def __enter__(self):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.t0 = time.perf_counter()
+            return self
+
+        def __exit__(self, *exc):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.elapsed = time.perf_counter() - self.t0
+
+    return _Timer()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Boundary: remove placeholder columns from the prompt
+# ------------------------------------------------------------------------------------------------------------
+class PromptEdit:
+    """Columns removed from a (B, L) prompt, with rows re-padded on the left to a common length.
+
+    Remembers the mapping so that the decode steps of the same cache (whose 2-D mask and position ids
+    ``generate`` keeps growing from the *original* prompt) can be mapped onto the shortened one.
+    """
+
+    def __init__(self, drop: torch.Tensor, attention_mask: torch.Tensor | None):
+        B, L = drop.shape
+        device = drop.device
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(drop)
+        keep = ~drop
+        counts = keep.sum(1)
+        self.length_in, self.length_out = L, int(counts.max())
+        n_pad = self.length_out - counts
+        cols = torch.where(keep, torch.arange(L, device=device), L).sort(dim=1).values[:, : self.length_out]
+        slot = torch.arange(self.length_out, device=device) - n_pad.unsqueeze(1)  # < 0: new left padding
+        self.col_map = torch.where(slot >= 0, cols.gather(1, slot.clamp(min=0)), -1)
+        dropped = drop & valid
+        self.dropped_before = dropped.long().cumsum(1) - dropped.long()
+        self.shift = dropped.sum(1)  # (B,) real tokens removed per row
+        self.added_padding = bool((n_pad > 0).any()) and bool((n_pad != n_pad[0]).any() or n_pad[0] > 0)
+        self.cache_ref = None
+
+    def gather(self, x: torch.Tensor, fill) -> torch.Tensor:
+        """Apply the column map to a (B, L, ...) tensor; new padding columns get ``fill``."""
+        idx = self.col_map.clamp(min=0)
+        idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        out = x.gather(1, idx)
+        pad = (self.col_map < 0).view(*self.col_map.shape, *([1] * (x.dim() - 2)))
+        return torch.where(pad, torch.as_tensor(fill, dtype=x.dtype, device=x.device), out)
+
+    def attention_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        if attention_mask is None:
+            return (self.col_map >= 0).long() if self.added_padding else None
+        return self.gather(attention_mask, 0)
+
+    def position_ids(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Positions of the shortened prompt: a kept token moves down by the real tokens dropped before it."""
+        if position_ids is None:
+            if not self.added_padding:
+                return None  # the host's default arange over the shorter prompt is already right
+            B = self.col_map.shape[0]
+            position_ids = torch.arange(self.length_in, device=self.col_map.device).expand(B, -1)
+        shifted = position_ids - self.dropped_before.to(position_ids.device)
+        return self.gather(shifted, 0)
+
+    # decode steps ----------------------------------------------------------------------------------------------
+    def decode_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        head = self.gather(attention_mask[:, : self.length_in], 0)
+        return torch.cat([head, attention_mask[:, self.length_in :]], dim=1)
+
+    def decode_position_ids(self, position_ids: torch.Tensor | None, cache_length: int, q: int) -> torch.Tensor:
+        if position_ids is not None:
+            return position_ids - self.shift.to(position_ids.device).unsqueeze(1)
+        # Without explicit ids the host would count cache slots; with re-padding that is off by the padding added.
+        steps = cache_length - self.length_out + torch.arange(q, device=self.shift.device)
+        return self.length_in - self.shift.unsqueeze(1) + steps.unsqueeze(0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In-LLM: drop tokens between decoder layers during prefill
+# ------------------------------------------------------------------------------------------------------------
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``x`` gathered along ``dim`` by a (B, K) index; a batch-1 ``x`` is broadcast first."""
+    if x.shape[0] == 1 and index.shape[0] > 1:
+        x = x.expand(index.shape[0], *x.shape[1:])
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = index.shape
+    idx = index.view(shape).expand(*[s if d != dim else index.shape[1] for d, s in enumerate(x.shape)])
+    return x.gather(dim, idx)
+
+
+def mask_allows(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean view of a 4-D attention mask (bool: True attends; float: additive, 0 attends)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def forbid_columns(mask: torch.Tensor, forbidden: torch.Tensor) -> torch.Tensor:
+    """Mask out key columns (B, K) in a 4-D (B, h, q, K) or 2-D (B, K) mask of either dtype."""
+    cols = forbidden if mask.dim() == 2 else forbidden[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & ~cols
+    if mask.is_floating_point():
+        return mask.masked_fill(cols, torch.finfo(mask.dtype).min)
+    return mask * (~cols).to(mask.dtype)
+
+
+@dataclass
+class TokenState:
+    """Per prefill: which layer-0 positions are alive at the current layer, per sample."""
+
+    visual: torch.Tensor  # (B, L0) at the LLM input
+    valid: torch.Tensor  # (B, L0) real (non-padding) tokens
+    alive: torch.Tensor | None = None  # (B, K) layer-0 positions at the current layer; None = all
+    live: torch.Tensor | None = None  # (B, K) False for filler slots that only equalise row lengths
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (sel, live) to apply at the next layer
+    version: int = 0
+    per_layer: list = field(default_factory=list)  # per layer: (alive, live) or None, reused by decode steps
+    sliced: tuple | None = None  # (version, id(source), kwargs) cache of the sliced shared kwargs
+
+
+class DecoderPruner:
+    """Installs pre-hooks on every decoder layer of a Llama-like HF decoder and prunes visual tokens during
+    prefill according to ``method.score_layers`` / ``method.prune``.
+
+    The host adapter calls :meth:`begin_prefill` (with the LLM input's visual and padding masks),
+    :meth:`begin_decode` or :meth:`idle` before each LLM call, and :meth:`bind_cache` after a prefill.
+    """
+
+    def __init__(self, decoder, method: VisualTokenMethod, stats: VLMStats, handle):
+        self.layers = decoder.layers
+        self.config = decoder.config
+        self.method = method
+        self.stats = stats
+        self.score_layers = set(method.score_layers(len(self.layers)))
+        self.state: TokenState | None = None
+        self.mode = "idle"
+        self.cache_ref = None
+        for i, layer in enumerate(self.layers):
+            handle.claim(layer, "vtoken.decoder_layer")
+            hook = layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
+            handle.add_hook(hook)
+
+    # -- driven by the host ----------------------------------------------------------------------------------
+    def begin_prefill(self, visual: torch.Tensor, valid: torch.Tensor, cache) -> None:
+        if cache is not None and cache.get_seq_length() > 0:
+            self.stats.notes.append("in-LLM pruning skipped: prefill on a non-empty cache")
+            warnings.warn("vtoken: in-LLM pruning skipped for a prefill that continues a non-empty KV cache",
+                          stacklevel=3)
+            self.mode, self.state = "idle", None
+            return
+        if cache is not None and type(cache).__name__ != "DynamicCache":
+            raise ValueError(
+                f"vtoken: {self.method.method_name!r} prunes tokens inside the decoder, which needs a DynamicCache "
+                f"(per-layer lengths differ); got {type(cache).__name__}. Use the default cache_implementation."
+            )
+        self.state = TokenState(visual=visual, valid=valid)
+        self.mode = "prefill" if self.score_layers else "idle"
+
+    def bind_cache(self, cache) -> None:
+        self.cache_ref = weakref.ref(cache) if cache is not None else None
+
+    def begin_decode(self, cache) -> None:
+        bound = self.cache_ref() if self.cache_ref is not None else None
+        pruned = self.state is not None and any(rec is not None for rec in self.state.per_layer)
+        self.mode = "decode" if (cache is not None and cache is bound and pruned) else "idle"
+
+    def idle(self) -> None:
+        self.mode = "idle"
+
+    # -- the hook ----------------------------------------------------------------------------------------------
+    def _make_hook(self, index: int):
+        def hook(module, args, kwargs):
+            if self.mode == "prefill":
+                return self._prefill(index, module, args, kwargs)
+            if self.mode == "decode":
+                return self._decode(index, args, kwargs)
+            return None
+
+        return hook
+
+    def _prefill(self, index, layer, args, kwargs):
+        st = self.state
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if index == 0:
+            st.per_layer = []
+        if st.pending is not None:
+            sel, live = st.pending
+            st.pending = None
+            base = st.alive if st.alive is not None else torch.arange(hidden.shape[1], device=hidden.device)
+            st.alive = gather_rows(base.expand(sel.shape[0], -1) if base.dim() == 1 else base, sel)
+            st.live = live
+            st.version += 1
+            hidden = gather_rows(hidden, sel)
+        st.per_layer.append(None if st.alive is None else (st.alive, st.live))
+        if st.alive is not None:
+            kwargs = self._sliced_kwargs(kwargs, hidden.shape[0])
+        valid, visual = self._current_sets(hidden.shape[0])
+        self.stats.tokens_per_layer.append(valid.sum(1).tolist())
+        self.stats.visual_tokens_per_layer.append((visual & valid).sum(1).tolist())
+        if index in self.score_layers and bool(visual.any()):
+            with timed(hidden.device) as t:
+                self._score(index, layer, hidden, kwargs, valid, visual)
+            self.stats.scoring_time_s += t.elapsed
+        return (hidden, *args[1:]), kwargs
+
+    def _current_sets(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        st = self.state
+        if st.alive is None:
+            return st.valid.expand(batch, -1), st.visual.expand(batch, -1)
+        valid = gather_rows(st.valid, st.alive) & st.live
+        return valid, gather_rows(st.visual, st.alive) & st.live
+
+    def _score(self, index, layer, hidden, kwargs, valid, visual) -> None:
+        st = self.state
+        ctx = LayerContext(
+            layer=index,
+            num_layers=len(self.layers),
+            hidden=hidden,
+            valid=valid,
+            visual=visual,
+            n_visual_input=st.visual.sum(1),
+            attention=lambda rows: self._attention_rows(layer, hidden, kwargs, rows),
+        )
+        keep = self.method.prune(ctx)
+        if ctx.record:
+            self.stats.records[index] = dict(ctx.record)
+        live = st.live if st.live is not None else torch.ones_like(keep)
+        keep = (keep | ~visual) & live  # only visual tokens may go; old fillers are rebuilt below
+        if bool(keep.all()):
+            return
+        counts = keep.sum(1)
+        width = int(counts.max())
+        pos = torch.arange(keep.shape[1], device=keep.device)
+        ordered = torch.where(keep, pos, keep.shape[1]).sort(dim=1).values
+        slot = torch.arange(width, device=keep.device) - (width - counts).unsqueeze(1)
+        # Rows that keep fewer tokens are left-filled with copies of their first kept token, masked out as keys,
+        # so every row has the same length and a batch gives the same tokens as single runs.
+        st.pending = (ordered.gather(1, slot.clamp(min=0)), slot >= 0)
+
+    def _sliced_kwargs(self, kwargs, batch):
+        """Slice the kwargs every layer shares (mask, RoPE, position ids) to the alive positions, once per change."""
+        st = self.state
+        source = kwargs.get("position_embeddings")
+        if st.sliced is not None and st.sliced[0] == st.version and st.sliced[1] == id(source):
+            return {**kwargs, **st.sliced[2]}
+        alive, live = st.alive, st.live
+        out = {}
+        if source is not None:
+            out["position_embeddings"] = tuple(gather_rows(t, alive) for t in source)
+        if kwargs.get("position_ids") is not None:
+            out["position_ids"] = gather_rows(kwargs["position_ids"], alive)
+        out["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"), alive, live, batch)
+        st.sliced = (st.version, id(source), out)
+        return {**kwargs, **out}
+
+    def _prefill_mask(self, mask, alive, live, batch):
+        fillers = not bool(live.all())
+        if mask is None:
+            if not fillers:
+                return None  # the sliced prompt is still causal and unpadded: SDPA keeps is_causal
+            if self.config._attn_implementation.startswith("flash"):
+                return live.long()
+            causal = alive.unsqueeze(2) >= alive.unsqueeze(1)  # by original position
+            return forbid_columns(causal.unsqueeze(1), ~live)
+        if mask.dim() == 2:
+            return forbid_columns(gather_rows(mask, alive), ~live)
+        mask = mask.expand(batch, *mask.shape[1:]) if mask.shape[0] == 1 else mask
+        rows = gather_rows(mask, alive, dim=2)
+        return forbid_columns(gather_rows(rows, alive, dim=3), ~live)
+
+    def _attention_rows(self, layer, hidden, kwargs, rows: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of ``layer`` for query rows ``rows`` (B, R): (B, heads, R, K) in fp32.
+
+        Recomputed from the layer's input (norm, q/k projections, RoPE, GQA, mask), so the model keeps running
+        SDPA / FlashAttention and never needs ``output_attentions``.
+        """
+        attn = layer.self_attn
+        B, K, _ = hidden.shape
+        head_dim = attn.head_dim
+        u = layer.input_layernorm(hidden)
+        q = attn.q_proj(gather_rows(u, rows)).view(B, rows.shape[1], -1, head_dim).transpose(1, 2)
+        k = attn.k_proj(u).view(B, K, -1, head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = kwargs["position_embeddings"]
+        cos, sin = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
+        cq, sq = gather_rows(cos, rows).unsqueeze(1), gather_rows(sin, rows).unsqueeze(1)
+        q = q * cq + rotate_half(q) * sq
+        k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling
+        allowed = self._allowed(kwargs.get("attention_mask"), rows, K)
+        scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+    def _allowed(self, mask, rows, K) -> torch.Tensor:
+        """(B, R, K) keys each query row may attend to, as the layer's own attention sees them."""
+        B = rows.shape[0]
+        if mask is not None and mask.dim() == 4:
+            full = mask_allows(mask.expand(B, *mask.shape[1:])[:, 0])
+            return gather_rows(full, rows)
+        cols = torch.arange(K, device=rows.device)
+        allowed = cols.view(1, 1, K) <= rows.unsqueeze(2)
+        if mask is not None:  # 2-D padding mask (FlashAttention layouts)
+            allowed = allowed & mask.bool().unsqueeze(1)
+        if self.state.live is not None:
+            allowed = allowed & self.state.live.unsqueeze(1)
+        return allowed
+
+    def _decode(self, index, args, kwargs):
+        """Decode step: this layer's cache holds only the alive prefill tokens, so its mask columns must match."""
+        record = self.state.per_layer[index] if index < len(self.state.per_layer) else None
+        if record is None:
+            return None
+        alive, live = record
+        mask = kwargs.get("attention_mask")
+        L0 = self.state.visual.shape[1]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        B, q = hidden.shape[:2]
+        K = alive.shape[1]
+        if mask is None:
+            if bool(live.all()):
+                return None  # SDPA without padding: no mask at q=1, the shorter cache is enough
+            tail = kwargs["past_key_values"].get_seq_length(index) - K + q
+            head = live[:, None, None, :].expand(B, 1, q, K)
+            kwargs["attention_mask"] = torch.cat([head, head.new_ones(B, 1, q, tail)], dim=-1)
+            return args, kwargs
+        if mask.dim() == 2:
+            head = gather_rows(mask[:, :L0], alive)
+        else:
+            m = mask[..., :L0].expand(B, *mask.shape[1:-1], L0)
+            head = m.gather(3, alive[:, None, None, :].expand(B, m.shape[1], m.shape[2], K))
+        kwargs["attention_mask"] = torch.cat([forbid_columns(head, ~live), mask[..., L0:]], dim=-1)
+        return args, kwargs

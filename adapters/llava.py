@@ -1,0 +1,329 @@
+"""Hugging Face LLaVA-1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT
+(``LlavaNextForConditionalGeneration``), transformers 5.x.
+
+Hook points, per instance:
+* ``model.model.get_image_features`` (the one ``generate()`` calls before prefill) is shadowed on the instance by
+  a wrapper that records the vision encoder's [CLS] attention, then lets the method reduce each image's
+  projected tokens (boundary stage).
+* A forward pre-hook on ``model.model`` (``LlavaModel``) removes the placeholder ids of dropped tokens from the
+  prompt (ids or embeddings, mask, position ids; rows re-padded on the left), and on later decode steps of the same
+  cache maps ``generate``'s growing mask / position ids onto the shortened prompt.
+* Pre-hooks on every decoder layer (``DecoderPruner``) drop visual tokens during prefill (in-LLM stage).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+
+import torch
+from vtoken.adapters._vlm import DecoderPruner, PromptEdit, VLMStats, timed
+
+from vtoken.budget import resolve_budget
+from vtoken.methods.base import GridSegment, ImageContext, VisualTokenMethod
+from vtoken.registry import register_host
+
+
+def _is_llava(model) -> bool:
+    from transformers import LlavaForConditionalGeneration
+
+    return isinstance(model, LlavaForConditionalGeneration)
+
+
+def _is_llava_next(model) -> bool:
+    from transformers import LlavaNextForConditionalGeneration
+
+    return isinstance(model, LlavaNextForConditionalGeneration)
+
+
+def vision_encoder(tower):
+    """The CLIP-like transformer inside a vision tower (transformers >= 5.2x flattened ``vision_model`` away)."""
+    return getattr(tower, "vision_model", tower)
+
+
+def cls_attention(layer, x: torch.Tensor) -> torch.Tensor:
+    """[CLS]->all attention of a CLIP encoder layer, recomputed from its input ``x`` (views, T, d): (views, T).
+
+    Head-averaged fp32 softmax; needs neither eager attention nor ``output_attentions``.
+    """
+    attn = layer.self_attn
+    h = layer.layer_norm1(x)
+    views, T, _ = h.shape
+    q = attn.q_proj(h[:, :1]).view(views, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(views, T, attn.num_heads, attn.head_dim).transpose(1, 2)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+    return scores.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+class LlavaPatch:
+    """All hooks of one method on one LLaVA / LLaVA-NeXT instance."""
+
+    def __init__(self, model, method: VisualTokenMethod, handle):
+        self.model = model
+        self.base = model.model
+        self.config = model.config
+        self.method = method
+        self.next = _is_llava_next(model)
+        self.stats = VLMStats()
+        handle.stats = self.stats
+        self.edit: PromptEdit | None = None
+        self.last_features = None  # (output object, reductions) from the wrapped get_image_features
+        self.in_prefill = False
+        handle.claim(self.base, "vtoken.vlm_tokens")
+        self.check_budget()
+
+        decoder = self.base.language_model
+        self.decoder = None
+        if method.score_layers(len(decoder.layers)):
+            self.decoder = DecoderPruner(decoder, method, self.stats, handle)
+        if method.boundary:
+            original = self.base.get_image_features
+
+            def get_image_features(*args, **kwargs):
+                return self.reduced_image_features(original, *args, **kwargs)
+
+            functools.update_wrapper(get_image_features, original)  # generate() reads its signature
+            handle.set_attr(self.base, "get_image_features", get_image_features)
+        handle.add_hook(self.base.register_forward_pre_hook(self.before_llm, with_kwargs=True))
+        handle.add_hook(self.base.register_forward_hook(self.after_llm, with_kwargs=True))
+        handle.add_hook(model.register_forward_pre_hook(self.reject_labels, with_kwargs=True))
+        self.base_signature = inspect.signature(self.base.forward)
+
+    # -- configuration checks ------------------------------------------------------------------------------------
+    def tokens_per_view(self) -> int:
+        vc = self.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n + int(self.config.vision_feature_select_strategy == "full")
+
+    def check_budget(self) -> None:
+        if self.method.boundary and isinstance(self.method.keep, int) and not self.next:
+            resolve_budget(self.method.keep, self.tokens_per_view(), what="visual tokens per image")
+
+    def reject_labels(self, module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            raise ValueError(
+                f"labels are not supported while {self.method.method_name!r} is applied: pruning shortens the "
+                "sequence the logits are computed on. Remove the patch for training, or compute the loss from the "
+                "returned logits (text tokens keep their order at the end of each row)."
+            )
+
+    # -- boundary stage ----------------------------------------------------------------------------------------
+    def vision_layers(self):
+        return vision_encoder(self.base.vision_tower).encoder.layers
+
+    def pivot_layer(self, feature_layer) -> int:
+        """Index of the vision layer that produces the selected features (its [CLS] attention is the pivot)."""
+        layer = feature_layer[-1] if isinstance(feature_layer, (list, tuple)) else feature_layer
+        n = len(self.vision_layers())
+        return n + layer if layer < 0 else layer - 1
+
+    def reduced_image_features(self, original, *args, **kwargs):
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        call = dict(bound.arguments)
+        call.update(call.pop("kwargs", {}))
+        feature_layer = call.get("vision_feature_layer")
+        if feature_layer is None:
+            feature_layer = self.config.vision_feature_layer
+        self.stats.reset()
+        layers = self.vision_layers()
+        captured = {}
+        has_cls = hasattr(vision_encoder(self.base.vision_tower).embeddings, "class_embedding")
+        pivot_index = self.pivot_layer(feature_layer)
+        if has_cls and 0 <= pivot_index < len(layers):
+
+            def grab(module, a, kw):
+                captured["x"] = a[0] if a else kw["hidden_states"]
+
+            hook = layers[pivot_index].register_forward_pre_hook(grab, with_kwargs=True)
+        else:
+            hook = None
+        try:
+            out = original(**call)
+        finally:
+            if hook is not None:
+                hook.remove()
+        features = list(out.pooler_output)
+        contexts = self.image_contexts(features, captured.get("x"), layers[pivot_index] if hook else None,
+                                       call.get("image_sizes"))
+        with timed(features[0].device) as t:
+            reductions = [self.method.reduce(f, ctx) for f, ctx in zip(features, contexts)]
+        self.stats.selection_time_s += t.elapsed
+        self.stats.visual_tokens_in += [f.shape[0] for f in features]
+        self.stats.visual_tokens_kept += [r.features.shape[0] for r in reductions]
+        self.stats.kept_indices += [None if r.kept is None else r.kept.cpu() for r in reductions]
+        out.pooler_output = [r.features for r in reductions]
+        self.last_features = (out, [f.shape[0] for f in features])
+        return out
+
+    def image_contexts(self, features, cls_input, cls_layer, image_sizes) -> list[ImageContext]:
+        vc = self.config.vision_config
+        grid = vc.image_size // vc.patch_size
+        full = self.config.vision_feature_select_strategy == "full"
+        base_len = grid * grid + int(full)
+        views = self.views_per_image(image_sizes, len(features))
+        first_view = torch.tensor([0] + views[:-1]).cumsum(0).tolist()
+        cache = {}
+
+        def attention_of_view(v: int) -> torch.Tensor:
+            if "probs" not in cache:
+                cache["probs"] = cls_attention(cls_layer, cls_input)
+            return cache["probs"][v, 1:]
+
+        contexts = []
+        for i, f in enumerate(features):
+            n = f.shape[0]
+            segments = [GridSegment(int(full), grid, grid)]
+            if self.next and views[i] > 1:
+                rows, cols = self.unpadded_grid(image_sizes[i], grid)
+                segments.append(GridSegment(base_len, rows, cols, newline=True))
+                if base_len + rows * (cols + 1) != n:
+                    raise RuntimeError(f"vtoken: unexpected LLaVA-NeXT token layout ({n} tokens for {segments})")
+
+            def pivot_scores(v=first_view[i], n=n):
+                if cls_input is None:
+                    return None
+                scores = torch.full((n,), float("-inf"), device=cls_input.device)
+                scores[int(full) : base_len] = attention_of_view(v)  # the (thumbnail) base view only
+                return scores
+
+            contexts.append(ImageContext(n=n, segments=segments, pivot_scores=pivot_scores))
+        return contexts
+
+    def views_per_image(self, image_sizes, n_images: int) -> list[int]:
+        if not self.next:
+            return [1] * n_images
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return [
+            image_size_to_num_patches(s, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+            for s in image_sizes
+        ]
+
+    def unpadded_grid(self, image_size, grid: int) -> tuple[int, int]:
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        ph, pw = get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints,
+                                             self.config.vision_config.image_size)
+        shape = unpad_image(torch.empty(1, ph * grid, pw * grid), image_size).shape
+        return int(shape[1]), int(shape[2])
+
+    # -- the LLM call ------------------------------------------------------------------------------------------
+    def before_llm(self, module, args, kwargs):
+        if args:  # LLaVA-NeXT passes input_ids positionally
+            kwargs = {**dict(zip(self.base_signature.parameters, args)), **kwargs}
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        tokens = ids if ids is not None else embeds
+        cache = kwargs.get("past_key_values")
+        pixels = kwargs.get("pixel_values")
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        self.in_prefill = False
+        if (pixels is None or pixels.numel() == 0) and encoded is None:
+            self.continue_decode(kwargs, cache, tokens.shape[1])
+            return (), kwargs
+        self.in_prefill = True
+        self.edit = None
+        if not self.method.boundary:
+            self.stats.reset()  # boundary methods reset when the image features are computed
+        else:
+            if encoded is None:
+                encoded = module.get_image_features(
+                    pixel_values=pixels,
+                    image_sizes=kwargs.get("image_sizes"),
+                    vision_feature_layer=kwargs.get("vision_feature_layer"),
+                    vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                    return_dict=True,
+                )
+            elif self.last_features is None or encoded is not self.last_features[0]:
+                raise ValueError(
+                    "vtoken: precomputed image features (mm_encoder_outputs) must come from this patched "
+                    "model's get_image_features, so the boundary stage can prune them consistently"
+                )
+            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
+            kwargs["pixel_values"] = None
+            self.shorten_prompt(kwargs)
+        placeholders = self.placeholder_mask(kwargs)
+        mask = kwargs.get("attention_mask")
+        valid = mask.bool() if mask is not None else torch.ones_like(placeholders)
+        self.stats.visual_tokens_llm = (placeholders & valid).sum(1).tolist()
+        if self.decoder is not None:
+            self.decoder.begin_prefill(placeholders, valid, cache)
+        else:  # nothing changes inside the decoder: every layer sees the (possibly shortened) prompt
+            layers = len(self.base.language_model.layers)
+            self.stats.tokens_per_layer = [valid.sum(1).tolist()] * layers
+            self.stats.visual_tokens_per_layer = [self.stats.visual_tokens_llm] * layers
+        return (), kwargs
+
+    def placeholder_mask(self, kwargs) -> torch.Tensor:
+        ids = kwargs.get("input_ids")
+        if ids is not None:
+            return ids == self.config.image_token_id
+        embeds = kwargs["inputs_embeds"]
+        image = self.base.get_input_embeddings()(torch.tensor(self.config.image_token_id, device=embeds.device))
+        return (embeds == image.to(embeds.dtype)).all(-1)
+
+    def shorten_prompt(self, kwargs) -> None:
+        """Drop the placeholders of the tokens the boundary stage removed, image by image."""
+        _, counts_in = self.last_features
+        counts_out = [f.shape[0] for f in kwargs["mm_encoder_outputs"]["image"].pooler_output]
+        placeholders = self.placeholder_mask(kwargs)
+        where = placeholders.flatten().nonzero().squeeze(1)
+        if where.numel() != sum(counts_in):
+            raise ValueError(
+                f"Image features and image tokens do not match: the prompt has {where.numel()} image tokens, "
+                f"the images give {sum(counts_in)}"
+            )
+        drop_run = torch.zeros(where.numel(), dtype=torch.bool, device=where.device)
+        start = 0
+        for n, k in zip(counts_in, counts_out):
+            drop_run[start + k : start + n] = True
+            start += n
+        drop = torch.zeros(placeholders.numel(), dtype=torch.bool, device=where.device)
+        drop[where[drop_run]] = True
+        drop = drop.view_as(placeholders)
+        if not bool(drop.any()):
+            return
+        edit = PromptEdit(drop, kwargs.get("attention_mask"))
+        if kwargs.get("input_ids") is not None:
+            pad = self.config.text_config.pad_token_id
+            kwargs["input_ids"] = edit.gather(kwargs["input_ids"], 0 if pad is None else pad)
+        if kwargs.get("inputs_embeds") is not None:
+            kwargs["inputs_embeds"] = edit.gather(kwargs["inputs_embeds"], 0)
+        kwargs["position_ids"] = edit.position_ids(kwargs.get("position_ids"))
+        kwargs["attention_mask"] = edit.attention_mask(kwargs.get("attention_mask"))
+        self.edit = edit
+
+    def continue_decode(self, kwargs, cache, q: int) -> None:
+        """A call without images: a decode step of the last prefill's cache gets the same shortening."""
+        edit = self.edit
+        if edit is not None and cache is not None and edit.cache_ref is not None and edit.cache_ref() is cache:
+            cached = cache.get_seq_length()
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.dim() == 2 and mask.shape[1] == edit.length_in + cached - edit.length_out + q:
+                kwargs["attention_mask"] = edit.decode_attention_mask(mask)
+            kwargs["position_ids"] = edit.decode_position_ids(kwargs.get("position_ids"), cached, q)
+        if self.decoder is not None:
+            self.decoder.begin_decode(cache)
+
+    def after_llm(self, module, args, kwargs, output):
+        if self.in_prefill:
+            cache = getattr(output, "past_key_values", None)
+            if self.edit is not None and cache is not None:
+                self.edit.cache_ref = weakref.ref(cache)
+            if self.decoder is not None:
+                self.decoder.bind_cache(cache)
+        if self.decoder is not None:
+            self.decoder.idle()
+        self.in_prefill = False
+        return output
+
+
+@register_host("llava", "transformers LlavaForConditionalGeneration (LLaVA-1.5)", matches=_is_llava)
+def install_llava(model, method, handle) -> None:
+    LlavaPatch(model, method, handle)
+
+
+@register_host("llava_next", "transformers LlavaNextForConditionalGeneration (LLaVA-NeXT / 1.6)",
+               matches=_is_llava_next)
+def install_llava_next(model, method, handle) -> None:
+    LlavaPatch(model, method, handle)

@@ -1,0 +1,59 @@
+"""Tiny random-weight VLMs built from configs (no downloads), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+IMAGE_TOKEN = 99
+PAD, BOS, EOS = 0, 1, 2
+VOCAB = 100
+
+
+def text_config(layers: int = 4) -> dict:
+    return dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
+                pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+
+
+def vision_config(image_size: int) -> dict:
+    return dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, image_size=image_size, patch_size=14)
+
+
+def tiny_llava(attn: str = "sdpa", layers: int = 4, image_size: int = 112, strategy: str = "default"):
+    """LLaVA-1.5-shaped: (112 / 14)^2 = 64 visual tokens per image."""
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config=vision_config(image_size), text_config=text_config(layers),
+                      image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+                      vision_feature_select_strategy=strategy)
+    return LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+
+
+def tiny_llava_next(attn: str = "sdpa", layers: int = 4):
+    torch.manual_seed(0)
+    cfg = LlavaNextConfig(vision_config=vision_config(56), text_config=text_config(layers),
+                          image_token_id=IMAGE_TOKEN,
+                          image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]])
+    return LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+
+
+def visual_count(model, pixel_values, image_sizes=None) -> list[int]:
+    kwargs = {"image_sizes": image_sizes} if image_sizes is not None else {}
+    with torch.no_grad():
+        out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **kwargs)
+    return [f.shape[0] for f in out.pooler_output]
+
+
+def prompt(n_image: int, before=(BOS, 5, 6), after=(7, 8, 9, 10)) -> torch.Tensor:
+    return torch.tensor([*before, *([IMAGE_TOKEN] * n_image), *after])
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
