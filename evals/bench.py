@@ -1,0 +1,273 @@
+"""``vtoken bench``: dense vs each method, side by side in one run, on one model.
+
+Per method: visual tokens entering the LLM, prefill latency (time to first token, vision encoding included;
+median over repeats, warm-up excluded), decode tokens/s, peak memory, analytic prefill FLOPs and the method's own
+overhead (boundary selection and in-LLM scoring), reported separately. Repeats are interleaved across methods so
+that a change of machine load hits every method alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import vtoken
+from vtoken.evals.flops import prefill_flops
+from vtoken.evals.machine import describe_machine, machine_line
+from vtoken.evals.memory import PeakMemory
+from vtoken.evals.models import PRESETS, build_model, synthetic_inputs, views_per_sample
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    """``todre`` or ``todre:rule=maxmin,stage2=false`` -> (name, overrides)."""
+    name, _, rest = text.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--method {text!r}: expected key=value after ':', got {item!r}")
+        overrides[key.strip()] = _literal(value.strip())
+    return name.strip(), overrides
+
+
+def _literal(value: str):
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+class Stamps(LogitsProcessor):
+    """Timestamps each generation step: the first call happens right after prefill, the rest after each decode."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+@dataclass
+class Row:
+    method: str
+    config: dict
+    visual_tokens_llm: float = 0.0
+    ttft_ms: list[float] = field(default_factory=list)
+    decode_tok_s: list[float] = field(default_factory=list)
+    selection_ms: list[float] = field(default_factory=list)
+    scoring_ms: list[float] = field(default_factory=list)
+    peak_mem_mb: float = float("nan")
+    flops: dict = field(default_factory=dict)
+    records: dict = field(default_factory=dict)
+
+    def summary(self, dense: Row | None) -> dict:
+        ttft = statistics.median(self.ttft_ms)
+        out = {
+            "method": self.method,
+            "config": self.config,
+            "visual_tokens_llm": self.visual_tokens_llm,
+            "ttft_ms": ttft,
+            "ttft_ms_all": self.ttft_ms,
+            "decode_tok_s": statistics.median(self.decode_tok_s) if self.decode_tok_s else float("nan"),
+            "peak_mem_mb": self.peak_mem_mb,
+            "prefill_gflops": self.flops.get("total", float("nan")) / 1e9,
+            "selection_ms": statistics.median(self.selection_ms) if self.selection_ms else 0.0,
+            "scoring_ms": statistics.median(self.scoring_ms) if self.scoring_ms else 0.0,
+            "records": self.records,
+        }
+        out["overhead_pct_of_prefill"] = 100.0 * (out["selection_ms"] + out["scoring_ms"]) / ttft
+        if dense is not None:
+            out["speedup"] = statistics.median(dense.ttft_ms) / ttft
+            out["flops_ratio"] = dense.flops["total"] / self.flops["total"]
+            out["decode_speedup"] = out["decode_tok_s"] / statistics.median(dense.decode_tok_s)
+        return out
+
+
+def measure(model, inputs: dict, new_tokens: int, device: torch.device) -> tuple[float, float]:
+    stamps = Stamps(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([stamps]),
+                       pad_token_id=model.config.text_config.pad_token_id or 0)
+    ttft = stamps.times[0] - start
+    decode = (len(stamps.times) - 1) / (stamps.times[-1] - stamps.times[0]) if len(stamps.times) > 1 else float("nan")
+    return ttft * 1000.0, decode
+
+
+def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int = 5, warmup: int = 1,
+              new_tokens: int = 16, progress: bool = True) -> tuple[list[dict], Row]:
+    device = model.device
+    rows = [Row("dense", {})] + [Row(name, cfg) for name, cfg in methods]
+    views = views_per_sample(inputs) * inputs["input_ids"].shape[0]
+
+    def apply(row: Row):
+        return None if row.method == "dense" else vtoken.patch(model, row.method, **row.config)
+
+    total = len(rows) * (warmup + repeats + 1)
+    bar = tqdm(total=total, desc="bench", disable=not progress)
+    for row in rows:  # warm-up, FLOPs and token counts from the first call, peak memory in its own call
+        handle = apply(row)
+        try:
+            for _ in range(warmup):
+                measure(model, inputs, new_tokens, device)
+                bar.update()
+            with PeakMemory(device) as mem:
+                measure(model, inputs, new_tokens, device)
+            bar.update()
+            row.peak_mem_mb = mem.peak_mb
+            row.flops, row.visual_tokens_llm, row.records = flops_of(model, inputs, handle, views)
+        finally:
+            if handle is not None:
+                handle.remove()
+    for _ in range(repeats):
+        for row in rows:
+            handle = apply(row)
+            try:
+                ttft, decode = measure(model, inputs, new_tokens, device)
+                if handle is not None:
+                    row.selection_ms.append(handle.stats.selection_time_s * 1000.0)
+                    row.scoring_ms.append(handle.stats.scoring_time_s * 1000.0)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            row.ttft_ms.append(ttft)
+            row.decode_tok_s.append(decode)
+            bar.update()
+    bar.close()
+    dense = rows[0]
+    return [row.summary(None if row is dense else dense) for row in rows], dense
+
+
+def flops_of(model, inputs: dict, handle, views: int) -> tuple[dict, float, dict]:
+    """Per-layer token counts of one prefill -> analytic FLOPs (the dense model counts its own prompt)."""
+    mask = inputs["attention_mask"]
+    if handle is None:
+        n = mask.sum(1).tolist()
+        visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+        layers = model.config.text_config.num_hidden_layers
+        per_layer, projected = [n] * layers, sum(visual)
+    else:
+        stats = handle.stats
+        per_layer, visual = stats.tokens_per_layer, stats.visual_tokens_llm
+        projected = sum(stats.visual_tokens_in) if stats.visual_tokens_in else sum(visual)
+    records = {} if handle is None else {str(k): v for k, v in handle.stats.records.items()}
+    return prefill_flops(model.config, per_layer, views, projected), statistics.mean(visual), records
+
+
+def format_table(results: list[dict]) -> str:
+    head = ("method", "visual->LLM", "prefill ms", "speed-up", "decode tok/s", "peak MB", "prefill GFLOPs",
+            "FLOPs ratio", "overhead ms (% prefill)")
+    lines = [head]
+    for r in results:
+        label = r["method"] + ("" if not r["config"] else " " + ",".join(f"{k}={v}" for k, v in r["config"].items()))
+        overhead = r["selection_ms"] + r["scoring_ms"]
+        lines.append((
+            label, f"{r['visual_tokens_llm']:.0f}", f"{r['ttft_ms']:.1f}", f"{r.get('speedup', 1.0):.2f}x",
+            f"{r['decode_tok_s']:.1f}", f"{r['peak_mem_mb']:.0f}", f"{r['prefill_gflops']:.1f}",
+            f"{r.get('flops_ratio', 1.0):.2f}x", "-" if r["method"] == "dense" else
+            f"{overhead:.2f} ({r['overhead_pct_of_prefill']:.1f}%)",
+        ))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    fmt = lambda row: " | ".join(cell.ljust(w) for cell, w in zip(row, widths))
+    return "\n".join([fmt(lines[0]), "-+-".join("-" * w for w in widths), *map(fmt, lines[1:])])
+
+
+def plot(results: list[dict], title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["method"] for r in results]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, name in zip(axes, ("ttft_ms", "prefill_gflops", "decode_tok_s"),
+                             ("prefill latency (ms, lower is better)", "prefill GFLOPs", "decode tokens/s")):
+        values = [r[key] for r in results]
+        bars = ax.bar(labels, values, color=["#888"] + ["#2a7"] * (len(results) - 1))
+        ax.set_title(name, fontsize=10)
+        ax.tick_params(axis="x", rotation=20, labelsize=8)
+        if key == "ttft_ms":
+            for bar, r in zip(bars, results):
+                ax.annotate(f"{r.get('speedup', 1.0):.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny-llava-1.5",
+                        help=f"a preset ({', '.join(PRESETS)}) or an HF LLaVA / LLaVA-NeXT id or local path")
+    parser.add_argument("--random-weights", action="store_true", help="build --model from its config only")
+    parser.add_argument("--method", action="append", default=None, metavar="NAME[:key=value,...]",
+                        help="method to compare with dense (repeatable); default: todre")
+    parser.add_argument("--keep", type=_literal, default=64, help="budget for every method: int tokens or fraction")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run (decode speed)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--plot", default=None, help="write a PNG here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    methods = [parse_method(m) for m in (args.method or ["todre"])]
+    methods = [(name, {"keep": args.keep, **cfg}) for name, cfg in methods]
+    for name, cfg in methods:  # fail before building a large model
+        vtoken.make_config(vtoken.api.get_method(name), cfg)
+    model = build_model(args.model, dtype=dtype, device=str(device), attn=args.attn,
+                        random_weights=args.random_weights)
+    inputs = synthetic_inputs(model, batch=args.batch)
+    results, _ = run_bench(model, inputs, methods, repeats=args.repeats, warmup=args.warmup,
+                           new_tokens=args.new_tokens, progress=not args.quiet)
+    machine = describe_machine(device)
+    preset = PRESETS.get(args.model)
+    title = (f"{args.model}: {preset.description if preset else 'checkpoint'}; batch {args.batch}, "
+             f"prompt {inputs['input_ids'].shape[1]} tokens, {args.dtype or str(dtype).split('.')[-1]}, {args.attn}")
+    print(title)
+    print(machine_line(machine))
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"title": title, "machine": machine, "settings": vars(args) | {"dtype": str(dtype)},
+                       "results": results}, f, indent=2, default=str)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(results, f"{title}\n{machine_line(machine)}", args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+

@@ -1,0 +1,47 @@
+"""Analytic prefill FLOPs (2 x multiply-adds) from the token count each layer actually saw.
+
+The decoder term is FastV/DivPrune's ``4nd^2 + 2n^2 d + 2ndm`` per layer written out for GQA and gated MLPs:
+q/k/v/o projections, the full square of QK^T and AV (no causal discount, as in those papers), and the MLP.
+"""
+
+from __future__ import annotations
+
+
+def decoder_layer_flops(n: int, cfg) -> float:
+    d = cfg.hidden_size
+    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    projections = 2 * n * d * (2 * heads * head_dim + 2 * kv_heads * head_dim)
+    attention = 4 * n * n * heads * head_dim
+    gated = getattr(cfg, "hidden_act", "silu") in ("silu", "swish", "gelu_pytorch_tanh") or hasattr(cfg, "mlp_bias")
+    mlp = 2 * n * d * cfg.intermediate_size * (3 if gated else 2)
+    return float(projections + attention + mlp)
+
+
+def vision_flops(views: int, vcfg) -> float:
+    """A CLIP-like tower over ``views`` crops: every layer runs (HF runs the whole tower)."""
+    tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
+    d, m = vcfg.hidden_size, vcfg.intermediate_size
+    per_layer = 2 * tokens * d * 4 * d + 4 * tokens * tokens * d + 2 * tokens * d * m * 2
+    patch_embed = 2 * (tokens - 1) * 3 * vcfg.patch_size**2 * d
+    return float(views * (vcfg.num_hidden_layers * per_layer + patch_embed))
+
+
+def projector_flops(n_tokens: int, config) -> float:
+    vision_dim = config.vision_config.hidden_size
+    layers = config.vision_feature_layer
+    if isinstance(layers, (list, tuple)):
+        vision_dim *= len(layers)
+    d = config.text_config.hidden_size
+    return float(2 * n_tokens * (vision_dim * d + d * d))
+
+
+def prefill_flops(config, tokens_per_layer: list[list[int]], views: int, projected_tokens: int) -> dict[str, float]:
+    """FLOPs of one prefill of a batch: vision tower, projector, decoder (per-layer, per-sample counts)."""
+    text = config.text_config
+    decoder = sum(decoder_layer_flops(n, text) for layer in tokens_per_layer for n in layer)
+    head = 2 * text.hidden_size * text.vocab_size * len(tokens_per_layer[0])  # logits of the last token only
+    vision = vision_flops(views, config.vision_config)
+    projector = projector_flops(projected_tokens, config)
+    return {"vision": vision, "projector": projector, "decoder": decoder + head,
+            "total": vision + projector + decoder + head}

@@ -1,0 +1,59 @@
+"""The benchmark machinery on a tiny model: one run, dense first, consistent counts and FLOPs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import tiny_llava, tiny_llava_next
+
+from vtoken.cli import main
+from vtoken.evals.bench import format_table, parse_method, run_bench
+from vtoken.evals.flops import decoder_layer_flops
+from vtoken.evals.models import synthetic_inputs
+
+
+def test_parse_method():
+    assert parse_method("todre") == ("todre", {})
+    assert parse_method("todre:rule=maxmin,stage2=false,tau=0.2,stage2_layer=none") == (
+        "todre", {"rule": "maxmin", "stage2": False, "tau": 0.2, "stage2_layer": None})
+    with pytest.raises(ValueError, match="expected key=value"):
+        parse_method("todre:maxmin")
+
+
+@pytest.mark.parametrize("factory", [tiny_llava, tiny_llava_next])
+def test_run_bench_reports_dense_and_methods_side_by_side(factory):
+    model = factory()
+    inputs = synthetic_inputs(model, batch=2)
+    methods = [("todre", {"keep": 8}), ("attn_topk", {"keep": 8, "layer": 2})]
+    results, _ = run_bench(model, inputs, methods, repeats=2, warmup=0, new_tokens=3, progress=False)
+    dense, todre, fastv = results
+    assert [r["method"] for r in results] == ["dense", "todre", "attn_topk"]
+    n_visual = (inputs["input_ids"][0] == model.config.image_token_id).sum().item()
+    assert dense["visual_tokens_llm"] == n_visual and todre["visual_tokens_llm"] == 8
+    assert fastv["visual_tokens_llm"] == n_visual  # FastV prunes inside the LLM
+    assert len(todre["ttft_ms_all"]) == 2 and all(t > 0 for t in todre["ttft_ms_all"])
+    assert todre["flops_ratio"] > fastv["flops_ratio"] > 1.0
+    assert todre["selection_ms"] > 0 and fastv["scoring_ms"] > 0 and fastv["selection_ms"] == 0
+    table = format_table(results)
+    assert "todre keep=8" in table and "dense" in table
+
+
+def test_decoder_flops_formula():
+    class Cfg:
+        hidden_size, num_attention_heads, num_key_value_heads, intermediate_size, hidden_act = 8, 2, 2, 16, "silu"
+
+    n, d, m = 5, 8, 16
+    assert decoder_layer_flops(n, Cfg) == 2 * (4 * n * d * d + 2 * n * n * d + 3 * n * d * m)
+
+
+def test_cli_bench_writes_json_and_plot(tmp_path, monkeypatch):
+    import vtoken.evals.bench as bench
+
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: tiny_llava())
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    assert main(["bench", "--method", "pool", "--keep", "16", "--repeats", "1", "--warmup", "0",
+                 "--new-tokens", "2", "--quiet", "--json", str(out), "--plot", str(png)]) == 0
+    data = json.loads(out.read_text())
+    assert data["results"][1]["method"] == "pool" and data["results"][1]["visual_tokens_llm"] == 16
+    assert "cpu" in data["machine"] and png.stat().st_size > 1000
