@@ -1,1 +1,2 @@
 """Per-model-family glue: where the hooks go. An adapter never decides which tokens survive."""
+from vtoken.adapters import video_dit  # noqa: F401  (registration side effects)

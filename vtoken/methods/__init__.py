@@ -7,7 +7,11 @@ subpackage rebinds the parent's attribute, so the package itself is made callabl
 import sys
 import types
 
-from vtoken.methods import baselines, todre  # noqa: F401  (registration side effects)
+from vtoken.methods import (  # noqa: F401  (registration side effects)
+    baselines,
+    svg2,  # noqa: F401
+    todre,
+)
 
 
 class _RegistryModule(types.ModuleType):
