@@ -107,10 +107,16 @@ def varblock_attention_triton(
     range_end: torch.Tensor,
     num_ranges: torch.Tensor,
     scale: float,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
-    """Triton version of ``varblock_attention_reference`` (same arguments, same result)."""
+    """Triton version of ``varblock_attention_reference`` (same arguments, same result).
+
+    Default tiles: 64 x 64, except 32 x 32 for fp32 on a GPU, whose fp32 tiles would otherwise need more shared
+    memory than an A100 or RTX card has.
+    """
+    default = (32, 32) if q.is_cuda and q.dtype == torch.float32 else (64, 64)
+    block_m, block_n = block_m or default[0], block_n or default[1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bh, nq, d = q.shape
     c, r = range_start.shape[1], range_start.shape[2]
