@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vtoken.methods.svg2 import Stopwatch, SVG2Config, kmeans, svg2_attention
+from vtoken.methods.svg2 import Stopwatch, SVG2Config, check_cluster_count, kmeans, svg2_attention
 from vtoken.registry import register_host
 
 WAN = "WanTransformer3DModel"
@@ -165,8 +165,14 @@ class SVG2Runtime:
         return cache_context
 
     # -- per attention call ----------------------------------------------------------------------------------------
-    def mode(self, layer: int) -> str:
-        """"dense" (original processor), "cluster" (dense, but k-means warms the cache) or "sparse"."""
+    def mode(self, layer: int, tokens: int) -> str:
+        """"dense" (original processor), "cluster" (dense, but k-means warms the cache) or "sparse".
+
+        Cluster counts are checked against the video tokens on every call, dense ones included, so a bad setting
+        fails at the first step rather than after the warm-up.
+        """
+        check_cluster_count(self.config.q_clusters, tokens, "q_clusters")
+        check_cluster_count(self.config.k_clusters, tokens, "k_clusters")
         if layer < self.config.dense_layers:
             return "dense"
         if max(self.step, 0) < self.config.dense_steps:
@@ -288,7 +294,7 @@ def _wan_qkv(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tenso
 class SVG2WanProcessor(_SVG2Processor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                  **kwargs):
-        mode = self.runtime.mode(self.layer)
+        mode = self.runtime.mode(self.layer, hidden_states.shape[1])
         if mode == "dense" or encoder_hidden_states is not None or attention_mask is not None or kwargs:
             self.runtime.record_dense(self.layer, hidden_states.shape[1])
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
@@ -336,7 +342,7 @@ class SVG2HunyuanProcessor(_SVG2Processor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         n_video = hidden_states.shape[1]
-        mode = self.runtime.mode(self.layer)
+        mode = self.runtime.mode(self.layer, n_video)
         if mode != "dense" and attention_mask is not None and not bool(attention_mask[..., :n_video].all()):
             mode = "dense"  # masked video tokens: not a layout SVG2 knows, leave the call to the original processor
         if mode == "dense" or encoder_hidden_states is None:

@@ -32,9 +32,10 @@ def flat_cluster_ids(labels: torch.Tensor, num_clusters: int) -> torch.Tensor:
 
 
 def cluster_sizes(labels: torch.Tensor, num_clusters: int) -> torch.Tensor:
-    """Tokens per cluster, (BH, K) int64."""
+    """Tokens per cluster, (BH, K) int64. (``index_add_`` rather than ``bincount``, which syncs with the host.)"""
     flat = flat_cluster_ids(labels, num_clusters)
-    return torch.bincount(flat, minlength=labels.shape[0] * num_clusters).view(-1, num_clusters)
+    sizes = torch.zeros(labels.shape[0] * num_clusters, dtype=torch.int64, device=labels.device)
+    return sizes.index_add_(0, flat, torch.ones_like(flat)).view(-1, num_clusters)
 
 
 def kmeans_update_reference(
@@ -48,7 +49,7 @@ def kmeans_update_reference(
     flat = flat_cluster_ids(labels, k)
     sums = torch.zeros(bh * k, d, dtype=torch.float32, device=x.device).index_add_(0, flat, x.reshape(-1, d).float())
     sums = sums.view(bh, k, d)
-    sizes = torch.bincount(flat, minlength=bh * k).view(bh, k)
+    sizes = cluster_sizes(labels, k)
     means = sums / sizes.clamp(min=1).unsqueeze(-1)
     return torch.where(sizes.unsqueeze(-1) > 0, means, centroids.float()), sizes
 
