@@ -68,8 +68,9 @@ class SVG2CallStats:
 class SVG2Stats:
     """``handle.stats``: the calls of the current generation, ``last`` of them, and past generations' totals.
 
-    Timings come from CUDA events on a GPU (one synchronisation per call) and wall time on a CPU; turn them off with
-    ``record_stats=False`` (then only ``generations`` is counted).
+    ``generations`` counts the new generations started (by a pipeline call, the timestep going back up, or
+    ``handle.reset()``); ``history`` holds the ``totals()`` of each finished one. Timings come from CUDA events on a
+    GPU (one synchronisation per call) and wall time on a CPU; ``record_stats=False`` turns the per-call records off.
     """
 
     calls: list[SVG2CallStats] = field(default_factory=list)
