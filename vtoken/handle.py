@@ -26,6 +26,7 @@ class Handle:
         self.host = host
         self.stats: Any = None
         self._undo: list[Callable[[], None]] = []
+        self._resets: list[Callable[[], None]] = []
         self._active = True
 
     # -- building the patch (adapters call these) ------------------------------------------------------------
@@ -63,10 +64,19 @@ class Handle:
     def on_remove(self, fn: Callable[[], None]) -> None:
         self._undo.append(fn)
 
+    def on_reset(self, fn: Callable[[], None]) -> None:
+        """Register how to clear state the method keeps between calls (see ``reset``)."""
+        self._resets.append(fn)
+
     # -- using it ----------------------------------------------------------------------------------------------
     @property
     def active(self) -> bool:
         return self._active
+
+    def reset(self) -> None:
+        """Forget state kept between calls (e.g. caches carried across denoising steps); the patch stays installed."""
+        for fn in self._resets:
+            fn()
 
     def remove(self) -> None:
         """Restore the model exactly as it was before ``patch``; safe to call twice."""
@@ -77,6 +87,7 @@ class Handle:
                 fn()
             except Exception as exc:  # keep undoing: a half-restored model is worse than a reported error
                 errors.append(exc)
+        self._resets.clear()
         self._active = False
         if errors:
             raise RuntimeError(f"vtoken: {len(errors)} step(s) failed while removing {self.method!r}: {errors[0]!r}")
