@@ -18,8 +18,8 @@ import inspect
 import weakref
 
 import torch
-from vtoken.adapters._vlm import DecoderPruner, PromptEdit, VLMStats, timed
 
+from vtoken.adapters._vlm import DecoderPruner, PromptEdit, VLMStats, timed
 from vtoken.budget import resolve_budget
 from vtoken.methods.base import GridSegment, ImageContext, VisualTokenMethod
 from vtoken.registry import register_host

@@ -8,14 +8,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import IMAGE_TOKEN, left_pad, prompt, tiny_llava, tiny_llava_next
-from vtoken.adapters._vlm import DecoderPruner, VLMStats
-from vtoken.adapters.llava import cls_attention, vision_encoder
 
 import vtoken
+from vtoken.adapters._vlm import DecoderPruner, VLMStats
+from vtoken.adapters.llava import cls_attention, vision_encoder
 from vtoken.budget import resolve_budget
+from vtoken.kernels.diversity.naive import maxmin_select, maxsum_select
 from vtoken.methods.base import GridSegment, ImageContext, VisualTokenMethod
 from vtoken.methods.baselines import PoolConfig, pooled_grid, split_budget
-from vtoken.methods.todre import maxmin_select, maxsum_select
 
 
 # -- budgets -----------------------------------------------------------------------------------------------------

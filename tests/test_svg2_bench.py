@@ -4,9 +4,9 @@ import json
 
 import torch
 from svg2_utils import one_thread  # noqa: F401  (autouse fixture)
-from vtoken.evals.bench_dit import SHAPES, structured_qkv
 
 from vtoken.cli import main
+from vtoken.evals.bench_dit import SHAPES, structured_qkv
 
 
 def test_bench_dit_writes_json_and_png(tmp_path, capsys):

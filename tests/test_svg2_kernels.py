@@ -3,6 +3,7 @@
 import pytest
 import torch
 from svg2_utils import one_thread  # noqa: F401  (autouse fixture)
+
 from vtoken.kernels import svg2 as K
 from vtoken.kernels.svg2 import naive
 from vtoken.kernels.svg2.sparse_attention import tile_table

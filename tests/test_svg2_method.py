@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from svg2_utils import one_thread  # noqa: F401  (autouse fixture)
-from vtoken.kernels.svg2 import naive
 
 import vtoken
+from vtoken.kernels.svg2 import naive
 from vtoken.methods.svg2 import (
     Stopwatch,
     SVG2Config,

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from vtoken.budget import resolve_budget
+from vtoken.kernels.dispatch import BACKENDS
+from vtoken.kernels.diversity import RULES, greedy_select
 from vtoken.methods.base import (
     ImageContext,
     LayerContext,
@@ -31,45 +33,6 @@ from vtoken.methods.base import (
     check_int,
 )
 from vtoken.registry import register_method
-
-
-def maxsum_select(x: torch.Tensor, k: int, pivot: int | torch.Tensor) -> torch.Tensor:
-    """Greedy max-sum diversification on rows of ``x`` (n, D), L2-normalised. Returns k indices, pick order.
-
-    Each step keeps the token with the smallest cumulative cosine similarity to the kept set. Runs on the
-    device without host syncs: k matrix-vector products.
-    """
-    n = x.shape[0]
-    k = min(k, n)
-    picked = torch.empty(k, dtype=torch.long, device=x.device)
-    cur = torch.as_tensor(pivot, device=x.device).reshape(())
-    total = torch.zeros(n, dtype=torch.float32, device=x.device)
-    taken = torch.zeros(n, dtype=torch.bool, device=x.device)
-    for step in range(k):
-        picked[step] = cur
-        taken[cur] = True
-        total += (x @ x[cur]).float()
-        cur = torch.where(taken, float("inf"), total).argmin()
-    return picked
-
-
-def maxmin_select(x: torch.Tensor, k: int, pivot: int | torch.Tensor) -> torch.Tensor:
-    """Greedy k-center (farthest point) on rows of ``x`` (n, D), L2-normalised, distance ``1 - cos``."""
-    n = x.shape[0]
-    k = min(k, n)
-    picked = torch.empty(k, dtype=torch.long, device=x.device)
-    cur = torch.as_tensor(pivot, device=x.device).reshape(())
-    nearest = torch.full((n,), float("inf"), dtype=torch.float32, device=x.device)
-    taken = torch.zeros(n, dtype=torch.bool, device=x.device)
-    for step in range(k):
-        picked[step] = cur
-        taken[cur] = True
-        nearest = torch.minimum(nearest, 1.0 - (x @ x[cur]).float())
-        cur = torch.where(taken, float("-inf"), nearest).argmax()
-    return picked
-
-
-SELECTORS = {"maxsum": maxsum_select, "maxmin": maxmin_select}
 
 
 def cross_modal_ratios(ctx: LayerContext, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +62,11 @@ def cross_modal_ratios(ctx: LayerContext, chunk: int = 256) -> tuple[torch.Tenso
 @register_method("todre", hosts=("llava", "llava_next"))
 @dataclass
 class ToDREConfig(VisualTokenMethod):
-    """ToDRE: [CLS]-pivoted greedy diversity selection after the projector + late task-relevance removal."""
+    """ToDRE: [CLS]-pivoted greedy diversity selection after the projector + late task-relevance removal.
+
+    ``backend`` picks the stage-1 selection kernel: ``"auto"`` = the persistent Triton kernel on CUDA, the
+    matrix-vector loop elsewhere; ``"torch"`` / ``"triton"`` force one (both give the same tokens).
+    """
 
     keep: int | float = 0.25
     rule: str = "maxsum"
@@ -108,17 +75,19 @@ class ToDREConfig(VisualTokenMethod):
     stage2_layer: int | None = None
     tau: float = 0.10
     seed: int = 0
+    backend: str = "auto"
     boundary = True
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice(self.rule, "rule", tuple(SELECTORS))
+        check_choice(self.rule, "rule", RULES)
         check_choice(self.pivot, "pivot", ("cls", "random"))
         check_choice(self.stage2, "stage2", (True, False))
         if self.stage2_layer is not None:
             check_int(self.stage2_layer, "stage2_layer", 0)
         self.tau = check_float(self.tau, "tau", 0.0, 1.0)
         check_int(self.seed, "seed", 0)
+        check_choice(self.backend, "backend", BACKENDS)
 
     # stage 1 -------------------------------------------------------------------------------------------------
     def choose_pivot(self, ctx: ImageContext) -> torch.Tensor:
@@ -134,7 +103,7 @@ class ToDREConfig(VisualTokenMethod):
         if k >= ctx.n:
             return Reduction(features, torch.arange(ctx.n, device=features.device))
         x = F.normalize(features.float(), dim=-1)
-        picked = SELECTORS[self.rule](x, k, self.choose_pivot(ctx).to(features.device))
+        picked = greedy_select(x, k, self.choose_pivot(ctx).to(features.device), self.rule, self.backend)
         kept = picked.sort().values  # keep raster order: the LLM was trained on it
         return Reduction(features[kept], kept)
 

@@ -1,0 +1,75 @@
+"""Greedy diversity selection: the Triton kernel (interpreter on CPU) equals its PyTorch reference exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gpu_compile import SMALLEST_SHARED_MEMORY, compile_for_gpus
+from tiny_models import prompt, tiny_llava
+
+import vtoken
+from vtoken.kernels.diversity import greedy_select, naive
+
+triton = pytest.importorskip("triton")
+
+
+def normalised(n, d, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).to(dtype)
+
+
+@pytest.mark.parametrize("n,k", [(5, 5), (37, 9), (100, 30), (130, 1)])
+@pytest.mark.parametrize("maxmin", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_equals_reference_on_gram(n, k, maxmin, dtype):
+    from vtoken.kernels.diversity.greedy import greedy_from_gram_triton
+
+    x = torch.stack([normalised(n, 24, seed) for seed in range(3)])
+    gram = (x @ x.transpose(1, 2)).to(dtype)  # batched over images, non-power-of-two n (masked tail)
+    pivot = torch.tensor([0, n // 2, n - 1])
+    expected = naive.greedy_from_gram(gram, k, pivot, maxmin)
+    assert torch.equal(greedy_from_gram_triton(gram, k, pivot, maxmin), expected)
+    assert all(len(set(row.tolist())) == min(k, n) for row in expected)
+
+
+@pytest.mark.parametrize("rule", ["maxsum", "maxmin"])
+def test_matvec_loop_equals_gram_definition(rule):
+    x = normalised(90, 16, seed=3, dtype=torch.float64)  # float64: no near-tie can flip between the two orders
+    gram = (x @ x.T).unsqueeze(0)
+    reference = naive.greedy_from_gram(gram, 25, torch.tensor([7]), rule == "maxmin")[0]
+    assert torch.equal(greedy_select(x, 25, 7, rule, backend="torch"), reference)
+
+
+def test_dispatch_picks_the_loop_on_cpu_and_validates():
+    x = normalised(20, 8, seed=1)
+    assert torch.equal(greedy_select(x, 6, 2, "maxsum"), naive.maxsum_select(x, 6, 2))
+    assert torch.equal(greedy_select(x, 6, 2, "maxsum", backend="triton"), naive.maxsum_select(x, 6, 2))
+    with pytest.raises(ValueError, match="rule='kcenter' is not allowed"):
+        greedy_select(x, 6, 2, "kcenter")
+    with pytest.raises(ValueError, match="backend='cuda' is not allowed"):
+        greedy_select(x, 6, 2, "maxsum", backend="cuda")
+
+
+def test_todre_with_the_triton_backend_equals_the_torch_backend():
+    model = tiny_llava()
+    ids, px = prompt(64).unsqueeze(0), torch.randn(1, 3, 112, 112)
+    kept = {}
+    for backend in ("torch", "triton"):
+        with vtoken.patch(model, "todre", keep=12, stage2=False, backend=backend) as h, torch.no_grad():
+            model(input_ids=ids, pixel_values=px)
+            kept[backend] = h.stats.kept_indices[0]
+    assert torch.equal(kept["torch"], kept["triton"])
+
+
+@pytest.mark.slow
+def test_kernel_compiles_for_gpus():
+    shared = compile_for_gpus(r'''
+from vtoken.kernels.diversity.greedy import _greedy_kernel
+types = {"gram_ptr": "*fp32", "pivot_ptr": "*i64", "out_ptr": "*i64", "n": "i32", "k": "i32"}
+for arch in (80, 90):
+    for maxmin in (False, True):
+        shared[f"greedy maxmin={maxmin} sm_{arch}"] = compile_kernel(
+            _greedy_kernel, types, {"MAXMIN": maxmin, "BLOCK": 16384}, arch).metadata.shared
+''')
+    assert len(shared) == 4 and all(size <= SMALLEST_SHARED_MEMORY for size in shared.values()), shared
