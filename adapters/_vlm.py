@@ -32,6 +32,8 @@ class VLMStats:
     selection_time_s: float = 0.0
     scoring_time_s: float = 0.0
     records: dict[int, dict] = field(default_factory=dict)
+    # layer -> per sample, the LLM-input positions of the visual tokens still alive from that layer on
+    visual_alive: dict[int, list[list[int]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def reset(self) -> None:
@@ -280,6 +282,8 @@ class DecoderPruner:
         keep = (keep | ~visual) & live  # only visual tokens may go; old fillers are rebuilt below
         if bool(keep.all()):
             return
+        alive = st.alive if st.alive is not None else torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+        self.stats.visual_alive[index + 1] = [row[m].tolist() for row, m in zip(alive, keep & visual)]
         counts = keep.sum(1)
         width = int(counts.max())
         pos = torch.arange(keep.shape[1], device=keep.device)

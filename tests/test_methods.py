@@ -185,6 +185,8 @@ def test_token_counts_per_layer_follow_the_config():
         model(input_ids=ids, pixel_values=px)
         assert h.stats.tokens_per_layer == [[71], [71], [15], [15]]
         assert h.stats.visual_tokens_per_layer == [[64], [64], [8], [8]]
+        alive = h.stats.visual_alive[2][0]  # LLM-input positions of the 8 survivors: image tokens sit at 3..66
+        assert len(alive) == 8 and all(3 <= p < 67 for p in alive) and alive == sorted(alive)
     with vtoken.patch(model, "todre", keep=16, tau=1.0, stage2_layer=1) as h, torch.no_grad():
         model(input_ids=ids, pixel_values=px)
         assert h.stats.visual_tokens_in == [64] and h.stats.visual_tokens_kept == [16]
