@@ -9,6 +9,7 @@ import sys
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("vtoken.cli", "list the registered methods, their arguments and supported models"),
+    "bench-vit": ("vtoken.evals.bench_vit", "ViT images/s dense vs token clustering, plus feature fidelity"),
 }
 
 
