@@ -107,6 +107,17 @@ def test_half_precision_input_keeps_dtype_and_stays_finite():
     assert torch.isfinite(affinity).all()
 
 
+def test_autocast_does_not_lower_the_distance_precision():
+    z = smooth_tokens(2, (8, 8), 32) * 20
+    layer, recon = TokenClustering(16), TokenReconstruction(5)
+    ref = layer(z, (8, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(z, (8, 8))
+        affinity = recon.affinity(z, out)
+    torch.testing.assert_close(out.centers, ref.centers)
+    torch.testing.assert_close(affinity, recon.affinity(z, ref))
+
+
 def test_clustering_batch_equals_singles():
     z = smooth_tokens(3, (8, 8), 16)
     layer, recon = TokenClustering(16), TokenReconstruction(5)

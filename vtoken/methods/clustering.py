@@ -81,8 +81,14 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor | Non
     """
     a, b = a.float(), b.float()
     b_sq = b.square().sum(-1) if b_sq is None else b_sq
-    d = torch.baddbmm(b_sq[:, None, :], a, b.transpose(1, 2), alpha=-2).add_(a.square().sum(-1)[:, :, None])
-    return d.clamp_min_(0)
+    with fp32_matmuls(a):
+        d = torch.baddbmm(b_sq[:, None, :], a, b.transpose(1, 2), alpha=-2)
+    return d.add_(a.square().sum(-1)[:, :, None]).clamp_min_(0)
+
+
+def fp32_matmuls(like: torch.Tensor):
+    """Keep an enclosing ``torch.autocast`` from running these matmuls in bf16/fp16: |a|^2 + |b|^2 - 2ab cancels."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 # -- clustering ------------------------------------------------------------------------------------------------------
@@ -142,7 +148,8 @@ class TokenClustering(nn.Module):
                 dist = squared_distances(centers, z, z_sq)
             # Soft assignment over centres; detached like the official code (only matters when training).
             assign = torch.softmax(-temperature[:, None, None] * dist + outside, dim=1).detach()
-            centers = torch.bmm(assign, z) / assign.sum(-1, keepdim=True).clamp_min(1e-16)
+            with fp32_matmuls(z):
+                centers = torch.bmm(assign, z) / assign.sum(-1, keepdim=True).clamp_min(1e-16)
         return Clustering(centers.to(tokens.dtype), centers, temperature, clusters)
 
     def _temperature(self, dist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -209,7 +216,7 @@ def check_cluster_spec(value) -> ClusterSpec:
 @register_method("token_clustering", hosts=VIT_HOSTS)
 @dataclass
 class TokenClusteringConfig:
-    """Token clustering inside a ViT (Expedit): blocks after ``cluster_after`` run on M cluster tokens.
+    """Token clustering inside a ViT (Expedit): blocks after cluster_after run on M cluster tokens.
 
     * ``cluster_after`` (alpha): blocks run at full resolution before clustering, 1 <= alpha < depth;
       None = half the depth.
