@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("vtoken.cli", "list the registered methods, their arguments and supported models"),
     "bench": ("vtoken.evals.bench", "dense vs methods on a LLaVA model: prefill latency, decode speed, FLOPs, memory"),
     "bench-dit": ("vtoken.evals.bench_dit", "SVG2 vs dense attention on video-DiT shapes: speed, recall, error"),
+    "bench-vit": ("vtoken.evals.bench_vit", "ViT images/s dense vs token clustering, plus feature fidelity"),
 }
 
 

@@ -1,0 +1,224 @@
+"""ViT backbones: timm ``VisionTransformer``, Hugging Face CLIP vision towers, open_clip ``VisionTransformer``.
+
+Token clustering goes in with at most three hooks per instance, so the module tree, the ``state_dict`` and the
+host's own ``forward`` stay as they are:
+
+* a forward hook on the patch-embedding conv records the patch grid (H, W) of the current input;
+* a forward pre-hook on block ``alpha`` (0-based: the first block after ``cluster_after`` full-resolution blocks)
+  replaces its input patch tokens by the cluster centres; prefix tokens ([CLS], registers) pass through;
+* with reconstruction, a forward hook on block ``beta - 1`` maps its output back to the full patch grid. It is
+  *prepended*, so the output-recording hooks transformers puts on ``CLIPEncoderLayer`` (``hidden_states``, which
+  LLaVA reads) always see the reconstructed tensor.
+
+Blocks run on whatever sequence length they get: ViT attention has no per-length state (vision attention masks
+are None), and absolute position embeddings were added before block 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vtoken.methods.clustering import Grid, TokenClusteringConfig
+from vtoken.registry import register_host
+
+
+@dataclass(frozen=True)
+class VitSite:
+    """Where one ViT keeps what clustering needs."""
+
+    root: nn.Module  # the ViT itself; the patch is claimed on it
+    blocks: Sequence[nn.Module]
+    patch_conv: nn.Module | None  # output (B, C, H, W): the grid of the current input
+    num_prefix: int
+    nominal_grid: Grid
+    batch_first: bool = True
+
+
+@dataclass
+class ClusteringStats:
+    """The last forward pass: the grids and sequence lengths before and after clustering (per image)."""
+
+    patch_grid: Grid
+    cluster_grid: Grid
+    cluster_after: int
+    reconstruct_after: int | None
+    tokens_before: int  # prefix + H*W
+    tokens_after: int  # prefix + h*w, what blocks cluster_after+1 ... reconstruct_after see
+    temperature: list[float]  # clustering inverse temperature of each image
+
+
+class _Pass:
+    """What one forward pass carries from the clustering hook to the reconstruction hook."""
+
+    grid: Grid | None = None
+    affinity: torch.Tensor | None = None
+
+
+def clustered_blocks(config: TokenClusteringConfig, depth: int) -> range:
+    """0-based indices of the blocks whose *output* has the clustered length."""
+    alpha, beta = config.placement(depth)
+    return range(alpha, depth if beta is None else beta - 1)
+
+
+def install_clustering(site: VitSite, config: TokenClusteringConfig, handle) -> None:
+    depth = len(site.blocks)
+    alpha, beta = config.placement(depth)
+    handle.claim(site.root, "vit_blocks")
+    clustering, reconstruction = config.clustering(), config.reconstruction()
+    prefix = site.num_prefix
+    state = _Pass()
+
+    def batch_first(x: torch.Tensor) -> torch.Tensor:
+        return x if site.batch_first else x.transpose(0, 1)
+
+    def record_grid(module, args, output):
+        state.grid = tuple(output.shape[-2:])
+
+    def patch_grid(n: int) -> Grid:
+        for grid in (state.grid, site.nominal_grid):
+            if grid is not None and grid[0] * grid[1] == n:
+                return grid
+        raise ValueError(
+            f"token clustering: {n} patch tokens reach block {alpha} but the patch grid is "
+            f"{state.grid or site.nominal_grid}; it needs every patch token in raster order (is patch dropout on?)"
+        )
+
+    def cluster(module, args, kwargs):
+        masks = [v for k, v in kwargs.items() if "mask" in k and v is not None]
+        if masks or any(isinstance(a, torch.Tensor) for a in args[1:]):
+            raise ValueError("token clustering does not support attention masks inside the ViT (they fix the length)")
+        x = batch_first(args[0])
+        patches = x[:, prefix:]
+        grid = patch_grid(patches.shape[1])
+        result = clustering(patches, grid)
+        state.affinity = reconstruction.affinity(patches, result) if beta is not None else None
+        handle.stats = ClusteringStats(
+            grid, result.grid, alpha, beta, prefix + grid[0] * grid[1], prefix + result.grid[0] * result.grid[1],
+            result.temperature.tolist(),
+        )
+        out = batch_first(torch.cat([x[:, :prefix], result.centers], dim=1))
+        return (out, *args[1:]), kwargs
+
+    def reconstruct(module, args, output):
+        if state.affinity is None:  # block called outside a patched forward pass
+            return None
+        affinity, state.affinity = state.affinity, None
+        x = batch_first(output[0] if isinstance(output, tuple) else output)
+        full = batch_first(torch.cat([x[:, :prefix], reconstruction(x[:, prefix:], affinity)], dim=1))
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    if site.patch_conv is not None:
+        handle.add_hook(site.patch_conv.register_forward_hook(record_grid))
+    handle.add_hook(site.blocks[alpha].register_forward_pre_hook(cluster, with_kwargs=True))
+    if beta is not None:
+        handle.add_hook(site.blocks[beta - 1].register_forward_hook(reconstruct, prepend=True))
+
+
+def guard_intermediates(owner: nn.Module, config: TokenClusteringConfig, depth: int, handle) -> None:
+    """``forward_intermediates`` reshapes every tap to the full patch grid; refuse taps on clustered blocks clearly."""
+    original = owner.forward_intermediates
+    short = clustered_blocks(config, depth)
+
+    def forward_intermediates(x, indices=None, *args, **kwargs):
+        if indices is None:
+            taps = range(depth)
+        elif isinstance(indices, int):
+            taps = range(depth - indices, depth)
+        else:
+            taps = [i % depth for i in indices]
+        bad = sorted(i for i in taps if i in short)
+        if bad:
+            raise ValueError(
+                f"forward_intermediates: blocks {bad} output clustered tokens under token_clustering "
+                f"(blocks {short.start} ... {short.stop - 1} of {depth}); tap other blocks or move reconstruct_after"
+            )
+        return original(x, indices, *args, **kwargs)
+
+    handle.set_attr(owner, "forward_intermediates", forward_intermediates)
+
+
+# -- hosts ----------------------------------------------------------------------------------------------------------
+def _defined_in(model, package: str, name: str) -> bool:
+    return any(c.__name__ == name and c.__module__.startswith(package + ".") for c in type(model).__mro__)
+
+
+def is_timm_vit(model) -> bool:
+    return _defined_in(model, "timm", "VisionTransformer")
+
+
+@register_host("timm_vit", "timm VisionTransformer (ViT, DeiT, CLIP-style ViTs in timm)", matches=is_timm_vit)
+def install_timm(model, config, handle) -> None:
+    site = VitSite(
+        root=model,
+        blocks=model.blocks,
+        patch_conv=getattr(model.patch_embed, "proj", None),
+        num_prefix=model.num_prefix_tokens,
+        nominal_grid=tuple(model.patch_embed.grid_size),
+    )
+    install_clustering(site, config, handle)
+    guard_intermediates(model, config, len(site.blocks), handle)
+
+
+HF_CLIP_CLASSES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPVisionTransformer", "CLIPModel")
+
+
+def hf_clip_tower(model) -> nn.Module | None:
+    """The module holding ``embeddings`` + ``encoder``: CLIPVisionModel (transformers 5), CLIPVisionTransformer (4)."""
+    if not any(_defined_in(model, "transformers", name) for name in HF_CLIP_CLASSES):
+        return None
+    tower = model
+    while hasattr(tower, "vision_model"):
+        tower = tower.vision_model
+    return tower if hasattr(tower, "embeddings") and hasattr(tower, "encoder") else None
+
+
+@register_host(
+    "hf_clip_vision",
+    "transformers CLIPVisionModel / CLIPVisionModelWithProjection / CLIPModel (its vision tower), "
+    "e.g. llava.model.vision_tower",
+    matches=lambda model: hf_clip_tower(model) is not None,
+)
+def install_hf_clip(model, config, handle) -> None:
+    tower = hf_clip_tower(model)
+    embeddings = tower.embeddings
+    side = embeddings.image_size // embeddings.patch_size
+    site = VitSite(
+        root=tower,
+        blocks=tower.encoder.layers,
+        patch_conv=embeddings.patch_embedding,
+        num_prefix=1 if hasattr(embeddings, "class_embedding") else 0,
+        nominal_grid=(side, side),
+    )
+    install_clustering(site, config, handle)
+
+
+def open_clip_visual(model) -> nn.Module | None:
+    for candidate in (model, getattr(model, "visual", None)):
+        if candidate is not None and _defined_in(candidate, "open_clip", "VisionTransformer"):
+            return candidate
+    return None
+
+
+@register_host(
+    "open_clip_vit",
+    "open_clip VisionTransformer, or an open_clip CLIP model (its .visual)",
+    matches=lambda model: open_clip_visual(model) is not None,
+)
+def install_open_clip(model, config, handle) -> None:
+    visual = open_clip_visual(model)
+    transformer = visual.transformer
+    site = VitSite(
+        root=visual,
+        blocks=transformer.resblocks,
+        patch_conv=visual.conv1,
+        num_prefix=1,  # open_clip always prepends its class embedding
+        nominal_grid=tuple(visual.grid_size),
+        # Older open_clip runs the blocks on (L, N, D) and has no flag.
+        batch_first=getattr(transformer, "batch_first", False),
+    )
+    install_clustering(site, config, handle)
+    guard_intermediates(visual, config, len(site.blocks), handle)

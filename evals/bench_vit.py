@@ -1,0 +1,318 @@
+"""``vtoken bench-vit``: images/s of a ViT dense vs with token clustering, side by side in one run, plus fidelity.
+
+Speed does not depend on the weights, so full-size timm architectures with random weights are valid for it.
+Fidelity (mean cosine similarity between patched and dense final patch features) *does* depend on them: on random
+weights it only says the plumbing is right. ``--hf PATH`` reruns everything on a trained Hugging Face CLIP vision
+model or LLaVA checkpoint (its vision tower, at the hidden state LLaVA consumes), ``--images DIR`` on real images.
+Writes ``bench_vit.json`` and ``bench_vit.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_MODELS = ("vit_base_patch16_224", "vit_large_patch14_clip_336")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Subject:
+    """One ViT to measure: what to patch, how to get its final patch features, and its shape."""
+
+    name: str
+    model: torch.nn.Module  # what vtoken.patch receives
+    features: Callable[[torch.Tensor], torch.Tensor]  # images -> (B, N, C) final patch features
+    depth: int
+    width: int
+    prefix: int
+    image_size: tuple[int, int]
+    patch: tuple[int, int]
+    extra: dict  # extra patch arguments (e.g. reconstruct_after for a LLaVA tower)
+
+
+@dataclass
+class Result:
+    model: str
+    batch: int
+    grid: str
+    clusters: str
+    cluster_after: int
+    reconstruct_after: int
+    depth: int
+    dense_ms: float
+    patched_ms: float
+    dense_img_s: float
+    patched_img_s: float
+    speedup: float  # ratio of the medians
+    speedup_best: float  # ratio of the fastest runs: load on a shared machine only ever adds time
+    mac_ratio: float  # analytic backbone MACs patched / dense
+    overhead_ms: float  # clustering + affinity + reconstruction alone, per batch
+    cos_mean: float
+    cos_p5: float
+    weights: str
+    dense_runs_ms: list[float]  # every timed repetition, to judge the noise behind the medians
+    patched_runs_ms: list[float]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="timm model names (random weights)")
+    parser.add_argument("--hf", default=None, help="path to a Hugging Face CLIP vision / LLaVA checkpoint to measure "
+                        "instead of the timm models (trained weights: fidelity becomes meaningful)")
+    parser.add_argument("--images", default=None, help="folder of images for fidelity (default: smooth synthetic)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions of each side (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--cluster-after", default="0.25",
+                        help="blocks at full resolution: an int, or a float = fraction of the depth")
+    parser.add_argument("--num-clusters", default="0.25",
+                        help="clusters: a perfect-square int, or a float = fraction of patches (0.25: 24x24 -> 12x12)")
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", default="bench_vit", help="output folder for JSON + PNG")
+
+
+def _number(text: str) -> int | float:
+    return float(text) if "." in text else int(text)
+
+
+def machine(device: torch.device, dtype: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu}"
+    load = "load avg {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
+    return (f"{platform.system()} {platform.machine()}, {where}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {dtype}, {load}")
+
+
+# -- subjects ----------------------------------------------------------------------------------------------------
+def timm_subject(name: str, device, dtype) -> Subject:
+    import timm
+
+    model = timm.create_model(name, pretrained=False).eval().to(device, dtype)
+    prefix = model.num_prefix_tokens
+    return Subject(
+        name, model, lambda x: model.forward_features(x)[:, prefix:], len(model.blocks), model.embed_dim, prefix,
+        tuple(model.patch_embed.img_size), tuple(model.patch_embed.patch_size), {},
+    )
+
+
+def hf_subject(path: str, device, dtype) -> Subject:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type == "llava":
+        from transformers import LlavaForConditionalGeneration
+
+        llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        tower = llava.model.vision_tower
+        layer = config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError(f"--hf: vision_feature_layer={layer!r}; only a single int layer is supported")
+        extra = {"reconstruct_after": layer}
+    else:
+        from transformers import CLIPVisionModel
+
+        tower = CLIPVisionModel.from_pretrained(path, dtype=dtype)
+        layer, extra = -1, {}
+    tower = tower.eval().to(device)
+    vision = tower.config
+
+    def features(x):
+        return tower(pixel_values=x, output_hidden_states=True).hidden_states[layer][:, 1:]
+
+    side, patch = vision.image_size, vision.patch_size
+    depth = vision.num_hidden_layers
+    return Subject(f"{Path(path).name} (hf {config.model_type}, hidden_states[{layer}])", tower, features, depth,
+                   vision.hidden_size, 1, (side, side), (patch, patch), extra)
+
+
+def load_images(folder: str | None, n: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """(n, 3, H, W) normalised with CLIP's mean/std. Synthetic default: smooth random colour fields + mild noise,
+    closer to natural image statistics than white noise (which no clustering can preserve)."""
+    mean = torch.tensor([0.4815, 0.4578, 0.4082]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2686, 0.2613, 0.2758]).view(1, 3, 1, 1)
+    if folder is None:
+        coarse = torch.rand(n, 3, 6, 6, generator=generator)
+        images = F.interpolate(coarse, size=size, mode="bicubic", align_corners=False)
+        images = (images + 0.05 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+    else:
+        from PIL import Image
+
+        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+        if not files:
+            raise ValueError(f"--images {folder}: no .png/.jpg files")
+        files = (files * n)[:n]
+        pixels = [torch.tensor(list(Image.open(p).convert("RGB").resize(size[::-1]).getdata()), dtype=torch.float32)
+                  for p in files]
+        images = torch.stack([p.view(size[0], size[1], 3).permute(2, 0, 1) / 255.0 for p in pixels])
+    return (images - mean) / std
+
+
+# -- measuring ---------------------------------------------------------------------------------------------------
+def block_macs(tokens: int, width: int) -> float:
+    """MACs of one ViT block with MLP ratio 4: QKV/out/MLP projections + attention scores and values."""
+    return 12 * tokens * width**2 + 2 * tokens**2 * width
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def clustering_overhead(cfg, batch: int, grid, width: int, device, dtype, reps: int) -> float:
+    """Seconds per batch of the two layers alone (clustering, affinity, reconstruction) on tokens of this shape."""
+    tokens = torch.randn(batch, grid[0] * grid[1], width, device=device, dtype=dtype)
+    clustering, reconstruction = cfg.clustering(), cfg.reconstruction()
+
+    def run():
+        result = clustering(tokens, grid)
+        reconstruction(result.centers, reconstruction.affinity(tokens, result))
+
+    run()
+    return statistics.median(timed(run, device) for _ in range(reps))
+
+
+def measure(subject: Subject, args, device, dtype, progress) -> Result:
+    import vtoken
+    from vtoken.methods.clustering import TokenClusteringConfig, cluster_grid
+
+    after = _number(args.cluster_after)
+    alpha = max(1, round(subject.depth * after)) if isinstance(after, float) else after
+    patch_args = dict(cluster_after=alpha, num_clusters=_number(args.num_clusters), iterations=args.iterations,
+                      **subject.extra)
+    cfg = TokenClusteringConfig(**patch_args)
+    _, beta = cfg.placement(subject.depth)
+    grid = (subject.image_size[0] // subject.patch[0], subject.image_size[1] // subject.patch[1])
+    clusters = cluster_grid(cfg.num_clusters, grid)
+
+    generator = torch.Generator().manual_seed(0)
+    images = load_images(args.images, args.batch_size, subject.image_size, generator).to(device, dtype)
+    dense_t, patched_t = [], []
+    with torch.inference_mode():
+        dense = subject.features(images).float()
+        with vtoken.patch(subject.model, "token_clustering", **patch_args):
+            patched = subject.features(images).float()
+        for rep in range(args.warmup + args.reps):  # interleaved, so load drifts hit both sides alike
+            t_dense = timed(lambda: subject.features(images), device)
+            with vtoken.patch(subject.model, "token_clustering", **patch_args):
+                t_patched = timed(lambda: subject.features(images), device)
+            if rep >= args.warmup:
+                dense_t.append(t_dense)
+                patched_t.append(t_patched)
+            progress.update(1)
+        overhead = clustering_overhead(cfg, args.batch_size, grid, subject.width, device, dtype, args.reps)
+
+    cos = F.cosine_similarity(patched, dense, dim=-1).flatten()
+    n, m = grid[0] * grid[1] + subject.prefix, clusters[0] * clusters[1] + subject.prefix
+    dense_macs = subject.depth * block_macs(n, subject.width)
+    patched_macs = (alpha + subject.depth - beta) * block_macs(n, subject.width) + (beta - alpha) * block_macs(
+        m, subject.width)
+    dense_s, patched_s = statistics.median(dense_t), statistics.median(patched_t)
+    return Result(
+        model=subject.name, batch=args.batch_size, grid=f"{grid[0]}x{grid[1]}", clusters=f"{clusters[0]}x{clusters[1]}",
+        cluster_after=alpha, reconstruct_after=beta, depth=subject.depth,
+        dense_ms=1e3 * dense_s, patched_ms=1e3 * patched_s,
+        dense_img_s=args.batch_size / dense_s, patched_img_s=args.batch_size / patched_s,
+        speedup=dense_s / patched_s, speedup_best=min(dense_t) / min(patched_t),
+        mac_ratio=patched_macs / dense_macs, overhead_ms=1e3 * overhead,
+        cos_mean=cos.mean().item(), cos_p5=cos.quantile(0.05).item(),
+        weights="checkpoint" if args.hf else "random",
+        dense_runs_ms=[round(1e3 * t, 2) for t in dense_t], patched_runs_ms=[round(1e3 * t, 2) for t in patched_t],
+    )
+
+
+def table(results: list[Result]) -> str:
+    head = (f"{'model':44s} {'grid':>6s} {'clusters':>8s} {'a/b/L':>9s} {'dense img/s':>11s} {'patched img/s':>13s} "
+            f"{'speedup med/best':>16s} {'MACs':>6s} {'overhead ms':>11s} {'cos mean':>8s} {'cos p5':>7s} weights")
+    rows = [
+        f"{r.model:44s} {r.grid:>6s} {r.clusters:>8s} {f'{r.cluster_after}/{r.reconstruct_after}/{r.depth}':>9s} "
+        f"{r.dense_img_s:11.3f} {r.patched_img_s:13.3f} {f'{r.speedup:.2f}x / {r.speedup_best:.2f}x':>16s} "
+        f"{r.mac_ratio:6.1%} {r.overhead_ms:11.1f} "
+        f"{r.cos_mean:8.4f} {r.cos_p5:7.4f} {r.weights}"
+        for r in results
+    ]
+    return "\n".join([head, *rows])
+
+
+def plot(results: list[Result], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, fidelity) = plt.subplots(1, 2, figsize=(11, 4.5))
+    xs = list(range(len(results)))
+    names = [r.model.split(" ")[0] for r in results]
+    speed.bar(xs, [r.speedup for r in results], 0.5, label="measured (median patched / dense images/s)")
+    speed.scatter(xs, [r.speedup_best for r in results], color="tab:orange", zorder=3, label="fastest runs")
+    speed.scatter(xs, [1 / r.mac_ratio for r in results], color="black", marker="_", s=900, zorder=3,
+                  label="ideal from backbone MACs")
+    speed.axhline(1.0, color="gray", linewidth=0.8)
+    for x, r in zip(xs, results, strict=True):
+        speed.annotate(f"{r.speedup:.2f}x\n{r.dense_img_s:.3g} -> {r.patched_img_s:.3g} img/s", (x, r.speedup / 2),
+                       ha="center", va="center", fontsize=8, color="white")
+    speed.set_xticks(xs, names, fontsize=8)
+    speed.set_ylabel("speed-up over dense")
+    speed.set_title("throughput, same run", fontsize=9)
+    speed.legend(fontsize=7, loc="upper left")
+    fidelity.bar(xs, [r.cos_mean for r in results], 0.5)
+    for x, r in zip(xs, results, strict=True):
+        fidelity.annotate(f"{r.cos_mean:.3f}", (x, r.cos_mean), ha="center", va="bottom", fontsize=8)
+    fidelity.set_xticks(xs, names, fontsize=8)
+    fidelity.set_ylim(0, 1.05)
+    fidelity.set_title(f"mean cos(patched, dense) of final patch features, {results[0].weights} weights", fontsize=9)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    where = machine(device, args.dtype)
+    print(f"machine: {where}")
+    names = [args.hf] if args.hf else args.models
+    progress = tqdm(total=len(names) * (args.warmup + args.reps), desc="bench-vit", unit="rep")
+    results = []
+    for name in names:
+        subject = hf_subject(name, device, dtype) if args.hf else timm_subject(name, device, dtype)
+        results.append(measure(subject, args, device, dtype, progress))
+        del subject
+    progress.close()
+    print(table(results))
+    if not args.hf:
+        print("fidelity is on RANDOM weights: it checks the plumbing, not the quality on a trained model (use --hf)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    report = {"machine": where, "settings": settings, "results": [asdict(r) for r in results]}
+    (out / "bench_vit.json").write_text(json.dumps(report, indent=2))
+    plot(results, out / "bench_vit.png", where)
+    print(f"wrote {out / 'bench_vit.json'} and {out / 'bench_vit.png'}")
+    return 0
