@@ -34,6 +34,7 @@ class VLMStats:
     records: dict[int, dict] = field(default_factory=dict)
     # layer -> per sample, the LLM-input positions of the visual tokens still alive from that layer on
     visual_alive: dict[int, list[list[int]]] = field(default_factory=dict)
+    vision: object = None  # stats of a method running inside the vision tower (token_clustering), last call
     notes: list[str] = field(default_factory=list)
 
     def reset(self) -> None:

@@ -13,15 +13,19 @@ Hook points, per instance:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import math
 import weakref
+from dataclasses import dataclass
 
 import torch
 
 from vtoken.adapters._vlm import DecoderPruner, PromptEdit, VLMStats, timed
 from vtoken.budget import resolve_budget
-from vtoken.methods.base import GridSegment, ImageContext, VisualTokenMethod
+from vtoken.handle import Handle
+from vtoken.methods.base import GridSegment, ImageContext, Reduction, VisualTokenMethod
 from vtoken.registry import register_host
 
 
@@ -59,8 +63,9 @@ def cls_attention(layer, x: torch.Tensor) -> torch.Tensor:
 class LlavaPatch:
     """All hooks of one method on one LLaVA / LLaVA-NeXT instance."""
 
-    def __init__(self, model, method: VisualTokenMethod, handle):
+    def __init__(self, model, method: VisualTokenMethod, handle, tower_handle=None):
         self.model = model
+        self.tower_handle = tower_handle
         self.base = model.model
         self.config = model.config
         self.method = method
@@ -68,7 +73,7 @@ class LlavaPatch:
         self.stats = VLMStats()
         handle.stats = self.stats
         self.edit: PromptEdit | None = None
-        self.last_features = None  # (output object, reductions) from the wrapped get_image_features
+        self.last_features = None  # (output object, placeholders per image) from the wrapped get_image_features
         self.in_prefill = False
         handle.claim(self.base, "vtoken.vlm_tokens")
         self.check_budget()
@@ -143,6 +148,8 @@ class LlavaPatch:
         finally:
             if hook is not None:
                 hook.remove()
+        if self.tower_handle is not None:
+            self.stats.vision = self.tower_handle.stats
         features = list(out.pooler_output)
         contexts = self.image_contexts(features, captured.get("x"), layers[pivot_index] if hook else None,
                                        call.get("image_sizes"))
@@ -153,14 +160,16 @@ class LlavaPatch:
         self.stats.visual_tokens_kept += [r.features.shape[0] for r in reductions]
         self.stats.kept_indices += [None if r.kept is None else r.kept.cpu() for r in reductions]
         out.pooler_output = [r.features for r in reductions]
-        self.last_features = (out, [f.shape[0] for f in features])
+        # LLaVA-1.5 prompts hold the processor's fixed count per image, even when the tower itself already
+        # shortened the image (token clustering); LLaVA-NeXT's count is the packed feature count.
+        prompt_counts = [f.shape[0] for f in features] if self.next else [self.tokens_per_view()] * len(features)
+        self.last_features = (out, prompt_counts)
         return out
 
     def image_contexts(self, features, cls_input, cls_layer, image_sizes) -> list[ImageContext]:
         vc = self.config.vision_config
         grid = vc.image_size // vc.patch_size
-        full = self.config.vision_feature_select_strategy == "full"
-        base_len = grid * grid + int(full)
+        full = int(self.config.vision_feature_select_strategy == "full")
         views = self.views_per_image(image_sizes, len(features))
         first_view = torch.tensor([0] + views[:-1]).cumsum(0).tolist()
         cache = {}
@@ -173,18 +182,27 @@ class LlavaPatch:
         contexts = []
         for i, f in enumerate(features):
             n = f.shape[0]
-            segments = [GridSegment(int(full), grid, grid)]
+            # LLaVA-NeXT's thumbnail is always the full grid; a LLaVA-1.5 image may come from a clustering tower
+            side = grid if self.next or n == grid * grid + full else math.isqrt(n - full)
+            if self.next or side * side == n - full:
+                segments = [GridSegment(full, side, side)]
+            else:  # a non-square clustered tower: one row in raster order
+                segments = [GridSegment(full, 1, n - full)]
+            base_len = full + segments[0].rows * segments[0].cols
             if self.next and views[i] > 1:
                 rows, cols = self.unpadded_grid(image_sizes[i], grid)
                 segments.append(GridSegment(base_len, rows, cols, newline=True))
                 if base_len + rows * (cols + 1) != n:
                     raise RuntimeError(f"vtoken: unexpected LLaVA-NeXT token layout ({n} tokens for {segments})")
 
-            def pivot_scores(v=first_view[i], n=n):
+            def pivot_scores(v=first_view[i], n=n, base_len=base_len):
                 if cls_input is None:
                     return None
+                attention = attention_of_view(v)
+                if attention.shape[0] != base_len - full:  # e.g. a clustered tower's pivot layer saw other tokens
+                    return None
                 scores = torch.full((n,), float("-inf"), device=cls_input.device)
-                scores[int(full) : base_len] = attention_of_view(v)  # the (thumbnail) base view only
+                scores[full:base_len] = attention  # the (thumbnail) base view only
                 return scores
 
             contexts.append(ImageContext(n=n, segments=segments, pivot_scores=pivot_scores))
@@ -318,9 +336,64 @@ class LlavaPatch:
         return output
 
 
+@dataclass
+class _TowerOutput(VisualTokenMethod):
+    """Boundary stage that keeps every token the vision tower returns: with a clustering tower the prompt only
+    needs its placeholders shortened to the tower's M tokens."""
+
+    keep: float = 1.0
+    boundary = True
+    method_name = "token_clustering"
+
+    def reduce(self, features: torch.Tensor, ctx: ImageContext) -> Reduction:
+        return Reduction(features, torch.arange(ctx.n, device=features.device))
+
+
+def install_clustered_tower(model, config, handle) -> None:
+    """``token_clustering`` on a LLaVA: cluster inside the CLIP tower.
+
+    ``reconstruct=True``: the tower maps back to every patch by the layer LLaVA reads (``reconstruct_after``
+    defaults to ``vision_feature_layer``), so the prompt is unchanged and only the tower gets cheaper.
+    ``reconstruct=False``: the LLM gets the M cluster tokens per image and the prompt is shortened to match.
+    """
+    from vtoken.adapters.vit import install_hf_clip
+
+    tower = model.model.vision_tower
+    depth = len(vision_encoder(tower).encoder.layers)
+    feature_layer = model.config.vision_feature_layer
+    if isinstance(feature_layer, (list, tuple)):
+        raise ValueError("token_clustering on LLaVA needs a single vision_feature_layer, got "
+                         f"{feature_layer}; patch model.model.vision_tower directly instead")
+    read = feature_layer % (depth + 1)  # hidden_states index LLaVA reads = blocks run before it
+    if config.reconstruct:
+        if config.reconstruct_after is None:
+            config = dataclasses.replace(config, reconstruct_after=read)
+        alpha, beta = config.placement(depth)
+        if beta > read:
+            raise ValueError(
+                f"reconstruct_after={config.reconstruct_after} reconstructs after block {beta}, but LLaVA reads the "
+                f"output of block {read} (vision_feature_layer={feature_layer}); use reconstruct_after <= {read}"
+            )
+        install_hf_clip(tower, config, handle)
+        return
+    alpha, _ = config.placement(depth)
+    if alpha >= read:
+        raise ValueError(
+            f"cluster_after={alpha} clusters after LLaVA's feature layer (the output of block {read}, "
+            f"vision_feature_layer={feature_layer}); use cluster_after < {read}"
+        )
+    tower_handle = Handle(tower, handle.method, config, "hf_clip_vision")
+    handle.on_remove(tower_handle.remove)
+    install_hf_clip(tower, config, tower_handle)
+    LlavaPatch(model, _TowerOutput(), handle, tower_handle)
+
+
 @register_host("llava", "transformers LlavaForConditionalGeneration (LLaVA-1.5)", matches=_is_llava)
 def install_llava(model, method, handle) -> None:
-    LlavaPatch(model, method, handle)
+    if method.method_name == "token_clustering":
+        install_clustered_tower(model, method, handle)
+    else:
+        LlavaPatch(model, method, handle)
 
 
 @register_host("llava_next", "transformers LlavaNextForConditionalGeneration (LLaVA-NeXT / 1.6)",

@@ -16,15 +16,16 @@ def text_config(layers: int = 4) -> dict:
                 pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
 
 
-def vision_config(image_size: int) -> dict:
-    return dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+def vision_config(image_size: int, layers: int = 2) -> dict:
+    return dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                 num_attention_heads=4, image_size=image_size, patch_size=14)
 
 
-def tiny_llava(attn: str = "sdpa", layers: int = 4, image_size: int = 112, strategy: str = "default"):
+def tiny_llava(attn: str = "sdpa", layers: int = 4, image_size: int = 112, strategy: str = "default",
+               vision_layers: int = 2):
     """LLaVA-1.5-shaped: (112 / 14)^2 = 64 visual tokens per image."""
     torch.manual_seed(0)
-    cfg = LlavaConfig(vision_config=vision_config(image_size), text_config=text_config(layers),
+    cfg = LlavaConfig(vision_config=vision_config(image_size, vision_layers), text_config=text_config(layers),
                       image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
                       vision_feature_select_strategy=strategy)
     return LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
@@ -57,3 +58,9 @@ def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, width - len(r):] = r
         mask[i, width - len(r):] = 1
     return ids, mask
+
+
+def hooks_of(model) -> dict:
+    """Every module's forward / pre-forward hook ids: remove() must bring this back exactly (transformers installs
+    output-recording hooks of its own on first use, so compare with a snapshot rather than with nothing)."""
+    return {name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()}

@@ -25,7 +25,7 @@ from vtoken.registry import register_method
 Grid = tuple[int, int]
 ClusterSpec = int | float | tuple[int, int]
 
-VIT_HOSTS = ("timm_vit", "hf_clip_vision", "open_clip_vit")
+VIT_HOSTS = ("timm_vit", "hf_clip_vision", "open_clip_vit", "llava")
 
 
 # -- geometry ----------------------------------------------------------------------------------------------------
