@@ -87,7 +87,7 @@ class PromptEdit:
         dropped = drop & valid
         self.dropped_before = dropped.long().cumsum(1) - dropped.long()
         self.shift = dropped.sum(1)  # (B,) real tokens removed per row
-        self.added_padding = bool((n_pad > 0).any()) and bool((n_pad != n_pad[0]).any() or n_pad[0] > 0)
+        self.added_padding = bool((n_pad > 0).any())  # the longest row never gets any
         self.cache_ref = None
 
     def gather(self, x: torch.Tensor, fill) -> torch.Tensor:
@@ -236,8 +236,6 @@ class DecoderPruner:
     def _prefill(self, index, layer, args, kwargs):
         st = self.state
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        if index == 0:
-            st.per_layer = []
         if st.pending is not None:
             sel, live = st.pending
             st.pending = None
