@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("vtoken.cli", "list the registered methods, their arguments and supported models"),
     "bench": ("vtoken.evals.bench", "dense vs methods on a LLaVA model: prefill latency, decode speed, FLOPs, memory"),
     "bench-dit": ("vtoken.evals.bench_dit", "SVG2 vs dense attention on video-DiT shapes: speed, recall, error"),
+    "eval": ("vtoken.evals.eval_cli", "lmms-eval tasks with --model vtoken; fails unless every task has metrics"),
 }
 
 
@@ -51,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"vtoken {args.command}", description=COMMANDS[args.command][1])
     module.add_arguments(parser)
     argv = sys.argv[1:] if argv is None else argv
-    return int(module.run(parser.parse_args(argv[argv.index(args.command) + 1 :])) or 0)
+    rest = argv[argv.index(args.command) + 1 :]
+    if getattr(module, "FORWARDS_UNKNOWN_ARGS", False):  # a wrapper hands what it does not parse to the tool it runs
+        parsed, forwarded = parser.parse_known_args(rest)
+        parsed.forwarded = forwarded
+    else:
+        parsed = parser.parse_args(rest)
+    return int(module.run(parsed) or 0)
 
 
 if __name__ == "__main__":
