@@ -100,19 +100,15 @@ class TokenTally:
     selection_time_s: float = 0.0
     scoring_time_s: float = 0.0
 
-    def add(self, dense_counts: list[int], stats) -> None:
-        self.samples += len(dense_counts)
+    def add(self, dense: list[int], llm: list[int], layer_mean: list[float], stats) -> None:
+        self.samples += len(dense)
         self.prefills += 1
-        self.visual_tokens_input += sum(dense_counts)
-        if stats is None:  # the dense model
-            self.visual_tokens_llm += sum(dense_counts)
-            self.visual_tokens_layer_mean += sum(dense_counts)
-            return
-        self.visual_tokens_llm += sum(stats.visual_tokens_llm)
-        per_layer = stats.visual_tokens_per_layer
-        self.visual_tokens_layer_mean += sum(sum(layer) for layer in per_layer) / max(1, len(per_layer))
-        self.selection_time_s += stats.selection_time_s
-        self.scoring_time_s += stats.scoring_time_s
+        self.visual_tokens_input += sum(dense)
+        self.visual_tokens_llm += sum(llm)
+        self.visual_tokens_layer_mean += sum(layer_mean)
+        if stats is not None:
+            self.selection_time_s += stats.selection_time_s
+            self.scoring_time_s += stats.scoring_time_s
 
 
 class VTokenLMM(lmms):
@@ -237,7 +233,14 @@ class VTokenLMM(lmms):
         tokens that entered the LLM (after boundary pruning), which lmms-eval logs as each sample's input tokens."""
         dense = (inputs["input_ids"] == self.model.config.image_token_id).sum(1).tolist()
         stats = None if self.handle is None else self.handle.stats
-        self.tally.add(dense, stats)
+        if stats is None:
+            llm, layer_mean = dense, dense
+        else:  # generate() prefills each row once per beam (copies side by side): count every row once
+            rows = range(0, len(stats.visual_tokens_llm), max(1, len(stats.visual_tokens_llm) // len(dense)))
+            layers = stats.visual_tokens_per_layer or [stats.visual_tokens_llm]
+            llm = [stats.visual_tokens_llm[i] for i in rows]
+            layer_mean = [sum(layer[i] for layer in layers) / len(layers) for i in rows]
+        self.tally.add(dense, llm, layer_mean, stats)
         if self.stats_path:
             path = str(self.stats_path)
             if self.world_size > 1:
@@ -247,7 +250,6 @@ class VTokenLMM(lmms):
             with open(path, "w") as f:
                 json.dump({"method": self.method, "config": self.method_config, **asdict(self.tally)}, f, indent=1)
         real = inputs["attention_mask"].sum(1).tolist()
-        llm = dense if stats is None else stats.visual_tokens_llm
         return [r - d + v for r, d, v in zip(real, dense, llm)]
 
     def batches(self, items: list[tuple], key) -> list[list[int]]:

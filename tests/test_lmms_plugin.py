@@ -214,6 +214,16 @@ def test_generate_until_honours_until_and_sampling(llava_dir):
     assert model.generate_until([zero])[0].text == greedy
 
 
+def test_beam_search_counts_each_sample_once(llava_dir):
+    # attn_topk (FastV) drops 48 of 64 visual tokens from decoder layer 2 of 4 on: 40 on average over layers
+    model = load(llava_dir, method="attn_topk", keep=16, batch_size=2)
+    beams = [request("generate_until", QUESTION, {"max_new_tokens": 3, "num_beams": 3}, i) for i in range(2)]
+    out = model.generate_until(beams)
+    assert len(model.handle.stats.visual_tokens_llm) == 6  # the prefill ran 2 rows x 3 beams
+    assert [r.token_counts.input_tokens for r in out] == [len(f"USER: \n{QUESTION} ASSISTANT:") + 64] * 2
+    assert (model.tally.samples, model.tally.visual_tokens_llm, model.tally.visual_tokens_layer_mean) == (2, 128, 80)
+
+
 # -- loglikelihood ------------------------------------------------------------------------------------------
 def manual_scores(model, requests):
     """Reference: unpatched full logits of prompt+continuation, one request at a time, read by position."""
