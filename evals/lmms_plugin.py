@@ -141,7 +141,7 @@ class VTokenLMM(lmms):
         self.stats_path = stats_path
         self.method = method
 
-        # Data parallel under `accelerate launch`: one full copy per process, requests split by rank.
+        # Data parallel (accelerate launch or torchrun): one full copy per process, requests split by rank.
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:
             if device_map is not None:
