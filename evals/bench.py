@@ -20,6 +20,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import vtoken
 from vtoken.evals.flops import prefill_flops
+from vtoken.evals.literals import parse_literal
 from vtoken.evals.machine import describe_machine, machine_line
 from vtoken.evals.memory import PeakMemory
 from vtoken.evals.models import PRESETS, build_model, synthetic_inputs, views_per_sample
@@ -35,22 +36,8 @@ def parse_method(text: str) -> tuple[str, dict]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--method {text!r}: expected key=value after ':', got {item!r}")
-        overrides[key.strip()] = _literal(value.strip())
+        overrides[key.strip()] = parse_literal(value.strip())
     return name.strip(), overrides
-
-
-def _literal(value: str):
-    lowered = value.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
 
 
 class Stamps(LogitsProcessor):
@@ -225,7 +212,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-weights", action="store_true", help="build --model from its config only")
     parser.add_argument("--method", action="append", default=None, metavar="NAME[:key=value,...]",
                         help="method to compare with dense (repeatable); default: todre")
-    parser.add_argument("--keep", type=_literal, default=64, help="budget for every method: int tokens or fraction")
+    parser.add_argument("--keep", type=parse_literal, default=64,
+                        help="budget for every method: int tokens or fraction")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)

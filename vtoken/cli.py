@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("vtoken.evals.bench", "dense vs methods on a LLaVA model: prefill latency, decode speed, FLOPs, memory"),
     "bench-dit": ("vtoken.evals.bench_dit", "SVG2 vs dense attention on video-DiT shapes: speed, recall, error"),
     "bench-vit": ("vtoken.evals.bench_vit", "ViT images/s dense vs token clustering, plus feature fidelity"),
+    "eval": ("vtoken.evals.eval_cli", "lmms-eval tasks with --model vtoken; fails unless every task has metrics"),
 }
 
 
@@ -39,10 +40,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtoken", description="Make vision models spend fewer tokens.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text, add_help=False)  # -h: the real parser below
-        sp.set_defaults(_module=module)
-        sp._vtoken_module = module  # resolved lazily below
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text, add_help=False)  # -h: the real parser below
     args, _ = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
@@ -52,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"vtoken {args.command}", description=COMMANDS[args.command][1])
     module.add_arguments(parser)
     argv = sys.argv[1:] if argv is None else argv
-    return int(module.run(parser.parse_args(argv[argv.index(args.command) + 1 :])) or 0)
+    rest = argv[argv.index(args.command) + 1 :]
+    if getattr(module, "FORWARDS_UNKNOWN_ARGS", False):  # a wrapper hands what it does not parse to the tool it runs
+        parsed, forwarded = parser.parse_known_args(rest)
+        parsed.forwarded = forwarded
+    else:
+        parsed = parser.parse_args(rest)
+    return int(module.run(parsed) or 0)
 
 
 if __name__ == "__main__":
