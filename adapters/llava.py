@@ -13,6 +13,7 @@ Hook points, per instance:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -73,7 +74,7 @@ class LlavaPatch:
         self.stats = VLMStats()
         handle.stats = self.stats
         self.edit: PromptEdit | None = None
-        self.last_features = None  # (output object, placeholders per image) from the wrapped get_image_features
+        self.images: dict[int, tuple] = {}  # id(feature entry) -> (entry, ImageContext, real token count)
         self.in_prefill = False
         handle.claim(self.base, "vtoken.vlm_tokens")
         self.check_budget()
@@ -86,7 +87,7 @@ class LlavaPatch:
             original = self.base.get_image_features
 
             def get_image_features(*args, **kwargs):
-                return self.reduced_image_features(original, *args, **kwargs)
+                return self.image_features(original, *args, **kwargs)
 
             functools.update_wrapper(get_image_features, original)  # generate() reads its signature
             handle.set_attr(self.base, "get_image_features", get_image_features)
@@ -123,14 +124,20 @@ class LlavaPatch:
         n = len(self.vision_layers())
         return n + layer if layer < 0 else layer - 1
 
-    def reduced_image_features(self, original, *args, **kwargs):
+    def image_features(self, original, *args, **kwargs):
+        """The original ``get_image_features`` plus what the boundary stage needs later, per image.
+
+        Features come back at full placeholder length (a clustering tower's shorter output is zero-padded), so
+        ``generate()``'s own bookkeeping, which splits and repeats features per sample by matching them to
+        placeholder counts (beam search, ``num_return_sequences``), still holds; the reduction happens where the
+        prompt is shortened, in :meth:`before_llm`. Repeated entries are the same tensors, found again by identity.
+        """
         bound = inspect.signature(original).bind(*args, **kwargs)
         call = dict(bound.arguments)
         call.update(call.pop("kwargs", {}))
         feature_layer = call.get("vision_feature_layer")
         if feature_layer is None:
             feature_layer = self.config.vision_feature_layer
-        self.stats.reset()
         layers = self.vision_layers()
         captured = {}
         has_cls = hasattr(vision_encoder(self.base.vision_tower).embeddings, "class_embedding")
@@ -148,23 +155,40 @@ class LlavaPatch:
         finally:
             if hook is not None:
                 hook.remove()
-        if self.tower_handle is not None:
-            self.stats.vision = self.tower_handle.stats
         features = list(out.pooler_output)
         contexts = self.image_contexts(features, captured.get("x"), layers[pivot_index] if hook else None,
                                        call.get("image_sizes"))
-        with timed(features[0].device) as t:
-            reductions = [self.method.reduce(f, ctx) for f, ctx in zip(features, contexts)]
-        self.stats.selection_time_s += t.elapsed
-        self.stats.visual_tokens_in += [f.shape[0] for f in features]
-        self.stats.visual_tokens_kept += [r.features.shape[0] for r in reductions]
-        self.stats.kept_indices += [None if r.kept is None else r.kept.cpu() for r in reductions]
-        out.pooler_output = [r.features for r in reductions]
         # LLaVA-1.5 prompts hold the processor's fixed count per image, even when the tower itself already
         # shortened the image (token clustering); LLaVA-NeXT's count is the packed feature count.
-        prompt_counts = [f.shape[0] for f in features] if self.next else [self.tokens_per_view()] * len(features)
-        self.last_features = (out, prompt_counts)
+        placeholders = [f.shape[0] for f in features] if self.next else [self.tokens_per_view()] * len(features)
+        self.images = {}
+        full = []
+        for f, ctx, m in zip(features, contexts, placeholders):
+            entry = f if f.shape[0] >= m else torch.cat([f, f.new_zeros(m - f.shape[0], f.shape[1])])
+            self.images[id(entry)] = (entry, ctx, f.shape[0])
+            full.append(entry)
+        out.pooler_output = full
         return out
+
+    def reduce_images(self, entries: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The boundary stage on the features the LLM is about to get (one entry per image, maybe repeated)."""
+        if any(id(e) not in self.images for e in entries):
+            raise ValueError(
+                "vtoken: precomputed image features (mm_encoder_outputs) must come from this patched "
+                "model's get_image_features, so the boundary stage can prune them consistently"
+            )
+        done: dict[int, Reduction] = {}
+        with timed(entries[0].device) as t:
+            for e in entries:
+                if id(e) not in done:
+                    _, ctx, n = self.images[id(e)]
+                    done[id(e)] = self.method.reduce(e[:n], ctx)
+        self.stats.selection_time_s += t.elapsed
+        reductions = [done[id(e)] for e in entries]
+        self.stats.visual_tokens_in += [self.images[id(e)][2] for e in entries]
+        self.stats.visual_tokens_kept += [r.features.shape[0] for r in reductions]
+        self.stats.kept_indices += [None if r.kept is None else r.kept.cpu() for r in reductions]
+        return [r.features for r in reductions]
 
     def image_contexts(self, features, cls_input, cls_layer, image_sizes) -> list[ImageContext]:
         vc = self.config.vision_config
@@ -241,9 +265,8 @@ class LlavaPatch:
             return (), kwargs
         self.in_prefill = True
         self.edit = None
-        if not self.method.boundary:
-            self.stats.reset()  # boundary methods reset when the image features are computed
-        else:
+        self.stats.reset()
+        if self.method.boundary:
             if encoded is None:
                 encoded = module.get_image_features(
                     pixel_values=pixels,
@@ -252,14 +275,14 @@ class LlavaPatch:
                     vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
                     return_dict=True,
                 )
-            elif self.last_features is None or encoded is not self.last_features[0]:
-                raise ValueError(
-                    "vtoken: precomputed image features (mm_encoder_outputs) must come from this patched "
-                    "model's get_image_features, so the boundary stage can prune them consistently"
-                )
-            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
+            if self.tower_handle is not None:
+                self.stats.vision = self.tower_handle.stats
+            entries = list(encoded.pooler_output)
+            reduced = copy.copy(encoded)  # generate() may pass the same features again (use_cache=False)
+            reduced.pooler_output = self.reduce_images(entries)
+            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": reduced}
             kwargs["pixel_values"] = None
-            self.shorten_prompt(kwargs)
+            self.shorten_prompt(kwargs, [e.shape[0] for e in entries])
         placeholders = self.placeholder_mask(kwargs)
         mask = kwargs.get("attention_mask")
         valid = mask.bool() if mask is not None else torch.ones_like(placeholders)
@@ -280,9 +303,8 @@ class LlavaPatch:
         image = self.base.get_input_embeddings()(torch.tensor(self.config.image_token_id, device=embeds.device))
         return (embeds == image.to(embeds.dtype)).all(-1)
 
-    def shorten_prompt(self, kwargs) -> None:
+    def shorten_prompt(self, kwargs, counts_in: list[int]) -> None:
         """Drop the placeholders of the tokens the boundary stage removed, image by image."""
-        _, counts_in = self.last_features
         counts_out = [f.shape[0] for f in kwargs["mm_encoder_outputs"]["image"].pooler_output]
         placeholders = self.placeholder_mask(kwargs)
         where = placeholders.flatten().nonzero().squeeze(1)

@@ -88,3 +88,12 @@ def test_clustering_placement_is_checked_against_llava_feature_layer(model, kwar
     with pytest.raises(ValueError, match=message):
         vtoken.patch(model, "token_clustering", **kwargs)
     assert hooks_of(model) == hooks
+
+
+def test_clustered_tower_with_beam_search(model):
+    ids, px = prompt(64).unsqueeze(0), torch.randn(1, 3, 112, 112)
+    with vtoken.patch(model, "token_clustering", **CLUSTER) as handle, torch.no_grad():
+        out = model.generate(input_ids=ids, pixel_values=px, max_new_tokens=3, num_beams=3, num_return_sequences=3,
+                             do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+        assert handle.stats.visual_tokens_llm == [16, 16, 16]
+    assert out.shape == (3, ids.shape[1] + 3)

@@ -241,3 +241,37 @@ def test_text_only_input_is_a_no_op(host, name):
     with vtoken.patch(host.model, method_of(name), **PRUNING[name]):
         assert torch.equal(logits(host.model, input_ids=ids), ref)
         assert torch.equal(greedy(host.model, input_ids=ids, attention_mask=mask), ref_tokens)
+
+
+# beam search / several sequences per prompt: generate() repeats the image features itself ---------------------------
+@pytest.mark.parametrize("name", ["todre", "random"])
+def test_beam_search_equals_unpatched_beam_search_on_the_shortened_input(host, name):
+    model, inputs = host.model, host.single(0)
+    beams = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0,
+                 suppress_tokens=[IMAGE_TOKEN])
+    with torch.no_grad():
+        kw = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True, **kw)
+        features = features.pooler_output[0]
+    with vtoken.patch(model, method_of(name), **BOUNDARY_ONLY[name]) as handle, torch.no_grad():
+        pruned = model.generate(**inputs, **beams)[:, -4:]
+        kept = handle.stats.kept_indices[0]
+    ids = inputs["input_ids"][0]
+    start = int((ids == IMAGE_TOKEN).nonzero()[0])
+    short = torch.cat([ids[:start], torch.full((len(kept),), IMAGE_TOKEN), ids[start + features.shape[0]:]])
+    embeds = model.model.get_input_embeddings()(short).clone()
+    embeds[short == IMAGE_TOKEN] = features[kept]
+    with torch.no_grad():
+        expected = model.generate(inputs_embeds=embeds.unsqueeze(0), attention_mask=torch.ones(1, len(short),
+                                  dtype=torch.long), **beams)[:, -4:]
+    assert torch.equal(pruned, expected)
+
+
+@pytest.mark.parametrize("name", sorted(PRUNING))
+def test_beam_search_batch_equals_singles(host, name):
+    model = host.model
+    beams = dict(max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0, suppress_tokens=[IMAGE_TOKEN])
+    with vtoken.patch(model, method_of(name), **PRUNING[name]), torch.no_grad():
+        singles = torch.cat([model.generate(**host.single(i), **beams)[:, -3:] for i in range(3)])
+        batched = model.generate(**host.batch(), **beams)[:, -3:]
+    assert torch.equal(batched, singles)

@@ -2,6 +2,8 @@
 
 import json
 
+from tiny_models import tiny_llava
+
 from vtoken.cli import main
 
 
@@ -20,9 +22,7 @@ def test_bench_vit_timm(tmp_path, capsys):
 
 
 def test_bench_vit_on_a_saved_llava_checkpoint(tmp_path):
-    from tests.test_vit import tiny_llava
-
-    tiny_llava().save_pretrained(tmp_path / "llava")
+    tiny_llava(vision_layers=4).save_pretrained(tmp_path / "llava")  # an 8x8 patch grid, 4 blocks
     out = tmp_path / "bench"
     assert main(["bench-vit", "--hf", str(tmp_path / "llava"), "--cluster-after", "1", "--num-clusters", "16",
                  "--reps", "1", "--warmup", "0", "--out", str(out)]) == 0
