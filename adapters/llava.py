@@ -177,12 +177,10 @@ class LlavaPatch:
                 "vtoken: precomputed image features (mm_encoder_outputs) must come from this patched "
                 "model's get_image_features, so the boundary stage can prune them consistently"
             )
-        done: dict[int, Reduction] = {}
+        unique = list({id(e): e for e in entries}.values())  # generate() repeats images per beam / sequence
         with timed(entries[0].device) as t:
-            for e in entries:
-                if id(e) not in done:
-                    _, ctx, n = self.images[id(e)]
-                    done[id(e)] = self.method.reduce(e[:n], ctx)
+            items = [(e[: self.images[id(e)][2]], self.images[id(e)][1]) for e in unique]
+            done = dict(zip(map(id, unique), self.method.reduce_batch(items)))
         self.stats.selection_time_s += t.elapsed
         reductions = [done[id(e)] for e in entries]
         self.stats.visual_tokens_in += [self.images[id(e)][2] for e in entries]

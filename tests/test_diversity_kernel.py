@@ -37,18 +37,20 @@ def test_kernel_equals_reference_on_gram(n, k, maxmin, dtype):
 def test_matvec_loop_equals_gram_definition(rule):
     x = normalised(90, 16, seed=3, dtype=torch.float64)  # float64: no near-tie can flip between the two orders
     gram = (x @ x.T).unsqueeze(0)
-    reference = naive.greedy_from_gram(gram, 25, torch.tensor([7]), rule == "maxmin")[0]
-    assert torch.equal(greedy_select(x, 25, 7, rule, backend="torch"), reference)
+    reference = naive.greedy_from_gram(gram, 25, torch.tensor([7]), rule == "maxmin")
+    assert torch.equal(greedy_select(x[None], 25, torch.tensor([7]), rule, backend="torch"), reference)
 
 
 def test_dispatch_picks_the_loop_on_cpu_and_validates():
-    x = normalised(20, 8, seed=1)
-    assert torch.equal(greedy_select(x, 6, 2, "maxsum"), naive.maxsum_select(x, 6, 2))
-    assert torch.equal(greedy_select(x, 6, 2, "maxsum", backend="triton"), naive.maxsum_select(x, 6, 2))
+    x = torch.stack([normalised(20, 8, seed=s) for s in (1, 2)])
+    pivots = torch.tensor([2, 5])
+    expected = naive.greedy_from_features(x, 6, pivots, maxmin=False)
+    assert torch.equal(greedy_select(x, 6, pivots, "maxsum"), expected)
+    assert torch.equal(greedy_select(x, 6, pivots, "maxsum", backend="triton"), expected)
     with pytest.raises(ValueError, match="rule='kcenter' is not allowed"):
-        greedy_select(x, 6, 2, "kcenter")
+        greedy_select(x, 6, pivots, "kcenter")
     with pytest.raises(ValueError, match="backend='cuda' is not allowed"):
-        greedy_select(x, 6, 2, "maxsum", backend="cuda")
+        greedy_select(x, 6, pivots, "maxsum", backend="cuda")
 
 
 def test_todre_with_the_triton_backend_equals_the_torch_backend():

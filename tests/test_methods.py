@@ -13,7 +13,7 @@ import vtoken
 from vtoken.adapters._vlm import DecoderPruner, VLMStats
 from vtoken.adapters.llava import cls_attention, vision_encoder
 from vtoken.budget import resolve_budget
-from vtoken.kernels.diversity.naive import maxmin_select, maxsum_select
+from vtoken.kernels.diversity.naive import greedy_from_features
 from vtoken.methods.base import GridSegment, ImageContext, VisualTokenMethod
 from vtoken.methods.baselines import PoolConfig, pooled_grid, split_budget
 
@@ -53,14 +53,15 @@ def test_greedy_selection_matches_definition(n, d, frac, seed):
     x = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
     k = max(1, int(frac * n))
     pivot = int(torch.randint(n, (), generator=g))
-    assert maxsum_select(x, k, pivot).tolist() == naive_maxsum(x, k, pivot)
-    assert maxmin_select(x, k, pivot).tolist() == naive_maxmin(x, k, pivot)
+    pivots = torch.tensor([pivot])
+    assert greedy_from_features(x[None], k, pivots, maxmin=False)[0].tolist() == naive_maxsum(x, k, pivot)
+    assert greedy_from_features(x[None], k, pivots, maxmin=True)[0].tolist() == naive_maxmin(x, k, pivot)
 
 
 def test_greedy_selection_returns_distinct_tokens_even_for_duplicates():
-    x = F.normalize(torch.ones(10, 4), dim=-1)  # all identical
-    for select in (maxsum_select, maxmin_select):
-        picked = select(x, 10, 3)
+    x = F.normalize(torch.ones(1, 10, 4), dim=-1)  # all identical
+    for maxmin in (False, True):
+        picked = greedy_from_features(x, 10, torch.tensor([3]), maxmin)[0]
         assert sorted(picked.tolist()) == list(range(10))
 
 
@@ -206,3 +207,17 @@ def test_two_images_in_one_prompt_are_reduced_separately():
         out = model(input_ids=ids, pixel_values=px).logits
         assert h.stats.visual_tokens_kept == [10, 10] and h.stats.visual_tokens_llm == [20]
     assert out.shape[1] == ids.shape[1] - 108
+
+
+@pytest.mark.parametrize("rule", ["maxsum", "maxmin"])
+def test_todre_batched_selection_equals_image_by_image(rule):
+    cfg = vtoken.make_config(vtoken.methods()["todre"], dict(keep=0.25, rule=rule, stage2=False))
+    images = []
+    for n in (16, 16, 36, 16):  # two lengths: grouped per length
+        scores = torch.rand(n)
+        images.append((torch.randn(n, 8), ImageContext(n=n, segments=[GridSegment(0, int(n**0.5), int(n**0.5))],
+                                                       pivot_scores=lambda s=scores: s)))
+    batched = cfg.reduce_batch(images)
+    for (features, ctx), red in zip(images, batched):
+        alone = cfg.reduce_batch([(features, ctx)])[0]
+        assert torch.equal(red.kept, alone.kept) and torch.equal(red.features, alone.features)

@@ -8,6 +8,8 @@ import sys
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("vtoken.evals.demo", "the main job: accuracy, tokens and speed of a few methods on the ShapesVQA model"),
+    "quality": ("vtoken.evals.quality", "accuracy vs visual-token budget for every LLaVA method (ShapesVQA)"),
     "methods": ("vtoken.cli", "list the registered methods, their arguments and supported models"),
     "bench": ("vtoken.evals.bench", "dense vs methods on a LLaVA model: prefill latency, decode speed, FLOPs, memory"),
     "bench-dit": ("vtoken.evals.bench_dit", "SVG2 vs dense attention on video-DiT shapes: speed, recall, error"),

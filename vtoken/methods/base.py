@@ -112,6 +112,10 @@ class VisualTokenMethod:
     def reduce(self, features: torch.Tensor, ctx: ImageContext) -> Reduction:
         raise NotImplementedError
 
+    def reduce_batch(self, images: list[tuple[torch.Tensor, ImageContext]]) -> list[Reduction]:
+        """All images of one prefill; a method whose work is a loop of small steps batches it here."""
+        return [self.reduce(features, ctx) for features, ctx in images]
+
     # in-LLM stage ----------------------------------------------------------------------------------------------
     def score_layers(self, num_layers: int) -> tuple[int, ...]:
         """Decoder layers whose input is scored; a decision made at layer l takes effect from layer l + 1."""

@@ -99,13 +99,27 @@ class ToDREConfig(VisualTokenMethod):
         return torch.randint(ctx.n, (), generator=torch.Generator().manual_seed(self.seed))
 
     def reduce(self, features: torch.Tensor, ctx: ImageContext) -> Reduction:
-        k = resolve_budget(self.keep, ctx.n)
-        if k >= ctx.n:
-            return Reduction(features, torch.arange(ctx.n, device=features.device))
-        x = F.normalize(features.float(), dim=-1)
-        picked = greedy_select(x, k, self.choose_pivot(ctx).to(features.device), self.rule, self.backend)
-        kept = picked.sort().values  # keep raster order: the LLM was trained on it
-        return Reduction(features[kept], kept)
+        return self.reduce_batch([(features, ctx)])[0]
+
+    def reduce_batch(self, images: list[tuple[torch.Tensor, ImageContext]]) -> list[Reduction]:
+        """Images with the same token count are selected together: the k greedy steps run once for all of them."""
+        out: list[Reduction | None] = [None] * len(images)
+        groups: dict[int, list[int]] = {}
+        for i, (_, ctx) in enumerate(images):
+            groups.setdefault(ctx.n, []).append(i)
+        for n, members in groups.items():
+            k = resolve_budget(self.keep, n)
+            if k >= n:
+                for i in members:
+                    out[i] = Reduction(images[i][0], torch.arange(n, device=images[i][0].device))
+                continue
+            features = torch.stack([images[i][0] for i in members])
+            x = F.normalize(features.float(), dim=-1)
+            pivots = torch.stack([self.choose_pivot(images[i][1]).to(x.device) for i in members])
+            kept = greedy_select(x, k, pivots, self.rule, self.backend).sort(dim=1).values  # raster order
+            for row, i in enumerate(members):
+                out[i] = Reduction(features[row][kept[row]], kept[row])
+        return out
 
     # stage 2 -------------------------------------------------------------------------------------------------
     def check_layer(self, num_layers: int) -> int:

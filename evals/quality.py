@@ -1,0 +1,182 @@
+"""``vtoken quality``: accuracy against visual-token budget for every LLaVA method, on the shipped ShapesVQA model.
+
+Speed does not depend on weights, accuracy does: this is the project's real accuracy measure, small enough for a
+CPU. Each method runs through ``vtoken.patch`` and the model's own ``generate()``, exactly as a user would call it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+import vtoken
+from vtoken.evals.machine import describe_machine, machine_line
+
+BUDGETS = (1.0, 0.5, 0.25, 0.1)
+
+
+def llava_methods() -> list[str]:
+    return sorted(name for name, info in vtoken.methods().items() if "llava" in info.hosts)
+
+
+def budget_config(method: str, budget: float) -> dict:
+    """The config that gives ``method`` about ``budget`` of the visual tokens.
+
+    Token-pruning methods take it as ``keep``; token clustering as the fraction of the patch grid it clusters to,
+    handed to the LLM without reconstruction (fewer visual tokens, like the others).
+    """
+    fields = vtoken.methods()[method].fields()
+    if "keep" in fields:
+        return {"keep": budget}
+    if method == "token_clustering":
+        return {"num_clusters": budget, "reconstruct": False}
+    raise ValueError(f"--method {method!r} has no visual-token budget to set; methods with one: "
+                     f"{', '.join(llava_methods())}")
+
+
+@dataclass
+class Row:
+    method: str
+    budget: float
+    config: dict
+    accuracy: float
+    per_type: dict
+    visual_tokens: float  # visual tokens per sample, averaged over the decoder layers that see them
+    n: int
+
+    def as_dict(self, dense: Row) -> dict:
+        out = dict(self.__dict__)
+        out["relative_accuracy"] = self.accuracy / dense.accuracy if dense.accuracy else float("nan")
+        return out
+
+
+class TokenMeter:
+    """Averages, over every prefill, the visual tokens each decoder layer sees (the cost-relevant count: an
+    in-LLM method keeps them all at first, then fewer)."""
+
+    def __init__(self, model, handle):
+        self.handle, self.values, self.seen = handle, [], -1
+        self.hook = model.register_forward_hook(self._after)
+
+    def _after(self, module, args, output):
+        stats = self.handle.stats
+        if stats.prefills != self.seen and stats.visual_tokens_per_layer:
+            self.seen = stats.prefills
+            per_sample = zip(*stats.visual_tokens_per_layer)
+            self.values += [statistics.mean(layers) for layers in per_sample]
+
+    def close(self) -> float:
+        self.hook.remove()
+        return statistics.mean(self.values) if self.values else float("nan")
+
+
+def evaluate_method(model, processor, examples, method: str | None, budget: float, batch_size: int,
+                    progress: bool = True) -> Row:
+    from vtoken.evals.shapes_vqa import evaluate, num_visual_tokens
+
+    desc = "dense" if method is None else f"{method} {budget:g}"
+    if method is None:
+        result = evaluate(model, processor, examples, batch_size=batch_size, progress=progress, desc=desc)
+        return Row("dense", 1.0, {}, result.accuracy, result.per_type, float(num_visual_tokens(model)), result.n)
+    config = budget_config(method, budget)
+    with vtoken.patch(model, method, **config) as handle:
+        meter = TokenMeter(model, handle)
+        try:
+            result = evaluate(model, processor, examples, batch_size=batch_size, progress=progress, desc=desc)
+        finally:
+            tokens = meter.close()
+    return Row(method, budget, config, result.accuracy, result.per_type, tokens, result.n)
+
+
+def run_quality(model, processor, examples, methods: list[str], budgets: list[float], batch_size: int = 50,
+                progress: bool = True) -> tuple[Row, list[Row]]:
+    dense = evaluate_method(model, processor, examples, None, 1.0, batch_size, progress=False)
+    rows = []
+    jobs = [(m, b) for m in methods for b in budgets]
+    for method, budget in tqdm(jobs, desc="quality", disable=not progress):
+        rows.append(evaluate_method(model, processor, examples, method, budget, batch_size, progress=False))
+    return dense, rows
+
+
+def format_table(dense: Row, rows: list[Row], budgets: list[float]) -> str:
+    """Accuracy per method and budget: ``acc (% of dense, visual tokens per sample)``."""
+    head = ["method"] + [f"keep {100 * b:g}%" for b in budgets]
+    lines = [head]
+    for method in dict.fromkeys(r.method for r in rows):
+        cells = [method]
+        for b in budgets:
+            r = next((r for r in rows if r.method == method and r.budget == b), None)
+            relative = 100 * r.accuracy / dense.accuracy if r is not None else 0.0
+            cells.append("" if r is None else f"{100 * r.accuracy:.1f} ({relative:.0f}%, {r.visual_tokens:.0f} tok)")
+        lines.append(cells)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    fmt = lambda row: " | ".join(c.ljust(w) for c, w in zip(row, widths))
+    table = "\n".join([fmt(lines[0]), "-+-".join("-" * w for w in widths), *map(fmt, lines[1:])])
+    return f"dense: {100 * dense.accuracy:.1f}% with {dense.visual_tokens:.0f} visual tokens\n{table}"
+
+
+def plot(dense: Row, rows: list[Row], title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = sorted((r for r in rows if r.method == method), key=lambda r: r.visual_tokens)
+        ax.plot([r.visual_tokens for r in mine], [100 * r.accuracy for r in mine], marker="o", label=method)
+    ax.axhline(100 * dense.accuracy, color="k", ls="--", lw=1, label=f"dense ({dense.visual_tokens:.0f} tokens)")
+    ax.set_xscale("log")
+    ax.set_xlabel("visual tokens per sample (averaged over decoder layers)")
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="a ShapesVQA checkpoint directory (default: the shipped one)")
+    parser.add_argument("--method", action="append", default=None,
+                        help="method to measure (repeatable); default: every LLaVA method "
+                             f"({', '.join(llava_methods())})")
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
+                        help="fractions of the visual tokens kept, comma-separated")
+    parser.add_argument("--n", type=int, default=400, help="test questions")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", default="quality.json")
+    parser.add_argument("--plot", default="quality.png")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vtoken.evals.shapes_vqa import load_shapes_model, make_split
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    methods = args.method or llava_methods()
+    for m in methods:  # fail before any work
+        budget_config(vtoken.api.get_method(m).name, budgets[0])
+    model, processor = load_shapes_model(args.model)
+    examples = make_split("test", args.n)
+    dense, rows = run_quality(model, processor, examples, methods, budgets, args.batch_size, not args.quiet)
+    machine = describe_machine("cpu")
+    title = f"ShapesVQA test (n={args.n}): accuracy (% of dense, visual tokens per sample)"
+    print(title)
+    print(machine_line(machine))
+    print(format_table(dense, rows, budgets))
+    with open(args.json, "w") as f:
+        json.dump({"title": title, "machine": machine, "n": args.n, "dense": dense.as_dict(dense),
+                   "results": [r.as_dict(dense) for r in rows]}, f, indent=2)
+    plot(dense, rows, f"{title}\n{machine_line(machine)}", args.plot)
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
