@@ -248,10 +248,12 @@ def run(args: argparse.Namespace) -> int:
              f"prompt {inputs['input_ids'].shape[1]} tokens, {args.dtype or str(dtype).split('.')[-1]}, {args.attn}")
     print(title)
     print(machine_line(machine))
+    print(f"peak MB: extra memory at the peak of one generate() call ({PeakMemory(device).source})")
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"title": title, "machine": machine, "settings": vars(args) | {"dtype": str(dtype)},
+            json.dump({"title": title, "machine": machine, "memory_source": PeakMemory(device).source,
+                       "settings": vars(args) | {"dtype": str(dtype)},
                        "results": results}, f, indent=2, default=str)
         print(f"wrote {args.json}")
     if args.plot:

@@ -57,3 +57,15 @@ def test_cli_bench_writes_json_and_plot(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert data["results"][1]["method"] == "pool" and data["results"][1]["visual_tokens_llm"] == 16
     assert "cpu" in data["machine"] and png.stat().st_size > 1000
+
+
+def test_peak_memory_sees_a_live_cpu_allocation():
+    import torch
+
+    from vtoken.evals.memory import PeakMemory
+
+    with PeakMemory("cpu", interval_s=0.0001) as mem:
+        x = torch.ones(16, 2**20)  # 64 MiB
+        x.add_(1)
+        del x
+    assert 60 < mem.peak_mb < 80, mem.peak_mb
