@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 import vtoken
 from vtoken.evals.bench import measure
 from vtoken.evals.machine import describe_machine, machine_line
-from vtoken.evals.quality import budget_config, evaluate_method
+from vtoken.evals.quality import budget_config, evaluate_method, relative
 from vtoken.methods.baselines import pooled_grid
 
 METHODS = ("todre", "random", "pool", "attn_topk")
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     lines = [head]
     for row, ms in rows:
         lines.append((row.method, f"{100 * row.budget:g}%", f"{row.visual_tokens:.0f}", f"{100 * row.accuracy:.1f}",
-                      f"{100 * row.accuracy / dense.accuracy:.0f}%", f"{ms:.1f}", f"{dense_ms / ms:.2f}x"))
+                      f"{100 * relative(row.accuracy, dense.accuracy):.0f}%", f"{ms:.1f}", f"{dense_ms / ms:.2f}x"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for i, line in enumerate(lines):
         print(" | ".join(c.ljust(w) for c, w in zip(line, widths)))

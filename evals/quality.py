@@ -39,6 +39,11 @@ def budget_config(method: str, budget: float) -> dict:
                      f"{', '.join(llava_methods())}")
 
 
+def relative(accuracy: float, dense: float) -> float:
+    """``accuracy`` as a fraction of dense accuracy (NaN when dense is 0, e.g. an untrained model)."""
+    return accuracy / dense if dense else float("nan")
+
+
 @dataclass
 class Row:
     method: str
@@ -51,7 +56,7 @@ class Row:
 
     def as_dict(self, dense: Row) -> dict:
         out = dict(self.__dict__)
-        out["relative_accuracy"] = self.accuracy / dense.accuracy if dense.accuracy else float("nan")
+        out["relative_accuracy"] = relative(self.accuracy, dense.accuracy)
         return out
 
 
@@ -111,8 +116,11 @@ def format_table(dense: Row, rows: list[Row], budgets: list[float]) -> str:
         cells = [method]
         for b in budgets:
             r = next((r for r in rows if r.method == method and r.budget == b), None)
-            relative = 100 * r.accuracy / dense.accuracy if r is not None else 0.0
-            cells.append("" if r is None else f"{100 * r.accuracy:.1f} ({relative:.0f}%, {r.visual_tokens:.0f} tok)")
+            if r is not None:
+                share = 100 * relative(r.accuracy, dense.accuracy)
+                cells.append(f"{100 * r.accuracy:.1f} ({share:.0f}%, {r.visual_tokens:.0f} tok)")
+            else:
+                cells.append("")
         lines.append(cells)
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     fmt = lambda row: " | ".join(c.ljust(w) for c, w in zip(row, widths))

@@ -1,0 +1,188 @@
+"""ShapesVQA: an accuracy measure for visual-token pruning that runs on a CPU.
+
+A small LLaVA trained by the project (``vtoken/evals/assets/shapes_llava``) answers one-word questions about
+procedurally generated scenes of coloured shapes; every answer needs specific image regions, so *which*
+visual tokens survive pruning decides the accuracy.
+
+>>> model, processor = load_shapes_model()
+>>> result = evaluate(model, processor, make_split("test", 200))   # dense
+>>> with vtoken.patch(model, "todre", keep=0.25):
+...     pruned = evaluate(model, processor, make_split("test", 200))
+
+``evaluate`` calls ``model.generate`` on batched, left-padded inputs built by the processor, exactly as a user
+would, so any vtoken-patched model is evaluated unchanged. ``evaluate_reduced`` instead builds the shortened
+input by hand (a reference for what a boundary method should be equivalent to).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vtoken.evals.shapes_data import QUESTION_TYPES, Example, make_split
+from vtoken.evals.shapes_model import load_shapes_model, num_visual_tokens
+from vtoken.methods.base import GridSegment, ImageContext, Reduction
+
+__all__ = [
+    "Example", "ShapesResult", "evaluate", "evaluate_reduced", "export_split", "load_shapes_model", "make_split",
+    "normalize_answer",
+]
+
+
+@dataclass
+class ShapesResult:
+    accuracy: float
+    per_type: dict[str, float]
+    n: int
+    predictions: list[str] = field(repr=False)
+    correct: list[bool] = field(repr=False)
+    visual_tokens: float | None = None  # mean visual tokens the LLM saw, where the caller knows it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        types = "  ".join(f"{t} {100 * a:5.1f}" for t, a in self.per_type.items())
+        return f"accuracy {100 * self.accuracy:5.1f}% (n={self.n})  {types}"
+
+
+def normalize_answer(text: str) -> str:
+    """First word, lower-case, without surrounding punctuation: the exact-match form of an answer."""
+    words = text.strip().lower().split()
+    return words[0].strip(string.punctuation) if words else ""
+
+
+def score(examples: Sequence[Example], predictions: list[str], visual_tokens: float | None = None) -> ShapesResult:
+    correct = [normalize_answer(p) == e.answer for p, e in zip(predictions, examples)]
+    per_type = {}
+    for t in QUESTION_TYPES:
+        hits = [c for c, e in zip(correct, examples) if e.type == t]
+        if hits:
+            per_type[t] = sum(hits) / len(hits)
+    accuracy = sum(correct) / max(1, len(correct))
+    return ShapesResult(accuracy, per_type, len(correct), predictions, correct, visual_tokens)
+
+
+def batches(examples: Sequence[Example], batch_size: int, progress: bool, desc: str):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch", leave=False):
+        yield examples[start : start + batch_size]
+
+
+@torch.no_grad()
+def evaluate(model, processor, examples: Sequence[Example], batch_size: int = 32, max_new_tokens: int = 3,
+             progress: bool = True, desc: str = "ShapesVQA") -> ShapesResult:
+    """Exact-match accuracy of greedy ``model.generate`` on left-padded batches, overall and per type."""
+    tokenizer = processor.tokenizer
+    predictions: list[str] = []
+    for batch in batches(examples, batch_size, progress, desc):
+        enc = processor(images=[e.image for e in batch], text=[e.prompt for e in batch], padding=True,
+                        padding_side="left", return_tensors="pt").to(model.device)
+        enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        predictions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return score(examples, predictions)
+
+
+# A reducer gets one image's projected visual tokens (n, D) and an ImageContext (patch grid, lazily computed
+# [CLS] attention) and returns fewer rows, or a Reduction: a boundary method's ``reduce`` is a reducer.
+Reducer = Callable[[torch.Tensor, ImageContext], "torch.Tensor | Reduction"]
+
+
+def cls_attention(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, n_patches) head-averaged [CLS]->patch attention of the vision tower's last layer, recomputed from
+    that layer's input, so it works with any attention implementation."""
+    tower = model.model.vision_tower
+    layer = getattr(tower, "vision_model", tower).encoder.layers[-1]  # transformers < 5 nests it
+    hidden = tower(pixel_values, output_hidden_states=True).hidden_states[-2]
+    x = layer.layer_norm1(hidden)
+    attn = layer.self_attn
+    B, L, _ = x.shape
+    q = attn.q_proj(x[:, :1]).view(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(B, L, attn.num_heads, attn.head_dim).transpose(1, 2)
+    probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.head_dim**-0.5, dim=-1)
+    return probs.mean(dim=1)[:, 0, 1:]
+
+
+def shortened_embeddings(model, input_ids: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per sample: the prompt's embeddings with its run of image placeholders replaced by ``features[i]``
+    (any length), i.e. the sequence a boundary method should hand to the LLM. Padding is removed."""
+    embed = model.get_input_embeddings()
+    image_id = model.config.image_token_id
+    out = []
+    for ids, feats in zip(input_ids, features):
+        ids = ids[ids != model.config.text_config.pad_token_id]
+        placeholder = (ids == image_id).nonzero().flatten()
+        first, last = int(placeholder[0]), int(placeholder[-1]) + 1
+        if last - first != len(placeholder):
+            raise ValueError("expected one contiguous run of image placeholders per prompt")
+        text = embed(ids)
+        out.append(torch.cat([text[:first], feats.to(text.dtype), text[last:]]))
+    return out
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (L_i, D) rows into (B, L, D) with zeros on the left, plus the (B, L) attention mask."""
+    length = max(r.shape[0] for r in rows)
+    embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        embeds[i, length - r.shape[0] :] = r
+        mask[i, length - r.shape[0] :] = 1
+    return embeds, mask
+
+
+@torch.no_grad()
+def evaluate_reduced(model, processor, examples: Sequence[Example], reducer: Reducer, batch_size: int = 32,
+                     max_new_tokens: int = 3, progress: bool = True, desc: str = "ShapesVQA reduced") -> ShapesResult:
+    """Like ``evaluate``, but each image's projected tokens pass through ``reducer`` and the LLM sees the
+    shortened prompt (placeholders dropped, positions contiguous), built by hand as ``inputs_embeds``."""
+    tokenizer = processor.tokenizer
+    n = num_visual_tokens(model)
+    side = math.isqrt(n)
+    predictions: list[str] = []
+    counts: list[int] = []
+    for batch in batches(examples, batch_size, progress, desc):
+        enc = processor(images=[e.image for e in batch], text=[e.prompt for e in batch], padding=True,
+                        padding_side="left", return_tensors="pt").to(model.device)
+        pixels = enc["pixel_values"].to(model.dtype)
+        image = model.model.get_image_features(pixel_values=pixels, return_dict=True)
+        pivots = functools.cache(lambda pixels=pixels: cls_attention(model, pixels))
+        reduced = []
+        for i, feats in enumerate(image.pooler_output):
+            ctx = ImageContext(n, [GridSegment(0, side, side)], pivot_scores=lambda i=i, pivots=pivots: pivots()[i])
+            out = reducer(feats, ctx)
+            reduced.append(out.features if isinstance(out, Reduction) else out)
+        counts += [len(r) for r in reduced]
+        embeds, mask = left_pad(shortened_embeddings(model, enc["input_ids"], reduced))
+        out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        predictions += tokenizer.batch_decode(out, skip_special_tokens=True)
+    return score(examples, predictions, sum(counts) / max(1, len(counts)))
+
+
+def export_split(split: str, n: int, out_dir: str | Path) -> Path:
+    """Write ``n`` examples of ``split`` as a local lmms-eval-style dataset: ``images/<split>_<i>.png`` and
+    ``<split>.jsonl`` rows ``{question_id, image (absolute path), question, answer, type}``. Returns the JSONL."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{split}.jsonl"
+    with path.open("w") as f:
+        for e in make_split(split, n):
+            image = (out_dir / "images" / f"{split}_{e.index:05d}.png").resolve()
+            e.image.save(image)
+            row = {"question_id": f"{split}_{e.index}", "image": str(image), "question": e.question,
+                   "answer": e.answer, "type": e.type}
+            f.write(json.dumps(row) + "\n")
+    return path

@@ -1,0 +1,399 @@
+"""Train the ShapesVQA LLaVA from scratch on a CPU.
+
+    python -m vtoken.evals.train_shapes --out DIR
+
+Two stages, like LLaVA's own recipe but with the vision tower trained here instead of downloaded:
+
+1. **Vision.** The CLIP-shaped tower and the projector learn per-patch targets read off the scene (colour,
+   shape, grid cell, how many shapes share this colour, which shape is in each neighbouring cell:
+   ``shapes_data.patch_targets``) through small linear heads on the projected tokens. Dense labels train a
+   from-scratch tower in minutes where the answer loss alone gives it a weak, late signal, and they make each
+   shape's tokens carry what the questions ask about that shape, so answers need the right tokens.
+2. **Language.** The tower is frozen and its outputs for ``--scenes`` generated scenes are cached; the
+   projector (still under the patch loss) and the Llama decoder learn the questions. Each sample is one scene
+   with several questions packed into one sequence ("<s> USER: <image> | q1 ASSISTANT: a1 </s> | q2 ..."),
+   whose attention mask and positions make every question see only the image prompt and itself: each turn is
+   exactly the single-question evaluation prompt, but the image is read once for all of them.
+
+``--token-drop P``: a fraction P of the language samples sees a random subset of its visual tokens (kept
+share ~ U[--min-keep, 1], raster order, prompt shortened to match), as in TokenFLEX's stochastic token counts.
+A model that only ever saw 196 visual tokens also meets a length shift when a method prunes; with it, a
+method's accuracy at a budget reflects which tokens it kept.
+
+Deterministic: the data of every step is a pure function of (``--seed``, stage, step), and torch is seeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vtoken.evals.shapes_data import (
+    COLORS,
+    GRID,
+    IGNORE,
+    PATCH_TARGETS,
+    SHAPES,
+    SPLIT_SEEDS,
+    count_attention,
+    make_split,
+    patch_targets,
+    random_scene,
+    render,
+    scene_questions,
+)
+from vtoken.evals.shapes_model import build_model, build_processor, load_shapes_model
+
+# Classes per patch target (see shapes_data.patch_targets): colour/shape + background, cell, colour count 0-6,
+# neighbouring shape + empty, per side.
+TARGET_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, GRID * GRID, 7) + (len(SHAPES) + 1,) * 4
+assert len(TARGET_CLASSES) == len(PATCH_TARGETS)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="directory for the trained model, processor and report")
+    parser.add_argument("--vision-steps", type=int, default=800, help="optimizer steps of stage 1 (vision)")
+    parser.add_argument("--vision-batch-size", type=int, default=32, help="images per stage-1 step")
+    parser.add_argument("--vision-lr", type=float, default=2e-3)
+    parser.add_argument("--vision-only", action="store_true", help="save the model after stage 1 and stop")
+    parser.add_argument("--init", help="start from this saved model (e.g. a --vision-only run; with --vision-steps 0 "
+                                       "stage 1 is skipped)")
+    parser.add_argument("--scenes", type=int, default=6000, help="scenes whose tower outputs stage 2 caches")
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps of stage 2 (language)")
+    parser.add_argument("--batch-size", type=int, default=16, help="scenes per stage-2 step")
+    parser.add_argument("--turns", type=int, default=12, help="questions per scene (packed into one sequence)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="stage-2 learning rate")
+    parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before cosine decay")
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--patch-loss", type=float, default=0.5, help="weight of the patch loss in stage 2")
+    parser.add_argument("--token-drop", type=float, default=0.3,
+                        help="fraction of stage-2 samples trained on a random subset of their visual tokens")
+    parser.add_argument("--min-keep", type=float, default=0.1, help="smallest kept share under --token-drop")
+    parser.add_argument("--position-scale", type=float, default=1.0,
+                        help="amplitude of the sine-cosine initialisation of the tower's position embeddings")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--eval-every", type=int, default=250, help="validation every N stage-2 steps (0 = never)")
+    parser.add_argument("--val-size", type=int, default=200)
+    parser.add_argument("--test-size", type=int, default=1000, help="test examples for the final report")
+    parser.add_argument("--save-dtype", choices=("float16", "float32"), default="float16",
+                        help="dtype of the saved weights (they load back as float32)")
+    parser.add_argument("--tiny", action="store_true", help="a minute-sized model for smoke tests")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("vision_batch_size", "scenes", "steps", "batch_size", "turns", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if args.vision_steps < 0:
+        raise ValueError(f"--vision-steps must be >= 0; got {args.vision_steps}")
+    if not 0.0 <= args.token_drop <= 1.0:
+        raise ValueError(f"--token-drop must be in [0, 1]; got {args.token_drop}")
+    if not 0.0 < args.min_keep <= 1.0:
+        raise ValueError(f"--min-keep must be in (0, 1]; got {args.min_keep}")
+
+
+# ---------------------------------------------------------------------------------------------- samples
+def step_rng(args, stage: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([SPLIT_SEEDS["train"], args.seed, stage, step])
+
+
+# The tower head taught to count (see shapes_data.count_attention): layer 2 of 4 leaves a layer and the
+# projector to turn the weight on [CLS] into the colour-count feature.
+COUNT_LAYER, COUNT_HEAD = 2, 0
+
+
+def render_scenes(processor, rng: np.random.Generator, n: int):
+    """``n`` fresh training scenes: (pixel values, scenes, (n, targets, patches) patch targets)."""
+    scenes = [random_scene(rng) for _ in range(n)]
+    pixels = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"]
+    patch_size = processor.patch_size
+    targets = torch.from_numpy(np.stack([patch_targets(s, patch_size) for s in scenes]))
+    return pixels, scenes, targets
+
+
+def packed_ids(tokenizer, qa: list[tuple[str, str, str]]):
+    """Token ids of one scene's training sample: the shared prefix before the image ("<s> USER :") and, per
+    question, the ids of "question ASSISTANT : answer </s>" with labels on the answer and EOS (-100 elsewhere)."""
+
+    def words(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    prefix = [tokenizer.bos_token_id] + words("USER:")
+    turns = []
+    for _, question, answer in qa:
+        prompt = words(question + " ASSISTANT:")
+        reply = words(answer) + [tokenizer.eos_token_id]
+        turns.append((prompt + reply, [-100] * len(prompt) + reply))
+    return prefix, turns
+
+
+def batch_inputs(model, samples: list, features: list[torch.Tensor]):
+    """Packed, right-padded training batch: ``inputs_embeds``, a 4-D additive attention mask, ``position_ids``
+    and answer ``labels``.
+
+    Row i is ``prefix + image features + turn 1 + turn 2 + ...``. Every turn sees the prefix and the image and,
+    causally, itself, but no other turn, and its positions restart right after the image.
+    """
+    embed = model.get_input_embeddings()
+    rows = []
+    for (prefix, turns), feats in zip(samples, features):
+        parts = [embed(torch.tensor(prefix)), feats] + [embed(torch.tensor(ids)) for ids, _ in turns]
+        head = len(prefix) + len(feats)
+        segments = [(0, head)]
+        for ids, _ in turns:
+            segments.append((segments[-1][0] + segments[-1][1], len(ids)))
+        labels = [-100] * head + [lab for _, labs in turns for lab in labs]
+        rows.append((torch.cat(parts), segments, labels))
+    length = max(len(r[0]) for r in rows)
+    B = len(rows)
+    embeds = rows[0][0].new_zeros(B, length, rows[0][0].shape[1])
+    allowed = torch.eye(length, dtype=torch.bool).repeat(B, 1, 1)  # padding rows see themselves: no NaN
+    positions = torch.zeros(B, length, dtype=torch.long)
+    labels = torch.full((B, length), -100, dtype=torch.long)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    for i, (row, segments, labs) in enumerate(rows):
+        embeds[i, : len(row)] = row
+        labels[i, : len(labs)] = torch.tensor(labs)
+        head = segments[0][1]
+        allowed[i, :head, :head] = causal[:head, :head]
+        positions[i, :head] = torch.arange(head)
+        for start, n in segments[1:]:
+            allowed[i, start : start + n, :head] = True
+            allowed[i, start : start + n, start : start + n] = causal[:n, :n]
+            positions[i, start : start + n] = torch.arange(head, head + n)
+    mask = torch.zeros(B, 1, length, length, dtype=embeds.dtype)
+    mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(embeds.dtype).min)
+    return embeds, mask, positions, labels
+
+
+class PatchHeads(torch.nn.Module):
+    """Linear read-outs of every projected visual token's patch targets (training only, not saved)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in TARGET_CLASSES)
+
+    def forward(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy over targets and (per target) accuracy; ``feats`` (B, P, D), ``targets`` (B, T, P)."""
+        losses, accuracy = [], []
+        for i, head in enumerate(self.heads):
+            logits, target = head(feats).flatten(0, 1), targets[:, i].flatten()
+            valid = target != IGNORE
+            losses.append(F.cross_entropy(logits, target, ignore_index=IGNORE))
+            accuracy.append((logits.argmax(-1) == target)[valid].float().mean())
+        return torch.stack(losses).mean(), torch.stack(accuracy).detach()
+
+
+def ema(old, new, decay=0.95):
+    return new if old is None else decay * old + (1 - decay) * new
+
+
+def optimizer_for(modules, lr: float, weight_decay: float, warmup: int, steps: int):
+    from transformers import get_cosine_schedule_with_warmup
+
+    named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.98),
+    )
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, min(warmup, steps // 2), steps)
+
+
+# --------------------------------------------------------------------------------------------- training
+def count_attention_loss(attention: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of one head's (B, patches, 1 + patches) patch-row attention against the counting target,
+    over the rows that have one."""
+    rows = target.sum(-1) > 0
+    return -(target * attention.clamp_min(1e-9).log()).sum(-1)[rows].mean()
+
+
+def train_vision(args, model, heads, processor) -> dict:
+    """Stage 1: tower + projector + heads on the patch targets, plus the counting head's attention target.
+
+    Counting needs every shape's tokens to aggregate over the whole image; from per-patch count labels alone
+    the tower did not find that in 1000 steps, so one head's attention is supervised directly (eager attention
+    here, for the weights)."""
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    optimizer, scheduler = optimizer_for([tower, projector, heads], args.vision_lr, args.weight_decay,
+                                         args.warmup, args.vision_steps)
+    layer = model.config.vision_feature_layer
+    model.set_attn_implementation("eager")
+    loss_avg = acc_avg = count_avg = None
+    bar = tqdm(range(args.vision_steps), desc="stage 1: vision", unit="step")
+    for step in bar:
+        pixels, scenes, targets = render_scenes(processor, step_rng(args, 1, step), args.vision_batch_size)
+        out = tower(pixels, output_hidden_states=True, output_attentions=True)
+        feats = projector(out.hidden_states[layer][:, 1:])
+        loss, accuracy = heads(feats, targets)
+        counting = torch.from_numpy(np.stack([count_attention(s, processor.patch_size) for s in scenes]))
+        count_loss = count_attention_loss(out.attentions[COUNT_LAYER][:, COUNT_HEAD, 1:], counting)
+        (loss + count_loss).backward()
+        torch.nn.utils.clip_grad_norm_(list(tower.parameters()) + list(projector.parameters()), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_avg, acc_avg = ema(loss_avg, loss.item()), ema(acc_avg, accuracy)
+        count_avg = ema(count_avg, count_loss.item())
+        bar.set_postfix(loss=f"{loss_avg:.3f}", count_attn=f"{count_avg:.2f}",
+                        acc=" ".join(f"{a:.2f}" for a in acc_avg.tolist()))
+    model.set_attn_implementation("sdpa")
+    accuracy = dict(zip(PATCH_TARGETS, acc_avg.tolist())) if acc_avg is not None else {}
+    return {"loss": loss_avg, "count_attention_loss": count_avg, "patch_accuracy": accuracy}
+
+
+@torch.no_grad()
+def cache_tower(args, model, processor, chunk: int = 64):
+    """Frozen tower outputs (as the projector receives them) of ``--scenes`` scenes, float16, with the scenes
+    and their patch targets."""
+    layer = model.config.vision_feature_layer
+    hidden, scenes, targets = [], [], []
+    rng = step_rng(args, 3, 0)
+    for start in tqdm(range(0, args.scenes, chunk), desc="stage 2: caching tower outputs", unit="chunk"):
+        pixels, batch_scenes, batch_targets = render_scenes(processor, rng, min(chunk, args.scenes - start))
+        states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+        hidden.append(states.half())
+        scenes += batch_scenes
+        targets.append(batch_targets.to(torch.int16))
+    return torch.cat(hidden), scenes, torch.cat(targets)
+
+
+def train_language(args, model, heads, processor, cache, val, history) -> None:
+    """Stage 2: projector + decoder (+ heads) on packed questions over the cached tower outputs."""
+    hidden, scenes, targets = cache
+    projector = model.model.multi_modal_projector
+    optimizer, scheduler = optimizer_for([projector, model.model.language_model, heads], args.lr,
+                                         args.weight_decay, args.warmup, args.steps)
+    eos = model.config.text_config.eos_token_id
+    loss_avg = acc_avg = None
+    start = time.perf_counter()
+    bar = tqdm(range(args.steps), desc="stage 2: language", unit="step")
+    for step in bar:
+        model.train()
+        rng = step_rng(args, 2, step)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        index = rng.choice(len(scenes), size=args.batch_size, replace=False)
+        samples = [packed_ids(processor.tokenizer, scene_questions(scenes[i], rng, args.turns)) for i in index]
+        full = projector(hidden[index].float())
+        patch_loss, _ = heads(full, targets[index].long())
+        feats = []
+        for f in full:
+            if rng.random() < args.token_drop:
+                k = max(1, round(float(rng.uniform(args.min_keep, 1.0)) * len(f)))
+                f = f[torch.randperm(len(f), generator=gen)[:k].sort().values]
+            feats.append(f)
+        embeds, mask, positions, labels = batch_inputs(model, samples, feats)
+        outputs = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels)
+        (outputs.loss + args.patch_loss * patch_loss).backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # teacher-forced accuracy on the answer words (logits at t predict t+1)
+            target = labels[:, 1:]
+            words = (target != -100) & (target != eos)
+            hit = (outputs.logits[:, :-1].argmax(-1) == target)[words].float().mean().item()
+        loss_avg, acc_avg = ema(loss_avg, outputs.loss.item()), ema(acc_avg, hit)
+        bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc_avg:.3f}", patch=f"{patch_loss.item():.3f}")
+        if val and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            from vtoken.evals.shapes_vqa import evaluate
+
+            model.eval()
+            res = evaluate(model, processor, val, progress=False)
+            history.append({"step": step + 1, "minutes": (time.perf_counter() - start) / 60, "loss": loss_avg,
+                            "val_accuracy": res.accuracy, "val_per_type": res.per_type})
+            tqdm.write(f"step {step + 1}: loss {loss_avg:.3f}  val {res.summary()}")
+
+
+def train(args: argparse.Namespace) -> dict:
+    check_args(args)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.init:
+        model, processor = load_shapes_model(args.init)
+    else:
+        processor = build_processor()
+        sizes = TINY if args.tiny else {}
+        model = build_model(processor, seed=args.seed, position_scale=args.position_scale, **sizes)
+    n_params = sum(p.numel() for p in model.parameters())
+    heads = PatchHeads(model.config.text_config.hidden_size)
+    start = time.perf_counter()
+    model.train()
+    vision = train_vision(args, model, heads, processor) if args.vision_steps else {}
+    model.model.vision_tower.requires_grad_(False).eval()
+    if args.vision_only:
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        return {"parameters": n_params, "vision_stage": vision}
+    cache = cache_tower(args, model, processor)
+    val = make_split("val", args.val_size) if args.eval_every and args.val_size else []
+    history: list[dict] = []
+    train_language(args, model, heads, processor, cache, val, history)
+    train_minutes = (time.perf_counter() - start) / 60
+    model.requires_grad_(True).eval()
+    model.to(getattr(torch, args.save_dtype)).save_pretrained(out)
+    processor.save_pretrained(out)
+    report = {
+        "args": vars(args), "parameters": n_params, "train_minutes": train_minutes, "vision_stage": vision,
+        "history": history,
+        "machine": f"{platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads".strip(),
+    }
+    (out / "training_report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def test_report(args: argparse.Namespace, report: dict) -> dict:
+    """Reload the saved checkpoint as float32 and measure dense accuracy on the test split."""
+    from vtoken.evals.shapes_vqa import evaluate
+
+    model, processor = load_shapes_model(args.out)
+    result = evaluate(model, processor, make_split("test", args.test_size), desc="test")
+    report["test"] = {"accuracy": result.accuracy, "per_type": result.per_type, "n": result.n}
+    report["disk_mb"] = sum(p.stat().st_size for p in Path(args.out).iterdir() if p.is_file()) / 2**20
+    (Path(args.out) / "training_report.json").write_text(json.dumps(report, indent=1))
+    print(f"test {result.summary()}")
+    return report
+
+
+# Tiny sizes for smoke tests (same image size and patch grid as the real model, so the processor matches).
+TINY = {
+    "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+    "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2),
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    report = train(args)
+    if args.vision_only:
+        accuracy = report["vision_stage"].get("patch_accuracy", {})
+        print("stage 1 patch accuracy:", {k: round(v, 3) for k, v in accuracy.items()})
+        return 0
+    if args.test_size:
+        report = test_report(args, report)
+    print(f"trained {report['parameters'] / 1e6:.2f} M parameters in {report['train_minutes']:.1f} min "
+          f"on {report['machine']}; saved to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vtoken.evals.train_shapes", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
