@@ -265,11 +265,11 @@ def split_example(split: str, index: int) -> Example:
     return example
 
 
-def scene_questions(scene: Scene, rng: np.random.Generator, turns: int) -> list[tuple[str, str, str]]:
-    """Up to ``turns`` distinct ``(qtype, question, answer)`` about ``scene`` (training data: each question
-    draws a type uniformly, then an answer uniformly among those this scene can ask for, which keeps the answer
-    mix close to balanced)."""
-    qa: list[tuple[str, str, str]] = []
+def scene_questions(scene: Scene, rng: np.random.Generator, turns: int) -> list[tuple[str, str, str, dict]]:
+    """Up to ``turns`` distinct ``(qtype, question, answer, meta)`` about ``scene`` (training data: each
+    question draws a type uniformly, then an answer uniformly among those this scene can ask for, which keeps the
+    answer mix close to balanced)."""
+    qa: list[tuple[str, str, str, dict]] = []
     seen = set()
     for _ in range(4 * turns):
         if len(qa) == turns:
@@ -280,7 +280,7 @@ def scene_questions(scene: Scene, rng: np.random.Generator, turns: int) -> list[
             if asked is not None:
                 if asked[0] not in seen:
                     seen.add(asked[0])
-                    qa.append((qtype, asked[0], ANSWERS[qtype][a]))
+                    qa.append((qtype, asked[0], ANSWERS[qtype][a], asked[1]))
                 break
     return qa
 
@@ -316,6 +316,22 @@ def patch_targets(scene: Scene, patch_size: int) -> np.ndarray:
     table = np.asarray(per_shape, dtype=np.int64)[best].T  # (targets, patches)
     background = np.array([0, 0] + [IGNORE] * (len(PATCH_TARGETS) - 2))[:, None]
     return np.where(covered[None], table, background)
+
+
+def evidence_patches(qtype: str, meta: dict, targets: np.ndarray) -> np.ndarray:
+    """(patches,) bool: the patches a question is about, from its meta and the scene's ``patch_targets``: the
+    asked cell (color), the referent (relation), every shape of the colour (count), the colour-shape pair
+    (presence; none when the answer is no)."""
+    color, shape, cell = (targets[PATCH_TARGETS.index(k)] for k in ("color", "shape", "cell"))
+    if qtype == "color":
+        row = next(r for r, names in enumerate(REGIONS) if meta["region"] in names)
+        return cell == GRID * row + REGIONS[row].index(meta["region"])
+    if qtype == "relation":
+        wanted_color, wanted_shape = meta["referent"]
+    else:
+        wanted_color, wanted_shape = meta["color"], meta.get("shape")
+    hit = color == list(COLORS).index(wanted_color) + 1
+    return hit & (shape == SHAPES.index(wanted_shape) + 1) if wanted_shape is not None else hit
 
 
 def centre_patch(shape: ShapeSpec, patch_size: int) -> int:

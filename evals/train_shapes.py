@@ -41,9 +41,11 @@ from vtoken.evals.shapes_data import (
     GRID,
     IGNORE,
     PATCH_TARGETS,
+    RELATIONS,
     SHAPES,
     SPLIT_SEEDS,
     count_attention,
+    evidence_patches,
     make_split,
     patch_targets,
     random_scene,
@@ -74,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before cosine decay")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--patch-loss", type=float, default=0.5, help="weight of the patch loss in stage 2")
+    parser.add_argument("--lookup-loss", type=float, default=1.0,
+                        help="weight of the decoder lookup head's attention target (0 = off; on needs eager attention)")
     parser.add_argument("--token-drop", type=float, default=0.3,
                         help="fraction of stage-2 samples trained on a random subset of their visual tokens")
     parser.add_argument("--min-keep", type=float, default=0.1, help="smallest kept share under --token-drop")
@@ -106,6 +110,13 @@ def step_rng(args, stage: int, step: int) -> np.random.Generator:
     return np.random.default_rng([SPLIT_SEEDS["train"], args.seed, stage, step])
 
 
+# The decoder heads taught where to look (see answer_attention_targets): layer 0's heads gather the question's
+# colour, shape and position words and its first two words into its last token, layer 1's heads look up a
+# relation's referent (one head per side), layer 2 the evidence of any question, layer 3 names the answer.
+GATHER_LAYER, LOOKUP_LAYER, LOOKUP_HEAD, RELATION_LAYER = 0, 2, 0, 1
+POSITION_WORDS = {"top", "middle", "bottom", "left", "right", "center", "above", "below"}
+GATHER_WORDS = (set(COLORS), set(SHAPES), POSITION_WORDS)  # then the first two words (the question type)
+
 # The tower head taught to count (see shapes_data.count_attention): layer 2 of 4 leaves a layer and the
 # projector to turn the weight on [CLS] into the colour-count feature.
 COUNT_LAYER, COUNT_HEAD = 2, 0
@@ -129,11 +140,66 @@ def packed_ids(tokenizer, qa: list[tuple[str, str, str]]):
 
     prefix = [tokenizer.bos_token_id] + words("USER:")
     turns = []
-    for _, question, answer in qa:
+    for _, question, answer, *_ in qa:
         prompt = words(question + " ASSISTANT:")
         reply = words(answer) + [tokenizer.eos_token_id]
         turns.append((prompt + reply, [-100] * len(prompt) + reply))
     return prefix, turns
+
+
+def word_positions(tokens: list[str]) -> list[list[int]]:
+    """Per layer-0 gather head, the positions (within a turn) of the prompt words it should read."""
+    picks = [[j for j, t in enumerate(tokens) if t in words] for words in GATHER_WORDS]
+    return picks + [[0, 1]]
+
+
+def answer_attention_targets(qas, samples, kept, targets, length: int, tokenizer=None):
+    """Rows to supervise and target distributions for the decoder's lookup heads.
+
+    The last prompt token of every packed question attends, in head ``LOOKUP_HEAD`` of layer ``LOOKUP_LAYER``,
+    uniformly to the question's evidence patches that survived token drop, or to BOS (position 0, the usual
+    attention sink) when there are none ("no" presence, count zero, all dropped). In layer ``RELATION_LAYER``,
+    head i does the same for relation questions about ``RELATIONS[i]`` and rests on BOS otherwise, so each
+    head's values only need the neighbour feature of its own side (one linear read instead of a choice among
+    four).
+
+    With a ``tokenizer``, layer ``GATHER_LAYER``'s heads also get targets (``word_positions``), so the last
+    token holds the words the later lookups are keyed on.
+
+    ``qas[i]`` are sample i's ``scene_questions``, ``kept[i]`` its kept patch indices, ``targets[i]`` the scene's
+    ``patch_targets``. Returns ``(batch index, query position)`` tensors and the targets of the lookup head
+    (rows, length), the relation heads (rows, len(RELATIONS), length) and the gather heads (rows, 4, length;
+    None without a tokenizer)."""
+    rows_b, rows_q, lookup, relation, gather = [], [], [], [], []
+    for b, (qa, (prefix, turns), keep, target) in enumerate(zip(qas, samples, kept, targets)):
+        start = len(prefix) + len(keep)
+        for (qtype, _, _, meta), (ids, labels) in zip(qa, turns):
+            prompt = next(i for i, lab in enumerate(labels) if lab != -100)
+            dist = torch.zeros(length)
+            evidence = torch.from_numpy(evidence_patches(qtype, meta, target))[keep].nonzero().flatten()
+            if len(evidence):
+                dist[len(prefix) + evidence] = 1.0 / len(evidence)
+            else:
+                dist[0] = 1.0
+            sides = torch.zeros(len(RELATIONS), length)
+            sides[:, 0] = 1.0
+            if qtype == "relation":
+                sides[RELATIONS.index(meta["relation"])] = dist
+            if tokenizer is not None:
+                words = torch.zeros(len(GATHER_WORDS) + 1, length)
+                for h, picks in enumerate(word_positions(tokenizer.convert_ids_to_tokens(ids[:prompt]))):
+                    if picks:
+                        words[h, [start + j for j in picks]] = 1.0 / len(picks)
+                    else:
+                        words[h, 0] = 1.0
+                gather.append(words)
+            rows_b.append(b)
+            rows_q.append(start + prompt - 1)
+            lookup.append(dist)
+            relation.append(sides)
+            start += len(ids)
+    gathered = torch.stack(gather) if tokenizer is not None else None
+    return torch.tensor(rows_b), torch.tensor(rows_q), torch.stack(lookup), torch.stack(relation), gathered
 
 
 def batch_inputs(model, samples: list, features: list[torch.Tensor]):
@@ -237,7 +303,8 @@ def train_vision(args, model, heads, processor) -> dict:
         feats = projector(out.hidden_states[layer][:, 1:])
         loss, accuracy = heads(feats, targets)
         counting = torch.from_numpy(np.stack([count_attention(s, processor.patch_size) for s in scenes]))
-        count_loss = count_attention_loss(out.attentions[COUNT_LAYER][:, COUNT_HEAD, 1:], counting)
+        block = min(COUNT_LAYER, len(out.attentions) - 1)  # tiny smoke-test towers have fewer
+        count_loss = count_attention_loss(out.attentions[block][:, COUNT_HEAD, 1:], counting)
         (loss + count_loss).backward()
         torch.nn.utils.clip_grad_norm_(list(tower.parameters()) + list(projector.parameters()), 1.0)
         optimizer.step()
@@ -275,7 +342,9 @@ def train_language(args, model, heads, processor, cache, val, history) -> None:
     optimizer, scheduler = optimizer_for([projector, model.model.language_model, heads], args.lr,
                                          args.weight_decay, args.warmup, args.steps)
     eos = model.config.text_config.eos_token_id
-    loss_avg = acc_avg = None
+    if args.lookup_loss:
+        model.set_attn_implementation("eager")
+    loss_avg = acc_avg = lookup_avg = None
     start = time.perf_counter()
     bar = tqdm(range(args.steps), desc="stage 2: language", unit="step")
     for step in bar:
@@ -283,18 +352,37 @@ def train_language(args, model, heads, processor, cache, val, history) -> None:
         rng = step_rng(args, 2, step)
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         index = rng.choice(len(scenes), size=args.batch_size, replace=False)
-        samples = [packed_ids(processor.tokenizer, scene_questions(scenes[i], rng, args.turns)) for i in index]
+        qas = [scene_questions(scenes[i], rng, args.turns) for i in index]
+        samples = [packed_ids(processor.tokenizer, qa) for qa in qas]
         full = projector(hidden[index].float())
         patch_loss, _ = heads(full, targets[index].long())
-        feats = []
+        kept = []
         for f in full:
+            keep = torch.arange(len(f))
             if rng.random() < args.token_drop:
                 k = max(1, round(float(rng.uniform(args.min_keep, 1.0)) * len(f)))
-                f = f[torch.randperm(len(f), generator=gen)[:k].sort().values]
-            feats.append(f)
-        embeds, mask, positions, labels = batch_inputs(model, samples, feats)
-        outputs = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels)
-        (outputs.loss + args.patch_loss * patch_loss).backward()
+                keep = torch.randperm(len(f), generator=gen)[:k].sort().values
+            kept.append(keep)
+        embeds, mask, positions, labels = batch_inputs(model, samples, [f[k] for f, k in zip(full, kept)])
+        outputs = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels,
+                        output_attentions=bool(args.lookup_loss))
+        loss = outputs.loss + args.patch_loss * patch_loss
+        if args.lookup_loss:
+            rows_b, rows_q, dist, sides, words = answer_attention_targets(
+                qas, samples, kept, targets[index].numpy(), embeds.shape[1], processor.tokenizer)
+            last = len(outputs.attentions) - 1  # tiny smoke-test models have fewer layers and heads
+            attention = outputs.attentions[min(LOOKUP_LAYER, last)][rows_b, LOOKUP_HEAD, rows_q]
+            lookup_loss = -(dist * attention.clamp_min(1e-9).log()).sum(-1).mean()
+            heads_here = min(len(RELATIONS), outputs.attentions[0].shape[1])
+            attention = outputs.attentions[min(RELATION_LAYER, last)][rows_b, :heads_here, rows_q]
+            side_loss = -(sides[:, :heads_here] * attention.clamp_min(1e-9).log()).sum(-1).mean()
+            heads_here = min(len(words[0]), outputs.attentions[0].shape[1])
+            attention = outputs.attentions[GATHER_LAYER][rows_b, :heads_here, rows_q]
+            gather_loss = -(words[:, :heads_here] * attention.clamp_min(1e-9).log()).sum(-1).mean()
+            lookup_loss = lookup_loss + side_loss + gather_loss
+            lookup_avg = ema(lookup_avg, lookup_loss.item())
+            loss = loss + args.lookup_loss * lookup_loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()
         scheduler.step()
@@ -304,12 +392,14 @@ def train_language(args, model, heads, processor, cache, val, history) -> None:
             words = (target != -100) & (target != eos)
             hit = (outputs.logits[:, :-1].argmax(-1) == target)[words].float().mean().item()
         loss_avg, acc_avg = ema(loss_avg, outputs.loss.item()), ema(acc_avg, hit)
-        bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc_avg:.3f}", patch=f"{patch_loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc_avg:.3f}", patch=f"{patch_loss.item():.3f}",
+                        lookup=f"{lookup_avg or 0:.2f}")
         if val and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             from vtoken.evals.shapes_vqa import evaluate
 
-            model.eval()
+            model.eval().set_attn_implementation("sdpa")
             res = evaluate(model, processor, val, progress=False)
+            model.set_attn_implementation("eager" if args.lookup_loss else "sdpa")
             history.append({"step": step + 1, "minutes": (time.perf_counter() - start) / 60, "loss": loss_avg,
                             "val_accuracy": res.accuracy, "val_per_type": res.per_type})
             tqdm.write(f"step {step + 1}: loss {loss_avg:.3f}  val {res.summary()}")
@@ -342,7 +432,7 @@ def train(args: argparse.Namespace) -> dict:
     history: list[dict] = []
     train_language(args, model, heads, processor, cache, val, history)
     train_minutes = (time.perf_counter() - start) / 60
-    model.requires_grad_(True).eval()
+    model.requires_grad_(True).eval().set_attn_implementation("sdpa")
     model.to(getattr(torch, args.save_dtype)).save_pretrained(out)
     processor.save_pretrained(out)
     report = {

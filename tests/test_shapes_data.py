@@ -88,8 +88,8 @@ def test_every_answer_matches_the_scene():
         scene = sd.random_scene(rng)
         qa = sd.scene_questions(scene, rng, 6)
         check_scene(scene)
-        assert len({q for _, q, _ in qa}) == len(qa) >= 4
-        for _, question, answer in qa:
+        assert len({q for _, q, _, _ in qa}) == len(qa) >= 4
+        for _, question, answer, _ in qa:
             assert solve(scene, question) == answer, question
 
 
@@ -159,6 +159,24 @@ def test_count_attention_leaves_one_over_count_plus_one_on_cls():
             n = e.scene.count(s.color)
             assert row[0] == pytest.approx(1 / (n + 1)) and (row > 0).sum() == n + 1
             assert all(row[1 + sd.centre_patch(o, 16)] > 0 for o in e.scene.shapes if o.color == s.color)
+
+
+def test_evidence_patches_are_the_shapes_a_question_is_about():
+    for e in sd.make_split("test", 40):
+        targets = sd.patch_targets(e.scene, 16)
+        evidence = sd.evidence_patches(e.type, e.meta, targets)
+        if e.answer in ("no", "zero"):
+            assert not evidence.any(), e.question
+            continue
+        about = {
+            "color": [s for s in e.scene.shapes if s.region == e.meta.get("region")],
+            "relation": [s for s in e.scene.shapes if (s.color, s.shape) == e.meta.get("referent")],
+            "count": [s for s in e.scene.shapes if s.color == e.meta.get("color")],
+            "presence": [s for s in e.scene.shapes if (s.color, s.shape) == (e.meta.get("color"), e.meta.get("shape"))],
+        }[e.type]
+        assert about and all(evidence[sd.centre_patch(s, 16)] for s in about), e.question
+        owners = {3 * s.row + s.col for s in about}
+        assert set(targets[sd.PATCH_TARGETS.index("cell"), evidence].tolist()) == owners, e.question
 
 
 @pytest.mark.parametrize("split,n", [("dev", 3), ("test", -1), ("test", 2.0)])

@@ -84,6 +84,43 @@ def test_packed_batch_equals_single_question_forwards(processor, attn):
                 start += len(ids)
 
 
+def test_lookup_targets_point_from_the_last_prompt_token_to_the_evidence(processor):
+    from vtoken.evals.shapes_data import RELATIONS, evidence_patches, patch_targets
+
+    rng = np.random.default_rng(1)
+    scenes = [random_scene(rng) for _ in range(3)]
+    qas = [scene_questions(s, rng, 8) for s in scenes]
+    samples = [ts.packed_ids(processor.tokenizer, qa) for qa in qas]
+    targets = np.stack([patch_targets(s, 16) for s in scenes])
+    kept = [torch.arange(196), torch.arange(0, 196, 2), torch.arange(0, 196, 3)]
+    length = max(len(p) + len(k) + sum(len(ids) for ids, _ in turns) for (p, turns), k in zip(samples, kept))
+    rows_b, rows_q, lookup, sides, words = ts.answer_attention_targets(qas, samples, kept, targets, length,
+                                                                       processor.tokenizer)
+    assert len(rows_b) == sum(len(qa) for qa in qas)
+    torch.testing.assert_close(lookup.sum(-1), torch.ones(len(rows_b)))
+    torch.testing.assert_close(sides.sum(-1), torch.ones(len(rows_b), len(RELATIONS)))
+    colon = processor.tokenizer.convert_tokens_to_ids(":")
+    row = 0
+    for b, (qa, (prefix, turns)) in enumerate(zip(qas, samples)):
+        start = len(prefix) + len(kept[b])
+        for (qtype, _, answer, meta), (ids, labels) in zip(qa, turns):
+            q = int(rows_q[row]) - start
+            assert ids[q] == colon and labels[q + 1] != -100  # the token that predicts the answer
+            evidence = evidence_patches(qtype, meta, targets[b])[kept[b].numpy()]
+            image = lookup[row, len(prefix) : len(prefix) + len(kept[b])]
+            assert ((image > 0).numpy() == evidence).all() and (lookup[row, 0] == 1.0) == (not evidence.any())
+            if qtype == "relation":
+                assert torch.equal(sides[row, RELATIONS.index(meta["relation"])], lookup[row])
+            else:
+                assert (sides[row, :, 0] == 1.0).all()
+            read = [processor.tokenizer.convert_ids_to_tokens([ids[int(p) - start]])[0]
+                    for p in (words[row, 0] > 0).nonzero().flatten() if p > 0]
+            assert read == ([meta["referent"][0]] if qtype == "relation" else
+                            [] if qtype == "color" else [meta["color"]])  # head 0 reads the colour word
+            start += len(ids)
+            row += 1
+
+
 def test_tower_cache_is_what_the_projector_receives(processor):
     model = sm.build_model(processor, **ts.TINY).eval()
     args = argparse.Namespace(seed=0, scenes=5)
