@@ -20,13 +20,6 @@ METHODS = ("todre", "random", "pool", "attn_topk")
 BUDGETS = (0.25, 0.1)
 
 
-def prompt_batch(processor, examples, device, dtype) -> dict:
-    enc = processor(images=[e.image for e in examples], text=[e.prompt for e in examples], padding=True,
-                    padding_side="left", return_tensors="pt").to(device)
-    enc["pixel_values"] = enc["pixel_values"].to(dtype)
-    return dict(enc)
-
-
 def prefill_ms(model, inputs: dict, method: str | None, budget: float, repeats: int) -> float:
     """Median time to first token of one batch (vision encoding included), warm-up excluded."""
     handle = None if method is None else vtoken.patch(model, method, **budget_config(method, budget))
@@ -112,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vtoken.evals.shapes_vqa import load_shapes_model, make_split
+    from vtoken.evals.shapes_vqa import load_shapes_model, make_split, prompt_inputs
 
     start = time.perf_counter()
     if args.threads:
@@ -123,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         budget_config(vtoken.api.get_method(m).name, budgets[0])
     model, processor = load_shapes_model(args.model)
     examples = make_split("test", args.n)
-    timed = prompt_batch(processor, examples[: args.latency_batch], model.device, model.dtype)
+    timed = prompt_inputs(processor, examples[: args.latency_batch], model.device, model.dtype)
     settings = [(None, 1.0)] + [(m, b) for b in budgets for m in methods]
     rows = []
     for method, budget in tqdm(settings, desc="demo"):
@@ -146,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             print("-+-".join("-" * w for w in widths))
 
     example = examples[0]
-    one = prompt_batch(processor, [example], model.device, model.dtype)
+    one = prompt_inputs(processor, [example], model.device, model.dtype)
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     panels = []
     for method in methods:

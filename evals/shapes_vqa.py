@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from vtoken.adapters.llava import cls_attention as llava_cls_attention
+from vtoken.adapters.llava import vision_encoder
 from vtoken.evals.shapes_data import QUESTION_TYPES, Example, make_split
 from vtoken.evals.shapes_model import load_shapes_model, num_visual_tokens
 from vtoken.methods.base import GridSegment, ImageContext, Reduction
@@ -79,6 +81,14 @@ def batches(examples: Sequence[Example], batch_size: int, progress: bool, desc: 
         yield examples[start : start + batch_size]
 
 
+def prompt_inputs(processor, examples: Sequence[Example], device, dtype) -> dict:
+    """Left-padded model inputs for ``examples``, pixel values in the model's dtype (what a user would build)."""
+    enc = processor(images=[e.image for e in examples], text=[e.prompt for e in examples], padding=True,
+                    padding_side="left", return_tensors="pt").to(device)
+    enc["pixel_values"] = enc["pixel_values"].to(dtype)
+    return dict(enc)
+
+
 @torch.no_grad()
 def evaluate(model, processor, examples: Sequence[Example], batch_size: int = 32, max_new_tokens: int = 3,
              progress: bool = True, desc: str = "ShapesVQA") -> ShapesResult:
@@ -86,9 +96,7 @@ def evaluate(model, processor, examples: Sequence[Example], batch_size: int = 32
     tokenizer = processor.tokenizer
     predictions: list[str] = []
     for batch in batches(examples, batch_size, progress, desc):
-        enc = processor(images=[e.image for e in batch], text=[e.prompt for e in batch], padding=True,
-                        padding_side="left", return_tensors="pt").to(model.device)
-        enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+        enc = prompt_inputs(processor, batch, model.device, model.dtype)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         predictions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -104,15 +112,8 @@ def cls_attention(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, n_patches) head-averaged [CLS]->patch attention of the vision tower's last layer, recomputed from
     that layer's input, so it works with any attention implementation."""
     tower = model.model.vision_tower
-    layer = getattr(tower, "vision_model", tower).encoder.layers[-1]  # transformers < 5 nests it
     hidden = tower(pixel_values, output_hidden_states=True).hidden_states[-2]
-    x = layer.layer_norm1(hidden)
-    attn = layer.self_attn
-    B, L, _ = x.shape
-    q = attn.q_proj(x[:, :1]).view(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(B, L, attn.num_heads, attn.head_dim).transpose(1, 2)
-    probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.head_dim**-0.5, dim=-1)
-    return probs.mean(dim=1)[:, 0, 1:]
+    return llava_cls_attention(vision_encoder(tower).encoder.layers[-1], hidden)[:, 1:]
 
 
 def shortened_embeddings(model, input_ids: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -154,9 +155,8 @@ def evaluate_reduced(model, processor, examples: Sequence[Example], reducer: Red
     predictions: list[str] = []
     counts: list[int] = []
     for batch in batches(examples, batch_size, progress, desc):
-        enc = processor(images=[e.image for e in batch], text=[e.prompt for e in batch], padding=True,
-                        padding_side="left", return_tensors="pt").to(model.device)
-        pixels = enc["pixel_values"].to(model.dtype)
+        enc = prompt_inputs(processor, batch, model.device, model.dtype)
+        pixels = enc["pixel_values"]
         image = model.model.get_image_features(pixel_values=pixels, return_dict=True)
         pivots = functools.cache(lambda pixels=pixels: cls_attention(model, pixels))
         reduced = []
