@@ -289,20 +289,25 @@ PATCH_TARGETS = ("color", "shape", "cell", "color_count") + tuple(f"shape {r}" f
 IGNORE = -100
 
 
+def patch_owners(scene: Scene, patch_size: int) -> np.ndarray:
+    """(patches,) raster order: the index in ``scene.shapes`` of the shape covering most of each patch, if it
+    covers at least a quarter of it, else -1 (background)."""
+    side = IMAGE_SIZE // patch_size
+    pixels = shape_map(scene).astype(np.int64)
+    patches = pixels.reshape(side, patch_size, side, patch_size).transpose(0, 2, 1, 3).reshape(side * side, -1)
+    counts = np.stack([(patches == i + 1).sum(1) for i in range(len(scene.shapes))], axis=1)
+    return np.where(counts.max(1) * 4 >= patch_size * patch_size, counts.argmax(1), -1)
+
+
 def patch_targets(scene: Scene, patch_size: int) -> np.ndarray:
     """(len(PATCH_TARGETS), patches) per-patch labels, raster order, for the vision tower's auxiliary loss.
 
-    A patch belongs to the shape covering most of it if that covers at least a quarter of it. Colour and shape
+    A patch belongs to a shape as in ``patch_owners``. Colour and shape
     are ``index + 1`` (0 = background); for shape patches, also the grid cell, how many shapes of this colour
     the scene has, and the shape in the neighbouring cell on each side (``index + 1``, 0 = empty cell);
     background patches are ``IGNORE`` there. These are what the questions ask, so they make the tokens answer
     them locally: a question then needs the tokens of the shapes it is about."""
-    owner = shape_map(scene).astype(np.int64)
-    side = IMAGE_SIZE // patch_size
-    patches = owner.reshape(side, patch_size, side, patch_size).transpose(0, 2, 1, 3).reshape(side * side, -1)
-    counts = np.stack([(patches == i + 1).sum(1) for i in range(len(scene.shapes))], axis=1)
-    best = counts.argmax(1)
-    covered = counts.max(1) * 4 >= patch_size * patch_size
+    owner = patch_owners(scene, patch_size)
     colors, shapes = list(COLORS), list(SHAPES)
     per_shape = []
     for s in scene.shapes:
@@ -313,9 +318,9 @@ def patch_targets(scene: Scene, patch_size: int) -> np.ndarray:
             neighbours.append(0 if other is None else shapes.index(other.shape) + 1)
         per_shape.append([colors.index(s.color) + 1, shapes.index(s.shape) + 1, s.row * GRID + s.col,
                           scene.count(s.color), *neighbours])
-    table = np.asarray(per_shape, dtype=np.int64)[best].T  # (targets, patches)
+    table = np.asarray(per_shape, dtype=np.int64)[np.maximum(owner, 0)].T  # (targets, patches)
     background = np.array([0, 0] + [IGNORE] * (len(PATCH_TARGETS) - 2))[:, None]
-    return np.where(covered[None], table, background)
+    return np.where(owner[None] >= 0, table, background)
 
 
 def evidence_patches(qtype: str, meta: dict, targets: np.ndarray) -> np.ndarray:
@@ -343,14 +348,11 @@ def count_attention(scene: Scene, patch_size: int) -> np.ndarray:
     """(patches, 1 + patches) attention target that makes one tower head count: every patch of a shape attends
     equally to [CLS] (key 0) and to the centre patch of each shape of its colour, so the weight left on [CLS] is
     ``1 / (count + 1)``. Rows of background patches are zero (no target)."""
-    patches = (IMAGE_SIZE // patch_size) ** 2
-    target = np.zeros((patches, 1 + patches), dtype=np.float32)
-    owner = shape_map(scene)
-    side = IMAGE_SIZE // patch_size
-    covered = owner.reshape(side, patch_size, side, patch_size).transpose(0, 2, 1, 3).reshape(patches, -1)
+    owner = patch_owners(scene, patch_size)
+    target = np.zeros((len(owner), 1 + len(owner)), dtype=np.float32)
     for i, s in enumerate(scene.shapes):
         same = [1 + centre_patch(o, patch_size) for o in scene.shapes if o.color == s.color]
-        rows = np.flatnonzero((covered == i + 1).sum(1) * 4 >= patch_size * patch_size)
+        rows = np.flatnonzero(owner == i)
         target[np.ix_(rows, [0] + same)] = 1.0 / (len(same) + 1)
     return target
 

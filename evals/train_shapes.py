@@ -277,11 +277,20 @@ def optimizer_for(modules, lr: float, weight_decay: float, warmup: int, steps: i
 
 
 # --------------------------------------------------------------------------------------------- training
-def count_attention_loss(attention: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of one head's (B, patches, 1 + patches) patch-row attention against the counting target,
-    over the rows that have one."""
+def attention_cross_entropy(attention: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of attention rows (..., keys) against target distributions of the same shape, over the
+    rows that have a target (all-zero target rows are skipped)."""
     rows = target.sum(-1) > 0
     return -(target * attention.clamp_min(1e-9).log()).sum(-1)[rows].mean()
+
+
+def heads_loss(attentions, rows_b, rows_q, layer: int, first_head: int, target: torch.Tensor) -> torch.Tensor:
+    """``attention_cross_entropy`` of heads ``first_head, ...`` of decoder ``layer`` at query rows
+    ``(rows_b, rows_q)`` against ``target`` (rows, heads, keys). Tiny smoke-test models have fewer layers and
+    heads: the last layer and the heads that exist stand in."""
+    probs = attentions[min(layer, len(attentions) - 1)]
+    n = min(target.shape[1], probs.shape[1] - first_head)
+    return attention_cross_entropy(probs[rows_b, first_head : first_head + n, rows_q], target[:, :n])
 
 
 def train_vision(args, model, heads, processor) -> dict:
@@ -304,7 +313,7 @@ def train_vision(args, model, heads, processor) -> dict:
         loss, accuracy = heads(feats, targets)
         counting = torch.from_numpy(np.stack([count_attention(s, processor.patch_size) for s in scenes]))
         block = min(COUNT_LAYER, len(out.attentions) - 1)  # tiny smoke-test towers have fewer
-        count_loss = count_attention_loss(out.attentions[block][:, COUNT_HEAD, 1:], counting)
+        count_loss = attention_cross_entropy(out.attentions[block][:, COUNT_HEAD, 1:], counting)
         (loss + count_loss).backward()
         torch.nn.utils.clip_grad_norm_(list(tower.parameters()) + list(projector.parameters()), 1.0)
         optimizer.step()
@@ -370,16 +379,9 @@ def train_language(args, model, heads, processor, cache, val, history) -> None:
         if args.lookup_loss:
             rows_b, rows_q, dist, sides, words = answer_attention_targets(
                 qas, samples, kept, targets[index].numpy(), embeds.shape[1], processor.tokenizer)
-            last = len(outputs.attentions) - 1  # tiny smoke-test models have fewer layers and heads
-            attention = outputs.attentions[min(LOOKUP_LAYER, last)][rows_b, LOOKUP_HEAD, rows_q]
-            lookup_loss = -(dist * attention.clamp_min(1e-9).log()).sum(-1).mean()
-            heads_here = min(len(RELATIONS), outputs.attentions[0].shape[1])
-            attention = outputs.attentions[min(RELATION_LAYER, last)][rows_b, :heads_here, rows_q]
-            side_loss = -(sides[:, :heads_here] * attention.clamp_min(1e-9).log()).sum(-1).mean()
-            heads_here = min(len(words[0]), outputs.attentions[0].shape[1])
-            attention = outputs.attentions[GATHER_LAYER][rows_b, :heads_here, rows_q]
-            gather_loss = -(words[:, :heads_here] * attention.clamp_min(1e-9).log()).sum(-1).mean()
-            lookup_loss = lookup_loss + side_loss + gather_loss
+            at = (outputs.attentions, rows_b, rows_q)
+            lookup_loss = (heads_loss(*at, LOOKUP_LAYER, LOOKUP_HEAD, dist[:, None])
+                           + heads_loss(*at, RELATION_LAYER, 0, sides) + heads_loss(*at, GATHER_LAYER, 0, words))
             lookup_avg = ema(lookup_avg, lookup_loss.item())
             loss = loss + args.lookup_loss * lookup_loss
         loss.backward()
