@@ -4,6 +4,7 @@ tokens, prefill latency and speed-up vs dense in one table, and a picture of whi
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -102,6 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--model", default=None, help="a ShapesVQA checkpoint directory (default: the shipped one)")
     parser.add_argument("--png", default="vtoken_demo.png", help="kept-token overlay")
+    parser.add_argument("--json", default=None, help="also write the table (and the machine) to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"ShapesVQA test, n={args.n}; prefill = time to first token of a batch of {args.latency_batch} "
           f"(vision included), median of {args.repeats}")
-    print(machine_line(describe_machine(model.device)))
+    machine = describe_machine(model.device)
+    print(machine_line(machine))
     head = ("method", "keep", "visual tokens", "accuracy", "% of dense", "prefill ms", "speed-up")
     lines = [head]
     for row, ms in rows:
@@ -147,5 +150,12 @@ def run(args: argparse.Namespace) -> int:
         panels.append((f"{method} {100 * budgets[0]:g}%", mask, note))
     draw_overlay(example.image, panels, side, args.png)
     print(f"wrote {args.png} (kept tokens for: {example.question} -> {example.answer})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"n": args.n, "machine": machine, "latency_batch": args.latency_batch,
+                       "repeats": args.repeats,
+                       "results": [{**row.as_dict(dense), "prefill_ms": ms, "speedup": dense_ms / ms}
+                                   for row, ms in rows]}, f, indent=2)
+        print(f"wrote {args.json}")
     print(f"demo took {time.perf_counter() - start:.0f} s")
     return 0

@@ -45,15 +45,19 @@ def test_quality_writes_every_method_and_budget(checkpoint, tmp_path, capsys):
 
 
 def test_demo_prints_the_table_and_draws_the_kept_tokens(checkpoint, tmp_path, capsys):
-    png = tmp_path / "demo.png"
+    png, table = tmp_path / "demo.png", tmp_path / "demo.json"
     args = parse(demo, ["--model", str(checkpoint), "--n", "4", "--budgets", "0.25", "--batch-size", "4",
-                        "--latency-batch", "2", "--repeats", "1", "--png", str(png),
+                        "--latency-batch", "2", "--repeats", "1", "--png", str(png), "--json", str(table),
                         "--method", "todre", "--method", "pool", "--method", "attn_topk"])
     assert demo.run(args) == 0
     out = capsys.readouterr().out
     for method in ("dense", "todre", "pool", "attn_topk"):
         assert method in out
     assert "speed-up" in out and png.stat().st_size > 0
+    rows = json.loads(table.read_text())["results"]
+    settings = [("dense", 1.0)] + [(m, 0.25) for m in ("todre", "pool", "attn_topk")]
+    assert [(r["method"], r["budget"]) for r in rows] == settings
+    assert rows[0]["speedup"] == 1.0 and all(r["prefill_ms"] > 0 for r in rows)
 
 
 def test_methods_without_a_budget_are_refused_before_any_work(checkpoint, tmp_path):
