@@ -62,7 +62,7 @@ assert len(TARGET_CLASSES) == len(PATCH_TARGETS)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for the trained model, processor and report")
-    parser.add_argument("--vision-steps", type=int, default=800, help="optimizer steps of stage 1 (vision)")
+    parser.add_argument("--vision-steps", type=int, default=2500, help="optimizer steps of stage 1 (vision)")
     parser.add_argument("--vision-batch-size", type=int, default=32, help="images per stage-1 step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
     parser.add_argument("--vision-only", action="store_true", help="save the model after stage 1 and stop")
@@ -249,13 +249,15 @@ class PatchHeads(torch.nn.Module):
         self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in TARGET_CLASSES)
 
     def forward(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy over targets and (per target) accuracy; ``feats`` (B, P, D), ``targets`` (B, T, P)."""
+        """Mean cross-entropy over targets and (per target) accuracy on the patches of shapes; ``feats`` (B, P, D),
+        ``targets`` (B, T, P). Background patches are most of the image and trivially colour/shape 0, so counting
+        them in the accuracy would hide a tower that cannot tell the shapes apart."""
         losses, accuracy = [], []
+        on_shape = (targets[:, PATCH_TARGETS.index("cell")] != IGNORE).flatten()
         for i, head in enumerate(self.heads):
             logits, target = head(feats).flatten(0, 1), targets[:, i].flatten()
-            valid = target != IGNORE
             losses.append(F.cross_entropy(logits, target, ignore_index=IGNORE))
-            accuracy.append((logits.argmax(-1) == target)[valid].float().mean())
+            accuracy.append((logits.argmax(-1) == target)[on_shape].float().mean())
         return torch.stack(losses).mean(), torch.stack(accuracy).detach()
 
 
