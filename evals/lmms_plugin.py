@@ -20,6 +20,7 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import vtoken
 from vtoken.evals.literals import parse_literal
@@ -86,6 +87,25 @@ def truncate_at(text: str, until: list[str]) -> str:
         if stop:
             text = text.split(stop, 1)[0]
     return text
+
+
+class StopOnStrings(StoppingCriteria):
+    """Ends a row of ``generate`` once the text it has generated contains a stop string.
+
+    HF's ``stop_strings`` option builds per-token string tables from the vocabulary and raises on tokenizers whose
+    tokens do not decode to substrings of their concatenation (word-level ones, such as ShapesVQA's). Decoding the
+    last few generated tokens works with any tokenizer; the window covers a stop string even when every character
+    is a byte-fallback token (up to 4 per character).
+    """
+
+    def __init__(self, tokenizer, stops: list[str], prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, [s for s in stops if s], prompt_length
+        self.window = 4 * max((len(s) for s in self.stops), default=0) + 8
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_length :][:, -self.window :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
 
 @dataclass
@@ -300,9 +320,10 @@ class VTokenLMM(lmms):
             logger.warning(f"vtoken: ignoring gen_kwargs {sorted(new_ignored)} (generate takes {PASSED_GEN_KWARGS}, "
                            "until, max_new_tokens, temperature, do_sample)")
             self.ignored_gen_kwargs |= new_ignored
-        if until:
-            options.update(stop_strings=until, tokenizer=self.tokenizer)
         inputs = self.encode(prompts, images)
+        if any(until):
+            stop = StopOnStrings(self.tokenizer, until, inputs["input_ids"].shape[1])
+            options["stopping_criteria"] = StoppingCriteriaList([stop])
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sample,
                                       pad_token_id=self.tokenizer.pad_token_id, **options)

@@ -215,6 +215,23 @@ def test_generate_until_honours_until_and_sampling(llava_dir):
     assert model.generate_until([zero])[0].text == greedy
 
 
+def test_until_works_with_a_word_level_tokenizer(tmp_path):
+    # HF's stop_strings option raises "substring not found" on word-level vocabularies (ShapesVQA's model).
+    from vtoken.evals import shapes_model as sm
+    from vtoken.evals import train_shapes as ts
+
+    processor = sm.build_processor()
+    sm.build_model(processor, seed=0, **ts.TINY).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model = load(str(tmp_path))
+    free = model.generate_until([request("generate_until", QUESTION, {"max_new_tokens": 6}, 0)])[0]
+    words = free.text.split()
+    assert len(words) == 6 and free.token_counts.output_tokens == 6
+    cut = model.generate_until([request("generate_until", QUESTION, {"max_new_tokens": 6, "until": [words[0]]},
+                                        0)])[0]
+    assert cut.text == "" and cut.token_counts.output_tokens == 1  # ended at the stop word, not after 6 tokens
+
+
 def test_beam_search_counts_each_sample_once(llava_dir):
     # attn_topk (FastV) drops 48 of 64 visual tokens from decoder layer 2 of 4 on: 40 on average over layers
     model = load(llava_dir, method="attn_topk", keep=16, batch_size=2)
