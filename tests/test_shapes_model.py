@@ -12,9 +12,9 @@ from vtoken.evals import shapes_vqa as sv
 from vtoken.evals import train_shapes as ts
 from vtoken.evals.shapes_data import make_split, random_scene, render, scene_questions
 
-# Regression floor for the shipped checkpoint on the first 96 test questions (its measured accuracy on the
-# 1000-question test split is in docs/shapes_vqa.md).
-ACCURACY_FLOOR = 0.75
+# Regression floor for the shipped checkpoint on the first 96 test questions: the 85% target plus margin
+# (it measures 97.9% here and 99.0% on the 1000-question test split, docs/shapes_vqa.md).
+ACCURACY_FLOOR = 0.9
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_todre_keeps_the_shipped_models_accuracy_at_a_quarter_of_the_tokens(ship
     with vtoken.patch(model, "todre", keep=0.25) as handle:
         pruned = sv.evaluate(model, processor, examples, batch_size=48, progress=False)
         assert handle.stats.visual_tokens_kept == [49] * 48  # the last batch
-    assert pruned.accuracy >= 0.9 * dense.accuracy, (pruned.summary(), dense.summary())
+    assert pruned.accuracy >= 0.95 * dense.accuracy, (pruned.summary(), dense.summary())  # the target
 
 
 def test_evaluate_is_batch_invariant_and_matches_the_manual_path(shipped):
