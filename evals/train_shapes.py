@@ -21,6 +21,8 @@ A model that only ever saw 196 visual tokens also meets a length shift when a me
 method's accuracy at a budget reflects which tokens it kept.
 
 Deterministic: the data of every step is a pure function of (``--seed``, stage, step), and torch is seeded.
+Runs through accelerate in one process: on a GPU when there is one (``--cpu`` to stay on the CPU), with
+``--mixed-precision fp16/bf16`` autocast if asked; on the CPU the weights are the same bytes as plain PyTorch.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="amplitude of the sine-cosine initialisation of the tower's position embeddings")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even where accelerate finds a GPU")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+                        help="accelerate's autocast for the forward passes (GPU)")
     parser.add_argument("--eval-every", type=int, default=250, help="validation every N stage-2 steps (0 = never)")
     parser.add_argument("--val-size", type=int, default=200)
     parser.add_argument("--test-size", type=int, default=1000, help="test examples for the final report")
@@ -212,7 +217,9 @@ def batch_inputs(model, samples: list, features: list[torch.Tensor]):
     embed = model.get_input_embeddings()
     rows = []
     for (prefix, turns), feats in zip(samples, features):
-        parts = [embed(torch.tensor(prefix)), feats] + [embed(torch.tensor(ids)) for ids, _ in turns]
+        device = feats.device
+        parts = [embed(torch.tensor(prefix, device=device)), feats]
+        parts += [embed(torch.tensor(ids, device=device)) for ids, _ in turns]
         head = len(prefix) + len(feats)
         segments = [(0, head)]
         for ids, _ in turns:
@@ -238,7 +245,7 @@ def batch_inputs(model, samples: list, features: list[torch.Tensor]):
             positions[i, start : start + n] = torch.arange(head, head + n)
     mask = torch.zeros(B, 1, length, length, dtype=embeds.dtype)
     mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(embeds.dtype).min)
-    return embeds, mask, positions, labels
+    return embeds, mask.to(embeds.device), positions.to(embeds.device), labels.to(embeds.device)
 
 
 class PatchHeads(torch.nn.Module):
@@ -295,33 +302,35 @@ def heads_loss(attentions, rows_b, rows_q, layer: int, first_head: int, target: 
     return attention_cross_entropy(probs[rows_b, first_head : first_head + n, rows_q], target[:, :n])
 
 
-def train_vision(args, model, heads, processor) -> dict:
+def train_vision(args, accelerator, model, heads, processor) -> dict:
     """Stage 1: tower + projector + heads on the patch targets, plus the counting head's attention target.
 
     Counting needs every shape's tokens to aggregate over the whole image; from per-patch count labels alone
     the tower did not find that in 1000 steps, so one head's attention is supervised directly (eager attention
     here, for the weights)."""
     tower, projector = model.model.vision_tower, model.model.multi_modal_projector
-    optimizer, scheduler = optimizer_for([tower, projector, heads], args.vision_lr, args.weight_decay,
-                                         args.warmup, args.vision_steps)
+    optimizer, scheduler = accelerator.prepare(*optimizer_for([tower, projector, heads], args.vision_lr,
+                                                              args.weight_decay, args.warmup, args.vision_steps))
     layer = model.config.vision_feature_layer
     model.set_attn_implementation("eager")
     loss_avg = acc_avg = count_avg = None
     bar = tqdm(range(args.vision_steps), desc="stage 1: vision", unit="step")
     for step in bar:
         pixels, scenes, targets = render_scenes(processor, step_rng(args, 1, step), args.vision_batch_size)
-        out = tower(pixels, output_hidden_states=True, output_attentions=True)
-        feats = projector(out.hidden_states[layer][:, 1:])
-        loss, accuracy = heads(feats, targets)
         counting = torch.from_numpy(np.stack([count_attention(s, processor.patch_size) for s in scenes]))
-        block = min(COUNT_LAYER, len(out.attentions) - 1)  # tiny smoke-test towers have fewer
-        count_loss = attention_cross_entropy(out.attentions[block][:, COUNT_HEAD, 1:], counting)
-        (loss + count_loss).backward()
-        torch.nn.utils.clip_grad_norm_(list(tower.parameters()) + list(projector.parameters()), 1.0)
+        pixels, targets, counting = (t.to(accelerator.device) for t in (pixels, targets, counting))
+        with accelerator.autocast():
+            out = tower(pixels, output_hidden_states=True, output_attentions=True)
+            feats = projector(out.hidden_states[layer][:, 1:])
+            loss, accuracy = heads(feats, targets)
+            block = min(COUNT_LAYER, len(out.attentions) - 1)  # tiny smoke-test towers have fewer
+            count_loss = attention_cross_entropy(out.attentions[block][:, COUNT_HEAD, 1:].float(), counting)
+        accelerator.backward(loss + count_loss)
+        accelerator.clip_grad_norm_(list(tower.parameters()) + list(projector.parameters()), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_avg, acc_avg = ema(loss_avg, loss.item()), ema(acc_avg, accuracy)
+        loss_avg, acc_avg = ema(loss_avg, loss.item()), ema(acc_avg, accuracy.cpu())
         count_avg = ema(count_avg, count_loss.item())
         bar.set_postfix(loss=f"{loss_avg:.3f}", count_attn=f"{count_avg:.2f}",
                         acc=" ".join(f"{a:.2f}" for a in acc_avg.tolist()))
@@ -331,7 +340,7 @@ def train_vision(args, model, heads, processor) -> dict:
 
 
 @torch.no_grad()
-def cache_tower(args, model, processor, chunk: int = 64):
+def cache_tower(args, accelerator, model, processor, chunk: int = 64):
     """Frozen tower outputs (as the projector receives them) of ``--scenes`` scenes, float16, with the scenes
     and their patch targets."""
     layer = model.config.vision_feature_layer
@@ -339,19 +348,21 @@ def cache_tower(args, model, processor, chunk: int = 64):
     rng = step_rng(args, 3, 0)
     for start in tqdm(range(0, args.scenes, chunk), desc="stage 2: caching tower outputs", unit="chunk"):
         pixels, batch_scenes, batch_targets = render_scenes(processor, rng, min(chunk, args.scenes - start))
-        states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+        with accelerator.autocast():
+            states = model.model.vision_tower(pixels.to(accelerator.device),
+                                              output_hidden_states=True).hidden_states[layer][:, 1:]
         hidden.append(states.half())
         scenes += batch_scenes
         targets.append(batch_targets.to(torch.int16))
     return torch.cat(hidden), scenes, torch.cat(targets)
 
 
-def train_language(args, model, heads, processor, cache, val, history) -> None:
+def train_language(args, accelerator, model, heads, processor, cache, val, history) -> None:
     """Stage 2: projector + decoder (+ heads) on packed questions over the cached tower outputs."""
     hidden, scenes, targets = cache
     projector = model.model.multi_modal_projector
-    optimizer, scheduler = optimizer_for([projector, model.model.language_model, heads], args.lr,
-                                         args.weight_decay, args.warmup, args.steps)
+    optimizer, scheduler = accelerator.prepare(*optimizer_for([projector, model.model.language_model, heads],
+                                                              args.lr, args.weight_decay, args.warmup, args.steps))
     eos = model.config.text_config.eos_token_id
     if args.lookup_loss:
         model.set_attn_implementation("eager")
@@ -365,29 +376,31 @@ def train_language(args, model, heads, processor, cache, val, history) -> None:
         index = rng.choice(len(scenes), size=args.batch_size, replace=False)
         qas = [scene_questions(scenes[i], rng, args.turns) for i in index]
         samples = [packed_ids(processor.tokenizer, qa) for qa in qas]
-        full = projector(hidden[index].float())
-        patch_loss, _ = heads(full, targets[index].long())
         kept = []
-        for f in full:
-            keep = torch.arange(len(f))
+        for _ in index:
+            keep = torch.arange(len(hidden[0]))
             if rng.random() < args.token_drop:
-                k = max(1, round(float(rng.uniform(args.min_keep, 1.0)) * len(f)))
-                keep = torch.randperm(len(f), generator=gen)[:k].sort().values
+                k = max(1, round(float(rng.uniform(args.min_keep, 1.0)) * len(keep)))
+                keep = torch.randperm(len(keep), generator=gen)[:k].sort().values
             kept.append(keep)
-        embeds, mask, positions, labels = batch_inputs(model, samples, [f[k] for f, k in zip(full, kept)])
-        outputs = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels,
-                        output_attentions=bool(args.lookup_loss))
-        loss = outputs.loss + args.patch_loss * patch_loss
-        if args.lookup_loss:
-            rows_b, rows_q, dist, sides, words = answer_attention_targets(
-                qas, samples, kept, targets[index].numpy(), embeds.shape[1], processor.tokenizer)
-            at = (outputs.attentions, rows_b, rows_q)
-            lookup_loss = (heads_loss(*at, LOOKUP_LAYER, LOOKUP_HEAD, dist[:, None])
-                           + heads_loss(*at, RELATION_LAYER, 0, sides) + heads_loss(*at, GATHER_LAYER, 0, words))
-            lookup_avg = ema(lookup_avg, lookup_loss.item())
-            loss = loss + args.lookup_loss * lookup_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        with accelerator.autocast():
+            full = projector(hidden[index].float())
+            patch_loss, _ = heads(full, targets[index].long().to(accelerator.device))
+            features = [f[k.to(f.device)] for f, k in zip(full, kept)]
+            embeds, mask, positions, labels = batch_inputs(model, samples, features)
+            outputs = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels,
+                            output_attentions=bool(args.lookup_loss))
+            loss = outputs.loss + args.patch_loss * patch_loss
+            if args.lookup_loss:
+                rows_b, rows_q, dist, sides, words = (t.to(accelerator.device) for t in answer_attention_targets(
+                    qas, samples, kept, targets[index].numpy(), embeds.shape[1], processor.tokenizer))
+                at = ([a.float() for a in outputs.attentions], rows_b, rows_q)
+                lookup_loss = (heads_loss(*at, LOOKUP_LAYER, LOOKUP_HEAD, dist[:, None])
+                               + heads_loss(*at, RELATION_LAYER, 0, sides) + heads_loss(*at, GATHER_LAYER, 0, words))
+                lookup_avg = ema(lookup_avg, lookup_loss.item())
+                loss = loss + args.lookup_loss * lookup_loss
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -410,7 +423,15 @@ def train_language(args, model, heads, processor, cache, val, history) -> None:
 
 
 def train(args: argparse.Namespace) -> dict:
+    """Both stages in one process, placed and (optionally) autocast by accelerate: the model has 2 M parameters,
+    so data parallelism would only add synchronisation; a GPU or ``--mixed-precision`` is what speeds it up."""
+    from accelerate import Accelerator
+
     check_args(args)
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    if accelerator.num_processes > 1:
+        raise ValueError(f"train-shapes runs in one process; got {accelerator.num_processes} (run it without "
+                         "`accelerate launch --num_processes`)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -423,18 +444,20 @@ def train(args: argparse.Namespace) -> dict:
         model = build_model(processor, seed=args.seed, position_scale=args.position_scale, **sizes)
     n_params = sum(p.numel() for p in model.parameters())
     heads = PatchHeads(model.config.text_config.hidden_size)
+    model.to(accelerator.device)
+    heads.to(accelerator.device)
     start = time.perf_counter()
     model.train()
-    vision = train_vision(args, model, heads, processor) if args.vision_steps else {}
+    vision = train_vision(args, accelerator, model, heads, processor) if args.vision_steps else {}
     model.model.vision_tower.requires_grad_(False).eval()
     if args.vision_only:
         model.save_pretrained(out)
         processor.save_pretrained(out)
         return {"parameters": n_params, "vision_stage": vision}
-    cache = cache_tower(args, model, processor)
+    cache = cache_tower(args, accelerator, model, processor)
     val = make_split("val", args.val_size) if args.eval_every and args.val_size else []
     history: list[dict] = []
-    train_language(args, model, heads, processor, cache, val, history)
+    train_language(args, accelerator, model, heads, processor, cache, val, history)
     train_minutes = (time.perf_counter() - start) / 60
     model.requires_grad_(True).eval().set_attn_implementation("sdpa")
     model.to(getattr(torch, args.save_dtype)).save_pretrained(out)
@@ -443,7 +466,7 @@ def train(args: argparse.Namespace) -> dict:
         "args": vars(args), "parameters": n_params, "train_minutes": train_minutes, "vision_stage": vision,
         "history": history,
         "machine": f"{platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads".strip(),
+                   f"{torch.get_num_threads()} threads, {accelerator.device}".strip(),
     }
     (out / "training_report.json").write_text(json.dumps(report, indent=1))
     return report

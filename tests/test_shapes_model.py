@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -128,9 +130,14 @@ def test_lookup_targets_point_from_the_last_prompt_token_to_the_evidence(process
 def test_tower_cache_is_what_the_projector_receives(processor):
     model = sm.build_model(processor, **ts.TINY).eval()
     args = argparse.Namespace(seed=0, scenes=5)
-    hidden, scenes, targets = ts.cache_tower(args, model, processor, chunk=2)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    model.to(accelerator.device)
+    hidden, scenes, targets = ts.cache_tower(args, accelerator, model, processor, chunk=2)
     assert hidden.shape[:2] == (5, 196) and targets.shape == (5, len(ts.PATCH_TARGETS), 196) and len(scenes) == 5
     pixels = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"]
+    pixels = pixels.to(accelerator.device)
     with torch.no_grad():
         direct = torch.stack(list(model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output))
         cached = model.model.multi_modal_projector(hidden.float())
@@ -154,6 +161,19 @@ def test_training_smoke_run(tmp_path):
     assert res.n == 3 and len(res.predictions) == 3
     with pytest.raises(ValueError, match="--token-drop"):
         ts.train(parser.parse_args(["--out", str(tmp_path), "--token-drop", "2"]))
+
+
+def test_training_runs_under_accelerate_autocast(tmp_path):
+    # bf16 autocast through accelerate (CPU here). A subprocess: accelerate fixes one precision per process.
+    cmd = [sys.executable, "-m", "vtoken.evals.train_shapes", "--out", str(tmp_path), "--tiny", "--vision-steps", "2",
+           "--vision-batch-size", "2", "--scenes", "4", "--steps", "2", "--batch-size", "2", "--turns", "2",
+           "--eval-every", "0", "--test-size", "0", "--mixed-precision", "bf16", "--cpu"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "training_report.json").read_text())
+    assert report["args"]["mixed_precision"] == "bf16" and report["machine"].endswith("cpu")
+    assert all(h["loss"] == h["loss"] for h in report["history"])  # finite, not NaN
+    assert sm.load_shapes_model(tmp_path)[0].dtype == torch.float32
 
 
 def test_shipped_model_is_small_and_accurate(shipped):
