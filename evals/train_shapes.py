@@ -158,7 +158,7 @@ def word_positions(tokens: list[str]) -> list[list[int]]:
     return picks + [[0, 1]]
 
 
-def answer_attention_targets(qas, samples, kept, targets, length: int, tokenizer=None):
+def answer_attention_targets(qas, samples, kept, targets, length: int, tokenizer):
     """Rows to supervise and target distributions for the decoder's lookup heads.
 
     The last prompt token of every packed question attends, in head ``LOOKUP_HEAD`` of layer ``LOOKUP_LAYER``,
@@ -168,13 +168,12 @@ def answer_attention_targets(qas, samples, kept, targets, length: int, tokenizer
     head's values only need the neighbour feature of its own side (one linear read instead of a choice among
     four).
 
-    With a ``tokenizer``, layer ``GATHER_LAYER``'s heads also get targets (``word_positions``), so the last
+    Layer ``GATHER_LAYER``'s heads get targets too (``word_positions``, read through ``tokenizer``), so the last
     token holds the words the later lookups are keyed on.
 
     ``qas[i]`` are sample i's ``scene_questions``, ``kept[i]`` its kept patch indices, ``targets[i]`` the scene's
     ``patch_targets``. Returns ``(batch index, query position)`` tensors and the targets of the lookup head
-    (rows, length), the relation heads (rows, len(RELATIONS), length) and the gather heads (rows, 4, length;
-    None without a tokenizer)."""
+    (rows, length), the relation heads (rows, len(RELATIONS), length) and the gather heads (rows, 4, length)."""
     rows_b, rows_q, lookup, relation, gather = [], [], [], [], []
     for b, (qa, (prefix, turns), keep, target) in enumerate(zip(qas, samples, kept, targets)):
         start = len(prefix) + len(keep)
@@ -190,21 +189,19 @@ def answer_attention_targets(qas, samples, kept, targets, length: int, tokenizer
             sides[:, 0] = 1.0
             if qtype == "relation":
                 sides[RELATIONS.index(meta["relation"])] = dist
-            if tokenizer is not None:
-                words = torch.zeros(len(GATHER_WORDS) + 1, length)
-                for h, picks in enumerate(word_positions(tokenizer.convert_ids_to_tokens(ids[:prompt]))):
-                    if picks:
-                        words[h, [start + j for j in picks]] = 1.0 / len(picks)
-                    else:
-                        words[h, 0] = 1.0
-                gather.append(words)
+            words = torch.zeros(len(GATHER_WORDS) + 1, length)
+            for h, picks in enumerate(word_positions(tokenizer.convert_ids_to_tokens(ids[:prompt]))):
+                if picks:
+                    words[h, [start + j for j in picks]] = 1.0 / len(picks)
+                else:
+                    words[h, 0] = 1.0
+            gather.append(words)
             rows_b.append(b)
             rows_q.append(start + prompt - 1)
             lookup.append(dist)
             relation.append(sides)
             start += len(ids)
-    gathered = torch.stack(gather) if tokenizer is not None else None
-    return torch.tensor(rows_b), torch.tensor(rows_q), torch.stack(lookup), torch.stack(relation), gathered
+    return torch.tensor(rows_b), torch.tensor(rows_q), torch.stack(lookup), torch.stack(relation), torch.stack(gather)
 
 
 def batch_inputs(model, samples: list, features: list[torch.Tensor]):
