@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vtoken.adapters import _compat
 from vtoken.methods.base import LayerContext, VisualTokenMethod
 
 
@@ -159,6 +160,21 @@ def forbid_columns(mask: torch.Tensor, forbidden: torch.Tensor) -> torch.Tensor:
     return mask * (~cols).to(mask.dtype)
 
 
+def check_layer_kwargs(kwargs: dict) -> None:
+    """Refuse per-token data the hooks would not slice: a new upstream keyword must fail loudly, not misalign."""
+    unknown = [k for k in _compat.unknown_layer_kwargs(kwargs)
+               if isinstance(kwargs[k], torch.Tensor)
+               or (isinstance(kwargs[k], (tuple, list)) and any(isinstance(v, torch.Tensor) for v in kwargs[k]))]
+    if unknown:
+        import transformers
+
+        raise RuntimeError(
+            f"vtoken: decoder layers received {unknown}, which in-LLM pruning does not know how to slice "
+            f"(transformers {transformers.__version__}); install a transformers version inside vtoken's tested "
+            "range (see its README) or report this upstream change"
+        )
+
+
 @dataclass
 class TokenState:
     """Per prefill: which layer-0 positions are alive at the current layer, per sample."""
@@ -203,7 +219,7 @@ class DecoderPruner:
                           stacklevel=3)
             self.mode, self.state = "idle", None
             return
-        if cache is not None and type(cache).__name__ != "DynamicCache":
+        if cache is not None and not _compat.is_dynamic_cache(cache):
             raise ValueError(
                 f"vtoken: {self.method.method_name!r} prunes tokens inside the decoder, which needs a DynamicCache "
                 f"(per-layer lengths differ); got {type(cache).__name__}. Use the default cache_implementation."
@@ -225,6 +241,8 @@ class DecoderPruner:
     # -- the hook ----------------------------------------------------------------------------------------------
     def _make_hook(self, index: int):
         def hook(module, args, kwargs):
+            if self.mode != "idle" and index == 0:
+                check_layer_kwargs(kwargs)
             if self.mode == "prefill":
                 return self._prefill(index, module, args, kwargs)
             if self.mode == "decode":
@@ -313,7 +331,7 @@ class DecoderPruner:
         if mask is None:
             if not fillers:
                 return None  # the sliced prompt is still causal and unpadded: SDPA keeps is_causal
-            if self.config._attn_implementation.startswith("flash"):
+            if _compat.attn_implementation(self.config).startswith("flash"):
                 return live.long()
             causal = alive.unsqueeze(2) >= alive.unsqueeze(1)  # by original position
             return forbid_columns(causal.unsqueeze(1), ~live)
@@ -329,13 +347,13 @@ class DecoderPruner:
         Recomputed from the layer's input (norm, q/k projections, RoPE, GQA, mask), so the model keeps running
         SDPA / FlashAttention and never needs ``output_attentions``.
         """
-        attn = layer.self_attn
+        attn = _compat.decoder_attention(layer)
         B, K, _ = hidden.shape
         head_dim = attn.head_dim
-        u = layer.input_layernorm(hidden)
+        u = attn.input_norm(hidden)
         q = attn.q_proj(gather_rows(u, rows)).view(B, rows.shape[1], -1, head_dim).transpose(1, 2)
         k = attn.k_proj(u).view(B, K, -1, head_dim).transpose(1, 2)
-        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+        if attn.q_norm is not None:  # Qwen3-style per-head norms
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = kwargs["position_embeddings"]
         cos, sin = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
@@ -376,7 +394,7 @@ class DecoderPruner:
         if mask is None:
             if bool(live.all()):
                 return None  # SDPA without padding: no mask at q=1, the shorter cache is enough
-            tail = kwargs["past_key_values"].get_seq_length(index) - K + q
+            tail = _compat.find_cache(kwargs).get_seq_length(index) - K + q
             head = live[:, None, None, :].expand(B, 1, q, K)
             kwargs["attention_mask"] = torch.cat([head, head.new_ones(B, 1, q, tail)], dim=-1)
             return args, kwargs

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vtoken.adapters import _compat
 from vtoken.adapters._vlm import DecoderPruner, PromptEdit, VLMStats, timed
 from vtoken.budget import resolve_budget
 from vtoken.handle import Handle
@@ -42,23 +43,62 @@ def _is_llava_next(model) -> bool:
     return isinstance(model, LlavaNextForConditionalGeneration)
 
 
-def vision_encoder(tower):
-    """The CLIP-like transformer inside a vision tower (transformers >= 5.2x flattened ``vision_model`` away)."""
-    return getattr(tower, "vision_model", tower)
-
-
 def cls_attention(layer, x: torch.Tensor) -> torch.Tensor:
     """[CLS]->all attention of a CLIP encoder layer, recomputed from its input ``x`` (views, T, d): (views, T).
 
     Head-averaged fp32 softmax; needs neither eager attention nor ``output_attentions``.
     """
-    attn = layer.self_attn
-    h = layer.layer_norm1(x)
+    attn = _compat.clip_attention(layer)
+    h = attn.norm(x)
     views, T, _ = h.shape
     q = attn.q_proj(h[:, :1]).view(views, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(h).view(views, T, attn.num_heads, attn.head_dim).transpose(1, 2)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
     return scores.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+# -- LLaVA-NeXT AnyRes geometry (what the processor and LlavaNextModel compute, as plain integer arithmetic) ----------
+def best_resolution(image_size, pinpoints) -> tuple[int, int]:
+    """The (height, width) pinpoint an image is resized into: the most image pixels kept, then the least padding."""
+    height, width = (int(v) for v in image_size)
+    best, best_key = None, None
+    for ph, pw in pinpoints:
+        scale = min(pw / width, ph / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        key = (effective, -(pw * ph - effective))
+        if best_key is None or key > best_key:
+            best, best_key = (ph, pw), key
+    return best
+
+
+def anyres_views(image_size, pinpoints, tile: int) -> int:
+    """Views of one image: the high-resolution tiles of its pinpoint plus the thumbnail."""
+    height, width = best_resolution(image_size, pinpoints)
+    return math.ceil(height / tile) * math.ceil(width / tile) + 1
+
+
+def unpadded_grid(image_size, pinpoints, tile: int, grid: int) -> tuple[int, int]:
+    """(rows, cols) of an image's high-resolution patch grid after the padding around the image is cut away."""
+    ph, pw = (s // tile for s in best_resolution(image_size, pinpoints))
+    rows, cols = ph * grid, pw * grid
+    height, width = (int(v) for v in image_size)
+    if width / height > cols / rows:  # padded above and below
+        pad = (rows - int(round(height * (cols / width), 7))) // 2
+        return rows - 2 * pad, cols
+    pad = (cols - int(round(width * (rows / height), 7))) // 2
+    return rows, cols - 2 * pad
+
+
+def check_host_features(base) -> None:
+    """Refuse a transformers release that lacks what the adapter relies on, rather than run silently wrong."""
+    if not _compat.accepts_encoder_outputs(base):
+        import transformers
+
+        raise RuntimeError(
+            f"vtoken needs transformers >= 5.18 for {type(base).__name__}: this one ({transformers.__version__}) "
+            f"has no {_compat.ENCODER_OUTPUTS!r} argument, so generate() would drop the image features before "
+            "the LLM sees them. Upgrade transformers (pip install 'transformers>=5.18')."
+        )
 
 
 class LlavaPatch:
@@ -76,13 +116,14 @@ class LlavaPatch:
         self.edit: PromptEdit | None = None
         self.images: dict[int, tuple] = {}  # id(feature entry) -> (entry, ImageContext, real token count)
         self.in_prefill = False
+        check_host_features(self.base)
         handle.claim(self.base, "vtoken.vlm_tokens")
         self.check_budget()
 
-        decoder = self.base.language_model
+        self.llm, self.tower = _compat.decoder_of(self.base)
         self.decoder = None
-        if method.score_layers(len(decoder.layers)):
-            self.decoder = DecoderPruner(decoder, method, self.stats, handle)
+        if method.score_layers(len(self.llm.layers)):
+            self.decoder = DecoderPruner(self.llm, method, self.stats, handle)
         if method.boundary:
             original = self.base.get_image_features
 
@@ -116,7 +157,7 @@ class LlavaPatch:
 
     # -- boundary stage ----------------------------------------------------------------------------------------
     def vision_layers(self):
-        return vision_encoder(self.base.vision_tower).encoder.layers
+        return _compat.clip_parts(self.tower)[1]
 
     def pivot_layer(self, feature_layer) -> int:
         """Index of the vision layer that produces the selected features (its [CLS] attention is the pivot)."""
@@ -140,7 +181,7 @@ class LlavaPatch:
             feature_layer = self.config.vision_feature_layer
         layers = self.vision_layers()
         captured = {}
-        has_cls = hasattr(vision_encoder(self.base.vision_tower).embeddings, "class_embedding")
+        has_cls = _compat.clip_parts(self.tower)[2]
         pivot_index = self.pivot_layer(feature_layer)
         if has_cls and 0 <= pivot_index < len(layers):
 
@@ -212,7 +253,8 @@ class LlavaPatch:
                 segments = [GridSegment(full, 1, n - full)]
             base_len = full + segments[0].rows * segments[0].cols
             if self.next and views[i] > 1:
-                rows, cols = self.unpadded_grid(image_sizes[i], grid)
+                size = image_sizes[i].tolist() if torch.is_tensor(image_sizes[i]) else image_sizes[i]
+                rows, cols = unpadded_grid(size, self.config.image_grid_pinpoints, vc.image_size, grid)
                 segments.append(GridSegment(base_len, rows, cols, newline=True))
                 if base_len + rows * (cols + 1) != n:
                     raise RuntimeError(f"vtoken: unexpected LLaVA-NeXT token layout ({n} tokens for {segments})")
@@ -233,20 +275,9 @@ class LlavaPatch:
     def views_per_image(self, image_sizes, n_images: int) -> list[int]:
         if not self.next:
             return [1] * n_images
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        return [
-            image_size_to_num_patches(s, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
-            for s in image_sizes
-        ]
-
-    def unpadded_grid(self, image_size, grid: int) -> tuple[int, int]:
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
-        ph, pw = get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints,
-                                             self.config.vision_config.image_size)
-        shape = unpad_image(torch.empty(1, ph * grid, pw * grid), image_size).shape
-        return int(shape[1]), int(shape[2])
+        tile = self.config.vision_config.image_size
+        return [anyres_views(s.tolist() if torch.is_tensor(s) else s, self.config.image_grid_pinpoints, tile)
+                for s in image_sizes]
 
     # -- the LLM call ------------------------------------------------------------------------------------------
     def before_llm(self, module, args, kwargs):
@@ -254,7 +285,7 @@ class LlavaPatch:
             kwargs = {**dict(zip(self.base_signature.parameters, args)), **kwargs}
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         tokens = ids if ids is not None else embeds
-        cache = kwargs.get("past_key_values")
+        cache = _compat.find_cache(kwargs)
         pixels = kwargs.get("pixel_values")
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         self.in_prefill = False
@@ -288,7 +319,7 @@ class LlavaPatch:
         if self.decoder is not None:
             self.decoder.begin_prefill(placeholders, valid, cache)
         else:  # nothing changes inside the decoder: every layer sees the (possibly shortened) prompt
-            layers = len(self.base.language_model.layers)
+            layers = len(self.llm.layers)
             self.stats.tokens_per_layer = [valid.sum(1).tolist()] * layers
             self.stats.visual_tokens_per_layer = [self.stats.visual_tokens_llm] * layers
         return (), kwargs
@@ -345,7 +376,7 @@ class LlavaPatch:
 
     def after_llm(self, module, args, kwargs, output):
         if self.in_prefill:
-            cache = getattr(output, "past_key_values", None)
+            cache = _compat.find_cache(output)
             if self.edit is not None and cache is not None:
                 self.edit.cache_ref = weakref.ref(cache)
             if self.decoder is not None:
@@ -378,8 +409,8 @@ def install_clustered_tower(model, config, handle) -> None:
     """
     from vtoken.adapters.vit import install_hf_clip
 
-    tower = model.model.vision_tower
-    depth = len(vision_encoder(tower).encoder.layers)
+    _, tower = _compat.decoder_of(model.model)
+    depth = len(_compat.clip_parts(tower)[1])
     feature_layer = model.config.vision_feature_layer
     if isinstance(feature_layer, (list, tuple)):
         raise ValueError("token_clustering on LLaVA needs a single vision_feature_layer, got "

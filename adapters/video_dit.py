@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from vtoken.adapters import _compat
 from vtoken.methods.svg2 import Stopwatch, SVG2Config, check_cluster_count, kmeans, svg2_attention
 from vtoken.registry import register_host
 
@@ -311,8 +312,7 @@ class SVG2WanProcessor(_SVG2Processor):
 
 def _hunyuan_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
     """Joint [video | text] Q, K, V (B, N, H, D), as ``HunyuanVideoAttnProcessor2_0`` computes them."""
-    from diffusers.models.embeddings import apply_rotary_emb
-
+    apply_rotary_emb = _compat.diffusers_apply_rotary_emb()
     n_text = encoder_hidden_states.shape[1]
     single_stream = attn.add_q_proj is None
     if single_stream:

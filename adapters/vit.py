@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vtoken.adapters import _compat
 from vtoken.methods.clustering import Grid, TokenClusteringConfig
 from vtoken.registry import register_host
 
@@ -152,13 +153,9 @@ def is_timm_vit(model) -> bool:
 
 @register_host("timm_vit", "timm VisionTransformer (ViT, DeiT, CLIP-style ViTs in timm)", matches=is_timm_vit)
 def install_timm(model, config, handle) -> None:
-    site = VitSite(
-        root=model,
-        blocks=model.blocks,
-        patch_conv=getattr(model.patch_embed, "proj", None),
-        num_prefix=model.num_prefix_tokens,
-        nominal_grid=tuple(model.patch_embed.grid_size),
-    )
+    parts = _compat.timm_vit_parts(model)
+    site = VitSite(root=model, blocks=parts["blocks"], patch_conv=parts["patch_conv"],
+                   num_prefix=parts["num_prefix"], nominal_grid=parts["grid"])
     install_clustering(site, config, handle)
     guard_intermediates(model, config, len(site.blocks), handle)
 
@@ -170,9 +167,7 @@ def hf_clip_tower(model) -> nn.Module | None:
     """The module holding ``embeddings`` + ``encoder``: CLIPVisionModel (transformers 5), CLIPVisionTransformer (4)."""
     if not any(_defined_in(model, "transformers", name) for name in HF_CLIP_CLASSES):
         return None
-    tower = model
-    while hasattr(tower, "vision_model"):
-        tower = tower.vision_model
+    tower = _compat.vision_encoder(model)
     return tower if hasattr(tower, "embeddings") and hasattr(tower, "encoder") else None
 
 
@@ -184,15 +179,10 @@ def hf_clip_tower(model) -> nn.Module | None:
 )
 def install_hf_clip(model, config, handle) -> None:
     tower = hf_clip_tower(model)
-    embeddings = tower.embeddings
+    embeddings, layers, has_cls = _compat.clip_parts(tower)
     side = embeddings.image_size // embeddings.patch_size
-    site = VitSite(
-        root=tower,
-        blocks=tower.encoder.layers,
-        patch_conv=embeddings.patch_embedding,
-        num_prefix=1 if hasattr(embeddings, "class_embedding") else 0,
-        nominal_grid=(side, side),
-    )
+    site = VitSite(root=tower, blocks=layers, patch_conv=embeddings.patch_embedding, num_prefix=int(has_cls),
+                   nominal_grid=(side, side))
     install_clustering(site, config, handle)
 
 
@@ -210,15 +200,8 @@ def open_clip_visual(model) -> nn.Module | None:
 )
 def install_open_clip(model, config, handle) -> None:
     visual = open_clip_visual(model)
-    transformer = visual.transformer
-    site = VitSite(
-        root=visual,
-        blocks=transformer.resblocks,
-        patch_conv=visual.conv1,
-        num_prefix=1,  # open_clip always prepends its class embedding
-        nominal_grid=tuple(visual.grid_size),
-        # Older open_clip runs the blocks on (L, N, D) and has no flag.
-        batch_first=getattr(transformer, "batch_first", False),
-    )
+    parts = _compat.open_clip_parts(visual)
+    site = VitSite(root=visual, blocks=parts["blocks"], patch_conv=parts["patch_conv"],
+                   num_prefix=parts["num_prefix"], nominal_grid=parts["grid"], batch_first=parts["batch_first"])
     install_clustering(site, config, handle)
     guard_intermediates(visual, config, len(site.blocks), handle)

@@ -87,10 +87,10 @@ def synthetic_inputs(model, batch: int = 1, seed: int = 0) -> dict:
     device, dtype = model.device, model.dtype
     extra = {}
     if cfg.model_type == "llava_next":
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        from vtoken.adapters.llava import anyres_views
 
         image_size = max(cfg.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
-        views = image_size_to_num_patches(image_size, cfg.image_grid_pinpoints, size)
+        views = anyres_views(image_size, cfg.image_grid_pinpoints, size)
         pixels = torch.randn(batch, views, 3, size, size, generator=g)
         extra["image_sizes"] = torch.tensor([image_size] * batch, device=device)
     else:

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from vtoken.adapters._compat import clip_parts
 from vtoken.adapters.llava import cls_attention as llava_cls_attention
-from vtoken.adapters.llava import vision_encoder
 from vtoken.evals.shapes_data import QUESTION_TYPES, Example, make_split
 from vtoken.evals.shapes_model import load_shapes_model, num_visual_tokens
 from vtoken.methods.base import GridSegment, ImageContext, Reduction
@@ -113,7 +113,7 @@ def cls_attention(model, pixel_values: torch.Tensor) -> torch.Tensor:
     that layer's input, so it works with any attention implementation."""
     tower = model.model.vision_tower
     hidden = tower(pixel_values, output_hidden_states=True).hidden_states[-2]
-    return llava_cls_attention(vision_encoder(tower).encoder.layers[-1], hidden)[:, 1:]
+    return llava_cls_attention(clip_parts(tower)[1][-1], hidden)[:, 1:]
 
 
 def shortened_embeddings(model, input_ids: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from tiny_models import IMAGE_TOKEN, left_pad, prompt, tiny_llava, tiny_llava_next
 
 import vtoken
+from vtoken.adapters._compat import clip_parts
 from vtoken.adapters._vlm import DecoderPruner, VLMStats
-from vtoken.adapters.llava import cls_attention, vision_encoder
+from vtoken.adapters.llava import cls_attention
 from vtoken.budget import resolve_budget
 from vtoken.kernels.diversity.naive import greedy_from_features
 from vtoken.methods.base import GridSegment, ImageContext, VisualTokenMethod
@@ -124,7 +125,7 @@ def test_cls_attention_matches_eager_vision_attention():
     px = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         out = tower(px, output_hidden_states=True, output_attentions=True)
-        layer = vision_encoder(tower).encoder.layers[1]
+        layer = clip_parts(tower)[1][1]
         mine = cls_attention(layer, out.hidden_states[1])
     torch.testing.assert_close(mine, out.attentions[1][:, :, 0].mean(1), atol=1e-5, rtol=1e-4)
 

@@ -12,3 +12,7 @@ from vtoken.handle import Handle
 
 __version__ = "0.1.0"
 __all__ = ["Handle", "check_budget", "hosts", "make_config", "methods", "patch", "resolve_budget", "__version__"]
+
+from vtoken.adapters._compat import warn_untested_versions  # noqa: E402
+
+warn_untested_versions()

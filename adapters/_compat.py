@@ -1,0 +1,206 @@
+"""Every upstream internal vtoken reads, in one place: transformers, diffusers, timm and open_clip.
+
+Lookups go by feature (a type, a parameter of a signature, an attribute), never by version string, so an upstream
+rename is a one-line change here and a failing test in tests/test_compat.py, not a silently wrong result in an
+adapter. Adapters import these names instead of reaching into the libraries themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import inspect
+import re
+import warnings
+from typing import Any, NamedTuple
+
+# ------------------------------------------------------------------------------------------------------------
+# Installed versions against the ranges vtoken declares
+# ------------------------------------------------------------------------------------------------------------
+CHECKED = ("torch", "transformers", "timm", "open-clip-torch", "accelerate", "diffusers", "lmms-eval")
+
+
+def declared_ranges(distribution: str = "vtoken") -> dict[str, str]:
+    """Package -> version specifier, as declared in pyproject.toml (read back from the installed metadata, so the
+    check can never drift from what pip enforces). Empty when vtoken runs from a source tree without metadata."""
+    try:
+        requirements = importlib.metadata.requires(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    out = {}
+    for line in requirements:
+        match = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*([^;]*)", line)
+        name, spec = match.group(1).lower(), match.group(2).strip()
+        if name in CHECKED and spec:
+            out[name] = spec
+    return out
+
+
+def untested_versions(installed: dict[str, str | None], ranges: dict[str, str]) -> list[str]:
+    """Human-readable lines for installed versions outside the declared (= tested) ranges."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    out = []
+    for name, spec in ranges.items():
+        version = installed.get(name)
+        if version is None:
+            continue
+        try:
+            inside = Version(version) in SpecifierSet(spec)
+        except InvalidVersion:
+            continue
+        if not inside:
+            out.append(f"{name} {version} (tested: {spec})")
+    return out
+
+
+def installed_versions(names=CHECKED) -> dict[str, str | None]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@functools.cache
+def warn_untested_versions() -> list[str]:
+    """Warn once per process when an installed dependency is outside the range vtoken was tested with."""
+    lines = untested_versions(installed_versions(), declared_ranges())
+    if lines:
+        warnings.warn(
+            "vtoken was not tested with " + ", ".join(lines) + ". Results may be wrong; install versions inside the "
+            "tested ranges (pip install -e . resolves them) or report what breaks.",
+            RuntimeWarning, stacklevel=2,
+        )
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------------------
+# transformers: the call chain of a VLM
+# ------------------------------------------------------------------------------------------------------------
+# The multimodal forward's keyword for encoder outputs that generate() computed before prefill (transformers >= 5.18;
+# earlier releases silently drop it, so the images never reach the LLM).
+ENCODER_OUTPUTS = "mm_encoder_outputs"
+
+# Keywords a Llama-like decoder layer receives, by what the in-LLM hooks do with them. The cache itself is found by
+# type (transformers 5.24 renamed ``past_key_values`` to ``cache``), so its keyword only needs to be known here.
+SLICED_LAYER_KWARGS = frozenset({"hidden_states", "attention_mask", "position_ids", "position_embeddings"})
+PASSED_LAYER_KWARGS = frozenset({"cache", "past_key_values", "use_cache", "output_attentions"})
+
+
+def unknown_layer_kwargs(kwargs: dict) -> list[str]:
+    """Keywords a decoder layer got that the in-LLM hooks neither slice nor know to be safe to pass unchanged."""
+    return sorted(set(kwargs) - SLICED_LAYER_KWARGS - PASSED_LAYER_KWARGS)
+
+
+@functools.cache
+def _cache_types() -> tuple[type, type]:
+    from transformers.cache_utils import Cache, DynamicCache
+
+    return Cache, DynamicCache
+
+
+def find_cache(values: Any):
+    """The KV cache among a call's keyword arguments (a dict) or a model output, found by its type, not its name."""
+    cache_cls = _cache_types()[0]
+    items = values.values() if hasattr(values, "values") else ()
+    for value in items:
+        if isinstance(value, cache_cls):
+            return value
+    return None
+
+
+def is_dynamic_cache(cache) -> bool:
+    """A cache whose layers may hold different lengths (what dropping tokens between decoder layers needs)."""
+    return isinstance(cache, _cache_types()[1])
+
+
+def accepts_encoder_outputs(base_model) -> bool:
+    """Whether this multimodal model's forward takes precomputed encoder outputs from ``generate()``."""
+    return ENCODER_OUTPUTS in inspect.signature(base_model.forward).parameters
+
+
+def attn_implementation(config) -> str:
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def vision_encoder(tower):
+    """The CLIP-like transformer inside a vision tower or CLIP model, whichever ``vision_model`` nesting this
+    transformers release uses (5.2x flattened it away in LLaVA's tower)."""
+    while hasattr(tower, "vision_model"):
+        tower = tower.vision_model
+    return tower
+
+
+def decoder_of(vlm_base):
+    """(decoder, vision tower) of a LLaVA-like ``model.model``."""
+    return vlm_base.language_model, vlm_base.vision_tower
+
+
+class DecoderAttention(NamedTuple):
+    """What recomputing one Llama-like decoder layer's attention rows needs."""
+
+    input_norm: Any
+    q_proj: Any
+    k_proj: Any
+    q_norm: Any  # per-head norms (Qwen3-style) or None
+    k_norm: Any
+    head_dim: int
+    scaling: float
+
+
+def decoder_attention(layer) -> DecoderAttention:
+    attn = layer.self_attn
+    return DecoderAttention(layer.input_layernorm, attn.q_proj, attn.k_proj, getattr(attn, "q_norm", None),
+                            getattr(attn, "k_norm", None), attn.head_dim, attn.scaling)
+
+
+class EncoderAttention(NamedTuple):
+    """What recomputing one CLIP encoder layer's [CLS] attention needs."""
+
+    norm: Any
+    q_proj: Any
+    k_proj: Any
+    num_heads: int
+    head_dim: int
+    scale: float
+
+
+def clip_attention(layer) -> EncoderAttention:
+    attn = layer.self_attn
+    return EncoderAttention(layer.layer_norm1, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, attn.scale)
+
+
+def clip_parts(tower) -> tuple[Any, Any, bool]:
+    """(embeddings, encoder layers, has [CLS]) of a CLIP-like vision transformer."""
+    encoder = vision_encoder(tower)
+    embeddings = encoder.embeddings
+    return embeddings, encoder.encoder.layers, hasattr(embeddings, "class_embedding")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# timm / open_clip ViTs
+# ------------------------------------------------------------------------------------------------------------
+def timm_vit_parts(model) -> dict:
+    return dict(blocks=model.blocks, patch_conv=getattr(model.patch_embed, "proj", None),
+                num_prefix=model.num_prefix_tokens, grid=tuple(model.patch_embed.grid_size))
+
+
+def open_clip_parts(visual) -> dict:
+    transformer = visual.transformer
+    # open_clip < 2.2x runs the blocks on (L, N, D) and has no flag
+    return dict(blocks=transformer.resblocks, patch_conv=visual.conv1, num_prefix=1, grid=tuple(visual.grid_size),
+                batch_first=getattr(transformer, "batch_first", False))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# diffusers
+# ------------------------------------------------------------------------------------------------------------
+def diffusers_apply_rotary_emb():
+    """HunyuanVideo's RoPE application (a diffusers helper, not public API)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    return apply_rotary_emb
