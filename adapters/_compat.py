@@ -32,7 +32,7 @@ def declared_ranges(distribution: str = "vtoken") -> dict[str, str]:
         match = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*([^;]*)", line)
         name, spec = match.group(1).lower(), match.group(2).strip()
         if name in CHECKED and spec:
-            out[name] = spec
+            out[name] = ",".join(sorted(spec.split(","), key=lambda part: not part.startswith(">")))  # low, high
     return out
 
 
