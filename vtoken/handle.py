@@ -12,6 +12,22 @@ _SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _MISSING = object()
 
 
+def _refuse_deepcopy(module: Any):
+    """An instance-level ``__deepcopy__`` for patched modules: a copy would carry hooks bound to the original's
+    state (running dense, or against the original's tensors), so copying is refused where it starts."""
+
+    def __deepcopy__(memo):
+        methods = sorted({h.method for h in _SLOTS.get(module, {}).values()})
+        raise RuntimeError(
+            f"copy.deepcopy of a {type(module).__name__} patched by vtoken ({', '.join(map(repr, methods))}) is not "
+            "supported: the copy would keep hooks bound to the original model. Remove the patch first "
+            "(handle.remove()), copy the model, then patch each copy with vtoken.patch."
+        )
+
+    __deepcopy__.vtoken_guard = True
+    return __deepcopy__
+
+
 class Handle:
     """A method installed on one model instance.
 
@@ -40,8 +56,17 @@ class Handle:
                 f"{type(module).__name__} is already patched with {other.method!r}{same} at {slot!r}; "
                 f"call .remove() on that handle before patching it with {self.method!r}"
             )
+        if "__deepcopy__" not in module.__dict__:
+            module.__dict__["__deepcopy__"] = _refuse_deepcopy(module)
         slots[slot] = self
-        self._undo.append(lambda: slots.pop(slot, None))
+
+        def release():
+            slots.pop(slot, None)
+            guard = module.__dict__.get("__deepcopy__")
+            if not slots and getattr(guard, "vtoken_guard", False):
+                del module.__dict__["__deepcopy__"]
+
+        self._undo.append(release)
 
     def add_hook(self, removable: Any) -> Any:
         """Track a ``torch.utils.hooks.RemovableHandle`` (or anything with ``.remove()``)."""
