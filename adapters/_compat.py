@@ -91,6 +91,11 @@ SLICED_LAYER_KWARGS = frozenset({"hidden_states", "attention_mask", "position_id
 PASSED_LAYER_KWARGS = frozenset({"cache", "past_key_values", "use_cache", "output_attentions"})
 
 
+# generate()'s argument to ``prepare_inputs_for_generation``: how many trailing input columns the model has not seen
+# (it counts the cache's slots, which undercounts a conversation whose earlier turns vtoken shortened).
+GENERATE_UNSEEN = "next_sequence_length"
+
+
 def unknown_layer_kwargs(kwargs: dict) -> list[str]:
     """Keywords a decoder layer got that the in-LLM hooks neither slice nor know to be safe to pass unchanged."""
     return sorted(set(kwargs) - SLICED_LAYER_KWARGS - PASSED_LAYER_KWARGS)

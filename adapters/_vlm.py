@@ -7,9 +7,8 @@ only the inputs of the LLM call and of each decoder layer are edited, per forwar
 
 from __future__ import annotations
 
+import dataclasses
 import time
-import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -68,16 +67,13 @@ def timed(device: torch.device):
 # Boundary: remove placeholder columns from the prompt
 # ------------------------------------------------------------------------------------------------------------
 class PromptEdit:
-    """Columns removed from a (B, L) prompt, with rows re-padded on the left to a common length.
+    """Columns removed from a (B, L) run of new tokens (a prompt, or a later turn on top of a cache), with rows
+    re-filled on the left to a common length. ``col_map[b, j]`` is the input column of output column j, -1 for a
+    filler (left padding of the shortened run)."""
 
-    Remembers the mapping so that the decode steps of the same cache (whose 2-D mask and position ids
-    ``generate`` keeps growing from the *original* prompt) can be mapped onto the shortened one.
-    """
-
-    def __init__(self, drop: torch.Tensor, attention_mask: torch.Tensor | None):
+    def __init__(self, drop: torch.Tensor):
         B, L = drop.shape
         device = drop.device
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(drop)
         keep = ~drop
         counts = keep.sum(1)
         self.length_in, self.length_out = L, int(counts.max())
@@ -85,27 +81,16 @@ class PromptEdit:
         cols = torch.where(keep, torch.arange(L, device=device), L).sort(dim=1).values[:, : self.length_out]
         slot = torch.arange(self.length_out, device=device) - n_pad.unsqueeze(1)  # < 0: new left padding
         self.col_map = torch.where(slot >= 0, cols.gather(1, slot.clamp(min=0)), -1)
-        dropped = drop & valid
-        self.dropped_before = dropped.long().cumsum(1) - dropped.long()
-        self.shift = dropped.sum(1)  # (B,) real tokens removed per row
+        self.dropped_before = drop.long().cumsum(1) - drop.long()
+        self.shift = drop.sum(1)  # (B,) tokens removed per row
         self.added_padding = bool((n_pad > 0).any())  # the longest row never gets any
-        self.cache_ref = None
 
     def gather(self, x: torch.Tensor, fill) -> torch.Tensor:
         """Apply the column map to a (B, L, ...) tensor; new padding columns get ``fill``."""
-        idx = self.col_map.clamp(min=0)
-        idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-        out = x.gather(1, idx)
-        pad = (self.col_map < 0).view(*self.col_map.shape, *([1] * (x.dim() - 2)))
-        return torch.where(pad, torch.as_tensor(fill, dtype=x.dtype, device=x.device), out)
-
-    def attention_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        if attention_mask is None:
-            return (self.col_map >= 0).long() if self.added_padding else None
-        return self.gather(attention_mask, 0)
+        return gather_columns(x, self.col_map, fill, dim=1)
 
     def position_ids(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
-        """Positions of the shortened prompt: a kept token moves down by the real tokens dropped before it."""
+        """Positions of the shortened run: a kept token moves down by the tokens dropped before it in the run."""
         if position_ids is None:
             if not self.added_padding:
                 return None  # the host's default arange over the shorter prompt is already right
@@ -114,17 +99,122 @@ class PromptEdit:
         shifted = position_ids - self.dropped_before.to(position_ids.device)
         return self.gather(shifted, 0)
 
-    # decode steps ----------------------------------------------------------------------------------------------
-    def decode_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        head = self.gather(attention_mask[:, : self.length_in], 0)
-        return torch.cat([head, attention_mask[:, self.length_in :]], dim=1)
 
-    def decode_position_ids(self, position_ids: torch.Tensor | None, cache_length: int, q: int) -> torch.Tensor:
-        if position_ids is not None:
-            return position_ids - self.shift.to(position_ids.device).unsqueeze(1)
-        # Without explicit ids the host would count cache slots; with re-padding that is off by the padding added.
-        steps = cache_length - self.length_out + torch.arange(q, device=self.shift.device)
-        return self.length_in - self.shift.unsqueeze(1) + steps.unsqueeze(0)
+def gather_columns(x: torch.Tensor, index: torch.Tensor, fill, dim: int) -> torch.Tensor:
+    """``x`` gathered along ``dim`` by a (B, K) index in which -1 means "no source": those entries get ``fill``."""
+    out = gather_rows(x, index.clamp(min=0), dim)
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = index.shape
+    return torch.where((index < 0).view(shape), torch.as_tensor(fill, dtype=x.dtype, device=x.device), out)
+
+
+def blocked_value(mask: torch.Tensor):
+    """The value that forbids attention in a mask of this dtype (bool: False; additive float: the dtype's min)."""
+    if mask.dtype == torch.bool:
+        return False
+    return torch.finfo(mask.dtype).min if mask.is_floating_point() else 0
+
+
+def mask_valid(mask: torch.Tensor | None, shape: tuple[int, int], device) -> torch.Tensor:
+    """(B, L) real (non-padding) tokens of a call, from a 2-D padding mask or a causal 4-D mask (its last query row
+    sees every real key), or all True."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if mask.dim() == 4:
+        return mask_allows(mask[:, 0, -1, -shape[1]:]).expand(shape)
+    return mask[:, -shape[1]:].bool()
+
+
+def remap_mask(mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """A call's mask moved from the caller's columns to the cache's slots.
+
+    ``cols`` (B, K): for every key slot, the caller's column (-1: filler, never attended). ``rows`` (B, q): for every
+    query, the caller's query row (-1: filler); only 4-D masks have rows. A filler query attends to itself only,
+    so no softmax row is empty.
+    """
+    if mask.dim() == 2:
+        return gather_columns(mask, cols, 0, dim=1)
+    blocked = blocked_value(mask)
+    out = gather_columns(gather_columns(mask, rows, blocked, dim=2), cols, blocked, dim=3)
+    filler = rows < 0
+    if bool(filler.any()):
+        q, K = rows.shape[1], cols.shape[1]
+        own = torch.zeros(rows.shape[0], 1, q, K, dtype=torch.bool, device=mask.device)
+        own[:, 0, torch.arange(q), K - q + torch.arange(q)] = True
+        allowed = True if mask.dtype == torch.bool else 0
+        out = torch.where(own & filler[:, None, :, None], torch.as_tensor(allowed, dtype=mask.dtype), out)
+    return out
+
+
+LAYOUT_ATTR = "_vtoken_layout"
+
+
+@dataclass
+class CacheLayout:
+    """How the slots of a KV cache written through a patched model map onto the caller's token columns.
+
+    ``generate()`` and chat loops keep addressing a conversation by its original columns (every image placeholder
+    included) while the cache holds fewer slots. The first ``source.shape[1]`` slots come from the original columns
+    in ``source`` (-1: a filler slot that only equalises row lengths, never attended); later slots continue the
+    columns one to one. The layout rides on the cache object itself, so any cache this model wrote (an earlier
+    turn's, a deep copy) can be continued, and a cache it did not write is recognised as such.
+    """
+
+    source: torch.Tensor  # (B, E) caller column of each of the first E slots, -1 for fillers
+    columns: int  # caller columns the cache holds (every row alike)
+    slots: int  # slots written (layer 0)
+    shift: torch.Tensor  # (B,) real tokens removed so far: later positions move down by it
+    ids: torch.Tensor | None  # (B, columns) the caller's ids, to check that a continuation continues them
+    method: str
+    pruned: list | None = None  # in-LLM pruned prefill: per decoder layer (alive, live) or None
+    pruned_slots: int = 0  # slots that prefill wrote (its LLM input length)
+
+    @staticmethod
+    def of(cache) -> CacheLayout | None:
+        return getattr(cache, LAYOUT_ATTR, None) if cache is not None else None
+
+    @staticmethod
+    def identity(batch: int, length: int, device, method: str) -> CacheLayout:
+        """A cache written without vtoken (or without any change): slot i holds column i."""
+        return CacheLayout(torch.empty(batch, 0, dtype=torch.long, device=device), length, length,
+                           torch.zeros(batch, dtype=torch.long, device=device), None, method)
+
+    @property
+    def batch(self) -> int:
+        return self.source.shape[0]
+
+    def attach(self, cache) -> None:
+        setattr(cache, LAYOUT_ATTR, self)
+
+    def slot_columns(self, width: int) -> torch.Tensor:
+        """(B, width) caller column of slots 0 ... width-1."""
+        edited = self.source.shape[1]
+        rest = torch.arange(edited, width, device=self.source.device) + (self.columns - self.slots)
+        return torch.cat([self.source, rest.expand(self.batch, -1)], dim=1)
+
+    def expand(self, batch: int) -> CacheLayout:
+        """The layout for ``batch`` rows when generate() repeats every row (beam search, several sequences)."""
+        if batch == self.batch:
+            return self
+        if batch % self.batch:
+            raise ValueError(f"vtoken: a call with {batch} rows continues a cache written for {self.batch}")
+        n = batch // self.batch
+        pruned = None if self.pruned is None else [
+            None if rec is None else tuple(t.repeat_interleave(n, 0) for t in rec) for rec in self.pruned]
+        return dataclasses.replace(
+            self, source=self.source.repeat_interleave(n, 0), shift=self.shift.repeat_interleave(n, 0),
+            ids=None if self.ids is None else self.ids.repeat_interleave(n, 0), pruned=pruned)
+
+    def extended(self, edit: PromptEdit | None, ids: torch.Tensor | None, length_in: int) -> CacheLayout:
+        """The layout after a call that fed ``length_in`` new caller columns, shortened by ``edit`` if any."""
+        joined = None if self.ids is None or ids is None else torch.cat([self.ids, ids.to(self.ids.device)], 1)
+        if edit is None:
+            return dataclasses.replace(self, columns=self.columns + length_in, slots=self.slots + length_in,
+                                       ids=joined)
+        new = torch.where(edit.col_map >= 0, edit.col_map + self.columns, -1)
+        return dataclasses.replace(
+            self, source=torch.cat([self.slot_columns(self.slots), new], dim=1), columns=self.columns + length_in,
+            slots=self.slots + edit.length_out, shift=self.shift + edit.shift.to(self.shift.device), ids=joined)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -194,7 +284,7 @@ class DecoderPruner:
     prefill according to ``method.score_layers`` / ``method.prune``.
 
     The host adapter calls :meth:`begin_prefill` (with the LLM input's visual and padding masks),
-    :meth:`begin_decode` or :meth:`idle` before each LLM call, and :meth:`bind_cache` after a prefill.
+    :meth:`begin_decode` (with the layout of the cache a call continues) or :meth:`idle` before each LLM call.
     """
 
     def __init__(self, decoder, method: VisualTokenMethod, stats: VLMStats, handle):
@@ -205,35 +295,29 @@ class DecoderPruner:
         self.score_layers = set(method.score_layers(len(self.layers)))
         self.state: TokenState | None = None
         self.mode = "idle"
-        self.cache_ref = None
+        self.decode_records: list = []
+        self.decode_slots = 0
         for i, layer in enumerate(self.layers):
             handle.claim(layer, "vtoken.decoder_layer")
             hook = layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
             handle.add_hook(hook)
 
     # -- driven by the host ----------------------------------------------------------------------------------
-    def begin_prefill(self, visual: torch.Tensor, valid: torch.Tensor, cache) -> None:
-        if cache is not None and cache.get_seq_length() > 0:
-            self.stats.notes.append("in-LLM pruning skipped: prefill on a non-empty cache")
-            warnings.warn("vtoken: in-LLM pruning skipped for a prefill that continues a non-empty KV cache",
-                          stacklevel=3)
-            self.mode, self.state = "idle", None
-            return
-        if cache is not None and not _compat.is_dynamic_cache(cache):
-            raise ValueError(
-                f"vtoken: {self.method.method_name!r} prunes tokens inside the decoder, which needs a DynamicCache "
-                f"(per-layer lengths differ); got {type(cache).__name__}. Use the default cache_implementation."
-            )
+    def begin_prefill(self, visual: torch.Tensor, valid: torch.Tensor) -> None:
         self.state = TokenState(visual=visual, valid=valid)
         self.mode = "prefill" if self.score_layers else "idle"
 
-    def bind_cache(self, cache) -> None:
-        self.cache_ref = weakref.ref(cache) if cache is not None else None
+    def pruned_layers(self) -> list | None:
+        """Per layer, the (alive, live) sets of the last prefill; None when it pruned nothing."""
+        records = self.state.per_layer if self.state is not None else []
+        return records if any(rec is not None for rec in records) else None
 
-    def begin_decode(self, cache) -> None:
-        bound = self.cache_ref() if self.cache_ref is not None else None
-        pruned = self.state is not None and any(rec is not None for rec in self.state.per_layer)
-        self.mode = "decode" if (cache is not None and cache is bound and pruned) else "idle"
+    def begin_decode(self, layout) -> None:
+        """A call that continues a cache: layers that pruned its prefill hold fewer slots, so their masks shrink."""
+        if layout is not None and layout.pruned is not None:
+            self.mode, self.decode_records, self.decode_slots = "decode", layout.pruned, layout.pruned_slots
+        else:
+            self.mode = "idle"
 
     def idle(self) -> None:
         self.mode = "idle"
@@ -382,21 +466,23 @@ class DecoderPruner:
 
     def _decode(self, index, args, kwargs):
         """Decode step: this layer's cache holds only the alive prefill tokens, so its mask columns must match."""
-        record = self.state.per_layer[index] if index < len(self.state.per_layer) else None
+        record = self.decode_records[index] if index < len(self.decode_records) else None
         if record is None:
             return None
         alive, live = record
         mask = kwargs.get("attention_mask")
-        L0 = self.state.visual.shape[1]
+        L0 = self.decode_slots
         hidden = args[0] if args else kwargs["hidden_states"]
         B, q = hidden.shape[:2]
         K = alive.shape[1]
         if mask is None:
-            if bool(live.all()):
+            if bool(live.all()) and q == 1:
                 return None  # SDPA without padding: no mask at q=1, the shorter cache is enough
-            tail = _compat.find_cache(kwargs).get_seq_length(index) - K + q
+            tail = _compat.find_cache(kwargs).get_seq_length(index) - K + q  # slots after the pruned prefill
             head = live[:, None, None, :].expand(B, 1, q, K)
-            kwargs["attention_mask"] = torch.cat([head, head.new_ones(B, 1, q, tail)], dim=-1)
+            rows, cols = torch.arange(q, device=live.device), torch.arange(tail, device=live.device)
+            causal = cols.view(1, tail) <= (tail - q + rows).view(q, 1)
+            kwargs["attention_mask"] = torch.cat([head, causal.expand(B, 1, q, tail)], dim=-1)
             return args, kwargs
         if mask.dim() == 2:
             head = gather_rows(mask[:, :L0], alive)

@@ -18,13 +18,14 @@ import dataclasses
 import functools
 import inspect
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 
 import torch
 
 from vtoken.adapters import _compat
-from vtoken.adapters._vlm import DecoderPruner, PromptEdit, VLMStats, timed
+from vtoken.adapters._vlm import CacheLayout, DecoderPruner, PromptEdit, VLMStats, mask_valid, remap_mask, timed
 from vtoken.budget import resolve_budget
 from vtoken.handle import Handle
 from vtoken.methods.base import GridSegment, ImageContext, Reduction, VisualTokenMethod
@@ -101,41 +102,104 @@ def check_host_features(base) -> None:
         )
 
 
+_PATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LlavaModel -> its LlavaPatch
+
+STATIC_CACHE = (
+    "vtoken: {methods} change(s) the number of tokens the LLM holds, which needs a DynamicCache (the default); "
+    "got {cache}. Leave cache_implementation at its default (no 'static'), or remove the patch for this call."
+)
+
+
+@dataclass
+class _Call:
+    """What one LLM call fed, for recording it on the cache afterwards."""
+
+    layout: CacheLayout | None  # the cache's layout before the call (None: a fresh prefill)
+    edit: PromptEdit | None  # how this call's new columns were shortened
+    ids: torch.Tensor | None  # the caller's ids of those columns
+    length_in: int  # caller columns the call added
+    prefill: bool  # a fresh prefill with images: in-LLM pruning ran
+
+
 class LlavaPatch:
-    """All hooks of one method on one LLaVA / LLaVA-NeXT instance."""
+    """vtoken's hooks on one LLaVA / LLaVA-NeXT instance, shared by at most one LLM-side method (``method``) and one
+    clustering vision tower (``token_clustering`` with ``reconstruct=False``), in either order; the hooks stay while
+    either is installed. With both, the method prunes the tower's cluster tokens."""
 
-    def __init__(self, model, method: VisualTokenMethod, handle, tower_handle=None):
-        self.model = model
-        self.tower_handle = tower_handle
-        self.base = model.model
-        self.config = model.config
-        self.method = method
+    @classmethod
+    def of(cls, model) -> LlavaPatch:
+        patch = _PATCHES.get(model.model)
+        if patch is None:
+            patch = cls(model)
+            _PATCHES[model.model] = patch
+        return patch
+
+    def __init__(self, model):
+        check_host_features(model.model)
+        self.model, self.base, self.config = model, model.model, model.config
         self.next = _is_llava_next(model)
-        self.stats = VLMStats()
-        handle.stats = self.stats
-        self.edit: PromptEdit | None = None
-        self.images: dict[int, tuple] = {}  # id(feature entry) -> (entry, ImageContext, real token count)
-        self.in_prefill = False
-        check_host_features(self.base)
-        handle.claim(self.base, "vtoken.vlm_tokens")
-        self.check_budget()
-
         self.llm, self.tower = _compat.decoder_of(self.base)
-        self.decoder = None
+        self.method: VisualTokenMethod | None = None
+        self.tower_handle: Handle | None = None
+        self.decoder: DecoderPruner | None = None
+        self.stats = VLMStats()
+        self.images: dict[int, tuple] = {}  # id(feature entry) -> (entry, ImageContext, real token count)
+        self.call: _Call | None = None
+        self.base_signature = inspect.signature(self.base.forward)
+        self.hooks = Handle(model, "llava hooks", None, "llava")  # the shared hooks' own undo list
+        original = self.base.get_image_features
+
+        def get_image_features(*args, **kwargs):
+            if self.boundary_method() is None:
+                return original(*args, **kwargs)
+            return self.image_features(original, *args, **kwargs)
+
+        functools.update_wrapper(get_image_features, original)  # generate() reads its signature
+        self.hooks.set_attr(self.base, "get_image_features", get_image_features)
+        self.hooks.set_attr(model, "prepare_inputs_for_generation",
+                            functools.update_wrapper(self.prepare_inputs(model.prepare_inputs_for_generation),
+                                                     model.prepare_inputs_for_generation))
+        self.hooks.add_hook(self.base.register_forward_pre_hook(self.before_llm, with_kwargs=True))
+        self.hooks.add_hook(self.base.register_forward_hook(self.after_llm, with_kwargs=True))
+        self.hooks.add_hook(model.register_forward_pre_hook(self.reject_labels, with_kwargs=True))
+
+    # -- users -------------------------------------------------------------------------------------------------
+    def attach_method(self, method: VisualTokenMethod, handle: Handle) -> None:
+        handle.claim(self.base, "vtoken.vlm_tokens")
+        handle.on_remove(self.detach_method)
+        self.method = method
+        handle.stats = self.stats
+        self.check_budget()
         if method.score_layers(len(self.llm.layers)):
             self.decoder = DecoderPruner(self.llm, method, self.stats, handle)
-        if method.boundary:
-            original = self.base.get_image_features
 
-            def get_image_features(*args, **kwargs):
-                return self.image_features(original, *args, **kwargs)
+    def attach_tower(self, tower_handle: Handle, handle: Handle) -> None:
+        handle.claim(self.base, "vtoken.vlm_tower")
+        handle.on_remove(self.detach_tower)
+        self.tower_handle = tower_handle
+        handle.stats = self.stats
 
-            functools.update_wrapper(get_image_features, original)  # generate() reads its signature
-            handle.set_attr(self.base, "get_image_features", get_image_features)
-        handle.add_hook(self.base.register_forward_pre_hook(self.before_llm, with_kwargs=True))
-        handle.add_hook(self.base.register_forward_hook(self.after_llm, with_kwargs=True))
-        handle.add_hook(model.register_forward_pre_hook(self.reject_labels, with_kwargs=True))
-        self.base_signature = inspect.signature(self.base.forward)
+    def detach_method(self) -> None:
+        self.method, self.decoder = None, None
+        self.release()
+
+    def detach_tower(self) -> None:
+        self.tower_handle = None
+        self.release()
+
+    def release(self) -> None:
+        if self.method is None and self.tower_handle is None:
+            _PATCHES.pop(self.base, None)
+            self.hooks.remove()
+
+    def boundary_method(self) -> VisualTokenMethod | None:
+        if self.method is not None and self.method.boundary:
+            return self.method
+        return _TowerOutput() if self.tower_handle is not None else None
+
+    def method_names(self) -> str:
+        names = [m for m in (self.method and self.method.method_name, self.tower_handle and "token_clustering") if m]
+        return " + ".join(map(repr, names))
 
     # -- configuration checks ------------------------------------------------------------------------------------
     def tokens_per_view(self) -> int:
@@ -144,13 +208,13 @@ class LlavaPatch:
         return n + int(self.config.vision_feature_select_strategy == "full")
 
     def check_budget(self) -> None:
-        if self.method.boundary and isinstance(self.method.keep, int) and not self.next:
+        if self.method.boundary and isinstance(self.method.keep, int) and not self.next and self.tower_handle is None:
             resolve_budget(self.method.keep, self.tokens_per_view(), what="visual tokens per image")
 
     def reject_labels(self, module, args, kwargs):
         if kwargs.get("labels") is not None:
             raise ValueError(
-                f"labels are not supported while {self.method.method_name!r} is applied: pruning shortens the "
+                f"labels are not supported while {self.method_names()} is applied: pruning shortens the "
                 "sequence the logits are computed on. Remove the patch for training, or compute the loss from the "
                 "returned logits (text tokens keep their order at the end of each row)."
             )
@@ -221,7 +285,7 @@ class LlavaPatch:
         unique = list({id(e): e for e in entries}.values())  # generate() repeats images per beam / sequence
         with timed(entries[0].device) as t:
             items = [(e[: self.images[id(e)][2]], self.images[id(e)][1]) for e in unique]
-            done = dict(zip(map(id, unique), self.method.reduce_batch(items)))
+            done = dict(zip(map(id, unique), self.boundary_method().reduce_batch(items)))
         self.stats.selection_time_s += t.elapsed
         reductions = [done[id(e)] for e in entries]
         self.stats.visual_tokens_in += [self.images[id(e)][2] for e in entries]
@@ -283,19 +347,31 @@ class LlavaPatch:
     def before_llm(self, module, args, kwargs):
         if args:  # LLaVA-NeXT passes input_ids positionally
             kwargs = {**dict(zip(self.base_signature.parameters, args)), **kwargs}
-        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        tokens = ids if ids is not None else embeds
+        self.call = None
         cache = _compat.find_cache(kwargs)
         pixels = kwargs.get("pixel_values")
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        self.in_prefill = False
-        if (pixels is None or pixels.numel() == 0) and encoded is None:
-            self.continue_decode(kwargs, cache, tokens.shape[1])
+        encoded = (kwargs.get(_compat.ENCODER_OUTPUTS) or {}).get("image")
+        images = encoded is not None or (pixels is not None and pixels.numel() > 0)
+        boundary = self.boundary_method()
+        if images and cache is not None and not _compat.is_dynamic_cache(cache) and (boundary or self.decoder):
+            raise ValueError(STATIC_CACHE.format(methods=self.method_names(), cache=type(cache).__name__))
+        layout = self.layout_of(cache, kwargs, images)
+        if layout is not None:
+            self.skip_cached(kwargs, layout, cache)
+        tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        length_in = tokens.shape[1]
+        ids = kwargs.get("input_ids")
+        if not images:
+            if layout is not None:
+                self.map_call(kwargs, layout, None, length_in)
+            if self.decoder is not None:
+                self.decoder.begin_decode(layout)
+            self.call = _Call(layout, None, ids, length_in, prefill=False)
             return (), kwargs
-        self.in_prefill = True
-        self.edit = None
+
         self.stats.reset()
-        if self.method.boundary:
+        edit = None
+        if boundary is not None:
             if encoded is None:
                 encoded = module.get_image_features(
                     pixel_values=pixels,
@@ -309,19 +385,27 @@ class LlavaPatch:
             entries = list(encoded.pooler_output)
             reduced = copy.copy(encoded)  # generate() may pass the same features again (use_cache=False)
             reduced.pooler_output = self.reduce_images(entries)
-            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": reduced}
+            kwargs[_compat.ENCODER_OUTPUTS] = {**(kwargs.get(_compat.ENCODER_OUTPUTS) or {}), "image": reduced}
             kwargs["pixel_values"] = None
-            self.shorten_prompt(kwargs, [e.shape[0] for e in entries])
+            edit = self.shorten_prompt(kwargs, [e.shape[0] for e in entries], [f.shape[0] for f in
+                                                                                 reduced.pooler_output])
+        self.map_call(kwargs, layout, edit, length_in)
         placeholders = self.placeholder_mask(kwargs)
-        mask = kwargs.get("attention_mask")
-        valid = mask.bool() if mask is not None else torch.ones_like(placeholders)
+        valid = mask_valid(kwargs.get("attention_mask"), placeholders.shape, placeholders.device)
         self.stats.visual_tokens_llm = (placeholders & valid).sum(1).tolist()
-        if self.decoder is not None:
-            self.decoder.begin_prefill(placeholders, valid, cache)
-        else:  # nothing changes inside the decoder: every layer sees the (possibly shortened) prompt
+        fresh = layout is None
+        if self.decoder is not None and fresh:
+            self.decoder.begin_prefill(placeholders, valid)
+        else:  # nothing changes inside the decoder: every layer sees the (possibly shortened) new tokens
+            if self.decoder is not None:
+                note = "in-LLM pruning skipped for images that continue a KV cache (only a prefill is pruned)"
+                self.stats.notes.append(note)
+                warnings.warn(f"vtoken: {note}", stacklevel=2)
+                self.decoder.begin_decode(layout)
             layers = len(self.llm.layers)
             self.stats.tokens_per_layer = [valid.sum(1).tolist()] * layers
             self.stats.visual_tokens_per_layer = [self.stats.visual_tokens_llm] * layers
+        self.call = _Call(layout, edit, ids, length_in, prefill=fresh)
         return (), kwargs
 
     def placeholder_mask(self, kwargs) -> torch.Tensor:
@@ -332,15 +416,15 @@ class LlavaPatch:
         image = self.base.get_input_embeddings()(torch.tensor(self.config.image_token_id, device=embeds.device))
         return (embeds == image.to(embeds.dtype)).all(-1)
 
-    def shorten_prompt(self, kwargs, counts_in: list[int]) -> None:
+    def shorten_prompt(self, kwargs, counts_in: list[int], counts_out: list[int]) -> PromptEdit | None:
         """Drop the placeholders of the tokens the boundary stage removed, image by image."""
-        counts_out = [f.shape[0] for f in kwargs["mm_encoder_outputs"]["image"].pooler_output]
         placeholders = self.placeholder_mask(kwargs)
         where = placeholders.flatten().nonzero().squeeze(1)
         if where.numel() != sum(counts_in):
             raise ValueError(
-                f"Image features and image tokens do not match: the prompt has {where.numel()} image tokens, "
-                f"the images give {sum(counts_in)}"
+                f"Image features and image tokens do not match: the new tokens hold {where.numel()} image tokens, "
+                f"the images give {sum(counts_in)}. When a turn continues a KV cache, pass pixel_values for the "
+                "images of the new tokens only."
             )
         drop_run = torch.zeros(where.numel(), dtype=torch.bool, device=where.device)
         start = 0
@@ -351,40 +435,150 @@ class LlavaPatch:
         drop[where[drop_run]] = True
         drop = drop.view_as(placeholders)
         if not bool(drop.any()):
-            return
-        edit = PromptEdit(drop, kwargs.get("attention_mask"))
+            return None
+        edit = PromptEdit(drop)
         if kwargs.get("input_ids") is not None:
             pad = self.config.text_config.pad_token_id
             kwargs["input_ids"] = edit.gather(kwargs["input_ids"], 0 if pad is None else pad)
         if kwargs.get("inputs_embeds") is not None:
             kwargs["inputs_embeds"] = edit.gather(kwargs["inputs_embeds"], 0)
-        kwargs["position_ids"] = edit.position_ids(kwargs.get("position_ids"))
-        kwargs["attention_mask"] = edit.attention_mask(kwargs.get("attention_mask"))
-        self.edit = edit
+        return edit
 
-    def continue_decode(self, kwargs, cache, q: int) -> None:
-        """A call without images: a decode step of the last prefill's cache gets the same shortening."""
-        edit = self.edit
-        if edit is not None and cache is not None and edit.cache_ref is not None and edit.cache_ref() is cache:
-            cached = cache.get_seq_length()
-            mask = kwargs.get("attention_mask")
-            if mask is not None and mask.dim() == 2 and mask.shape[1] == edit.length_in + cached - edit.length_out + q:
-                kwargs["attention_mask"] = edit.decode_attention_mask(mask)
-            kwargs["position_ids"] = edit.decode_position_ids(kwargs.get("position_ids"), cached, q)
-        if self.decoder is not None:
-            self.decoder.begin_decode(cache)
+    # -- the cache: continuing what an earlier call wrote ---------------------------------------------------------
+    def layout_of(self, cache, kwargs, images: bool) -> CacheLayout | None:
+        """The layout of the cache this call continues; None for a fresh prefill (no cache, or an empty one) and for
+        text on a cache vtoken did not change (the host's own bookkeeping is right there)."""
+        if cache is None or cache.get_seq_length() == 0:
+            return None
+        layout = CacheLayout.of(cache)
+        tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        if layout is None and not images:
+            return None
+        if layout is None:  # new images on a cache written without vtoken's changes: slot i is column i
+            layout = CacheLayout.identity(tokens.shape[0], int(cache.get_seq_length()), tokens.device,
+                                          self.method_names())
+        if layout.pruned is not None and self.decoder is None:
+            raise ValueError(
+                f"vtoken: this KV cache was pruned inside the LLM by {layout.method}, so its layers hold different "
+                f"lengths; continue it while that method is applied (now: {self.method_names()})"
+            )
+        return layout.expand(tokens.shape[0])
+
+    @staticmethod
+    def prepare_inputs(original):
+        """generate() feeds a continued conversation from where the cache's slot count says; vtoken's shortened
+        earlier turns hold fewer slots than columns, so the cut moves to the first column the cache does not hold."""
+
+        def prepare_inputs_for_generation(input_ids, *args, **kwargs):
+            unseen = kwargs.get(_compat.GENERATE_UNSEEN)
+            cache = _compat.find_cache(kwargs)
+            layout = CacheLayout.of(cache)
+            if layout is not None and unseen is not None and layout.columns != layout.slots:
+                tokens = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else input_ids
+                if unseen == tokens.shape[1] - int(cache.get_seq_length()):
+                    kwargs[_compat.GENERATE_UNSEEN] = tokens.shape[1] - layout.columns
+                    check_continues(layout, input_ids if tokens is input_ids else None)
+            return original(input_ids, *args, **kwargs)
+
+        return prepare_inputs_for_generation
+
+    def skip_cached(self, kwargs, layout: CacheLayout, cache) -> None:
+        """Drop the leading new tokens the cache already holds.
+
+        generate() cuts a continued conversation where the cache's slot count says, which is too early when
+        vtoken shortened earlier turns; the caller's mask (its columns cover the whole conversation) tells where
+        the new columns start.
+        """
+        if int(cache.get_seq_length()) != layout.slots:
+            raise ValueError(
+                f"vtoken: this KV cache holds {int(cache.get_seq_length())} slots but {layout.slots} were written "
+                "through the patched model; a cache edited outside generate()/forward (cropped, as assisted "
+                "decoding does) cannot be continued. Re-run the conversation from its start instead."
+            )
+        mask = kwargs.get("attention_mask")
+        tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        if mask is None:
+            return
+        trim = tokens.shape[1] - (mask.shape[-1] - layout.columns)
+        if trim < 0:
+            raise ValueError(
+                f"vtoken: the attention mask covers {mask.shape[-1]} columns and the KV cache holds {layout.columns} "
+                f"of them, so {mask.shape[-1] - layout.columns} new tokens were expected; got {tokens.shape[1]}"
+            )
+        if trim == 0:
+            return
+        ids = kwargs.get("input_ids")
+        check_continues(layout, None if ids is None else ids[:, :trim], tail=True)
+        for key in ("input_ids", "inputs_embeds"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = kwargs[key][:, trim:]
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"][..., trim:]
+        if mask.dim() == 4:
+            kwargs["attention_mask"] = mask[:, :, trim:]
+
+    def map_call(self, kwargs, layout: CacheLayout | None, edit: PromptEdit | None, length_in: int) -> None:
+        """Move the call's mask and positions from the caller's columns to the cache's slots."""
+        if layout is None and edit is None:
+            return
+        B = edit.col_map.shape[0] if edit is not None else layout.batch
+        device = edit.col_map.device if edit is not None else layout.source.device
+        base = layout.columns if layout is not None else 0
+        new = torch.arange(length_in, device=device).expand(B, -1)
+        rows = edit.col_map if edit is not None else new
+        cols = torch.cat([layout.slot_columns(layout.slots) if layout is not None else new[:, :0],
+                          torch.where(rows >= 0, rows + base, -1)], dim=1)
+        mask = kwargs.get("attention_mask")
+        if mask is None and bool((cols < 0).any()):
+            mask = torch.ones(B, base + length_in, dtype=torch.long, device=device)
+        if mask is not None:
+            kwargs["attention_mask"] = remap_mask(mask, rows, cols)
+        positions = kwargs.get("position_ids")
+        if layout is None:
+            kwargs["position_ids"] = edit.position_ids(positions)
+            return
+        if positions is None:
+            positions = base + new
+        positions = positions - layout.shift.to(positions.device).unsqueeze(1)
+        kwargs["position_ids"] = edit.position_ids(positions) if edit is not None else positions
 
     def after_llm(self, module, args, kwargs, output):
-        if self.in_prefill:
-            cache = _compat.find_cache(output)
-            if self.edit is not None and cache is not None:
-                self.edit.cache_ref = weakref.ref(cache)
-            if self.decoder is not None:
-                self.decoder.bind_cache(cache)
+        call, self.call = self.call, None
         if self.decoder is not None:
             self.decoder.idle()
-        self.in_prefill = False
+        cache = _compat.find_cache(output)
+        if call is None or cache is None:
+            return output
+        pruned = self.decoder.pruned_layers() if self.decoder is not None and call.prefill else None
+        layout = call.layout
+        if layout is None:
+            if call.edit is None and pruned is None:
+                return output  # nothing changed: slot i is column i
+            B = call.edit.col_map.shape[0] if call.edit is not None else pruned[-1][0].shape[0]
+            layout = CacheLayout.identity(B, 0, cache_device(cache, call), self.method_names())
+            layout.ids = None if call.ids is None else call.ids[:, :0]
+        layout = layout.extended(call.edit, call.ids, call.length_in)
+        if pruned is not None:
+            layout.pruned, layout.pruned_slots = pruned, layout.slots
+        layout.attach(cache)
         return output
+
+
+def check_continues(layout: CacheLayout, ids: torch.Tensor | None, tail: bool = False) -> None:
+    """Refuse ids whose cached part is not what the cache holds (``tail``: ids are the last columns it holds)."""
+    if ids is None or layout.ids is None:
+        return
+    held = layout.ids[:, layout.columns - ids.shape[1]:] if tail else layout.ids
+    if held.shape != ids[:, : held.shape[1]].shape or not torch.equal(held, ids[:, : held.shape[1]].to(held.device)):
+        raise ValueError(
+            "vtoken: input_ids do not continue the conversation this KV cache holds; pass the earlier turns "
+            "exactly as generate() returned them (out.sequences), or start without the cache"
+        )
+
+
+def cache_device(cache, call: _Call):
+    source = call.edit.col_map if call.edit is not None else call.ids
+    return source.device if source is not None else torch.device("cpu")
 
 
 @dataclass
@@ -433,10 +627,11 @@ def install_clustered_tower(model, config, handle) -> None:
             f"cluster_after={alpha} clusters after LLaVA's feature layer (the output of block {read}, "
             f"vision_feature_layer={feature_layer}); use cluster_after < {read}"
         )
+    patch = LlavaPatch.of(model)
     tower_handle = Handle(tower, handle.method, config, "hf_clip_vision")
     handle.on_remove(tower_handle.remove)
     install_hf_clip(tower, config, tower_handle)
-    LlavaPatch(model, _TowerOutput(), handle, tower_handle)
+    patch.attach_tower(tower_handle, handle)
 
 
 @register_host("llava", "transformers LlavaForConditionalGeneration (LLaVA-1.5)", matches=_is_llava)
@@ -444,10 +639,10 @@ def install_llava(model, method, handle) -> None:
     if method.method_name == "token_clustering":
         install_clustered_tower(model, method, handle)
     else:
-        LlavaPatch(model, method, handle)
+        LlavaPatch.of(model).attach_method(method, handle)
 
 
 @register_host("llava_next", "transformers LlavaNextForConditionalGeneration (LLaVA-NeXT / 1.6)",
                matches=_is_llava_next)
 def install_llava_next(model, method, handle) -> None:
-    LlavaPatch(model, method, handle)
+    LlavaPatch.of(model).attach_method(method, handle)

@@ -165,7 +165,7 @@ def test_attention_rows_match_eager_attention_with_padding(factory):
     ids, mask = left_pad([torch.tensor([1, 5, 6, 7, 8, 9]), torch.tensor([1, 5, 6, 9])])
     visual = torch.zeros_like(ids, dtype=torch.bool)
     visual[:, 2] = True
-    pruner.begin_prefill(visual, mask.bool(), None)
+    pruner.begin_prefill(visual, mask.bool())
     with torch.no_grad():
         out = lm(input_ids=ids, attention_mask=mask, output_attentions=True)
     for h in hooks:

@@ -1,0 +1,144 @@
+"""Paths a production user meets after the main ones: copies of a patched model, static caches, 4-D attention masks
+and token clustering composed with an LLM-side method. Each gives the right answer or a clear refusal."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_llava_invariants import PRUNING, Host, method_of
+from tiny_models import IMAGE_TOKEN, PAD, hooks_of, prompt, tiny_llava
+
+import vtoken
+
+GEN = dict(max_new_tokens=3, do_sample=False, pad_token_id=PAD, suppress_tokens=[IMAGE_TOKEN])
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next"])
+def host(request):
+    return Host(request.param)
+
+
+# copy.deepcopy ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["todre", "random", "attn_topk"])
+def test_deepcopy_of_a_patched_model_is_refused_at_copy_time(name):
+    model = tiny_llava()
+    handle = vtoken.patch(model, name, **PRUNING[name])
+    hooked = [model, model.model] + ([model.model.language_model] if name != "random" else [])
+    for target in hooked:
+        with pytest.raises(RuntimeError, match=f"deepcopy of a .* patched by vtoken .*{name}.*handle.remove"):
+            copy.deepcopy(target)
+    handle.remove()
+    clone = copy.deepcopy(model)  # unpatched again: copies as usual, and the copy can be patched on its own
+    with vtoken.patch(clone, name, **PRUNING[name]):
+        copy.deepcopy(model)
+
+
+def test_the_copy_guard_stays_while_any_method_remains():
+    model = tiny_llava(image_size=224, vision_layers=4)
+    clustering = vtoken.patch(model, "token_clustering", num_clusters=0.25, reconstruct=False)
+    todre = vtoken.patch(model, "todre", keep=0.5)
+    clustering.remove()
+    with pytest.raises(RuntimeError, match="todre"):
+        copy.deepcopy(model)
+    todre.remove()
+    copy.deepcopy(model)
+
+
+# static caches -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["todre", "random", "pool", "attn_topk"])
+def test_a_static_cache_is_refused_with_one_message(host, name, attn):
+    model = host.model
+    model.model.language_model.set_attn_implementation(attn)
+    try:
+        with vtoken.patch(model, method_of(name), **PRUNING[name]), torch.no_grad():
+            for inputs in (host.single(0), host.batch()):
+                with pytest.raises(ValueError, match="needs a DynamicCache .* got StaticCache"):
+                    model.generate(**inputs, cache_implementation="static", **GEN)
+            text = torch.tensor([[1, 5, 6, 7]])  # no image: nothing to change, the static cache is fine
+            model.generate(input_ids=text, attention_mask=torch.ones_like(text), cache_implementation="static",
+                           **GEN)
+    finally:
+        model.model.language_model.set_attn_implementation("sdpa")
+
+
+# 4-D attention masks -------------------------------------------------------------------------------------------
+def four_d(mask: torch.Tensor, additive: bool) -> torch.Tensor:
+    """The (B, 1, L, L) causal padding mask a caller would build from a 2-D one."""
+    L = mask.shape[1]
+    allowed = torch.tril(torch.ones(L, L, dtype=torch.bool))[None] & mask.bool()[:, None, :]
+    allowed = allowed | torch.eye(L, dtype=torch.bool)[None]  # padding rows see themselves: no empty softmax row
+    if not additive:
+        return allowed[:, None]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+
+@pytest.mark.parametrize("additive", [False, True], ids=["bool", "float"])
+@pytest.mark.parametrize("name", sorted(PRUNING))
+def test_a_4d_mask_gives_what_its_2d_mask_gives(host, name, additive):
+    model = host.model
+    inputs = host.batch()
+    with vtoken.patch(model, method_of(name), **PRUNING[name]) as handle, torch.no_grad():
+        expected = model(**inputs).logits
+        rows = handle.stats.tokens_per_layer[-1]
+        got = model(**{**inputs, "attention_mask": four_d(inputs["attention_mask"], additive)}).logits
+        assert handle.stats.tokens_per_layer[-1] == rows
+    for row, n in enumerate(rows):  # padding and filler columns on the left mean nothing
+        torch.testing.assert_close(got[row, -n:], expected[row, -n:], atol=1e-5, rtol=1e-5)
+
+
+# token_clustering(reconstruct=False) composed with LLM-side methods ---------------------------------------------
+def clustered_llava():
+    model = tiny_llava(image_size=224, vision_layers=4)
+    ids = prompt(256).unsqueeze(0)
+    return model, dict(input_ids=ids, pixel_values=torch.randn(1, 3, 224, 224), attention_mask=torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("name", ["todre", "random", "pool", "attn_topk"])
+@pytest.mark.parametrize("order", ["clustering first", "method first"])
+def test_clustering_tokens_compose_with_llm_methods(name, order):
+    model, inputs = clustered_llava()
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    snapshot = hooks_of(model)  # after transformers' own first-use hooks
+    with vtoken.patch(model, "token_clustering", num_clusters=0.25, reconstruct=False) as alone, torch.no_grad():
+        clustered = model(**inputs).logits
+        cluster_tokens = alone.stats.visual_tokens_llm[0]
+    assert cluster_tokens == 64  # a quarter of 16 x 16
+
+    def apply(what):
+        if what == "clustering":
+            return vtoken.patch(model, "token_clustering", num_clusters=0.25, reconstruct=False)
+        return vtoken.patch(model, name, keep=0.5)
+
+    first, second = ("clustering", "method") if order == "clustering first" else ("method", "clustering")
+    handles = [apply(first), apply(second)]
+    with torch.no_grad():
+        both = model(**inputs).logits
+        stats = handles[-1].stats
+        tokens = model.generate(**inputs, **GEN)
+    assert stats is handles[0].stats  # one model, one record of its last call
+    assert stats.visual_tokens_in == [cluster_tokens]
+    llm_tokens = stats.visual_tokens_per_layer[-1][0]
+    assert llm_tokens == 32 if name != "pool" else llm_tokens <= 32
+    assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert both.shape[1] < clustered.shape[1] or name == "attn_topk"
+    for h in reversed(handles) if order == "clustering first" else handles:  # either removal order
+        h.remove()
+    assert hooks_of(model) == snapshot
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
+
+
+def test_clustering_alone_keeps_shortening_the_prompt_after_the_method_is_removed():
+    model, inputs = clustered_llava()
+    clustering = vtoken.patch(model, "token_clustering", num_clusters=0.25, reconstruct=False)
+    with torch.no_grad():
+        alone = model(**inputs).logits
+    method = vtoken.patch(model, "random", keep=0.5)
+    method.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, alone)
+    clustering.remove()
