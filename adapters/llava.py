@@ -602,6 +602,7 @@ def install_clustered_tower(model, config, handle) -> None:
     ``reconstruct=False``: the LLM gets the M cluster tokens per image and the prompt is shortened to match.
     """
     from vtoken.adapters.vit import install_hf_clip
+    from vtoken.methods.clustering import MIN_DEPTH
 
     _, tower = _compat.decoder_of(model.model)
     depth = len(_compat.clip_parts(tower)[1])
@@ -610,6 +611,16 @@ def install_clustered_tower(model, config, handle) -> None:
         raise ValueError("token_clustering on LLaVA needs a single vision_feature_layer, got "
                          f"{feature_layer}; patch model.model.vision_tower directly instead")
     read = feature_layer % (depth + 1)  # hidden_states index LLaVA reads = blocks run before it
+    if read < MIN_DEPTH:
+        blocks = MIN_DEPTH - 1 - feature_layer  # a negative feature layer counts from the end
+        needed = (f"with vision_feature_layer={feature_layer}: a tower of at least {blocks} blocks"
+                  if feature_layer < 0 else f"vision_feature_layer >= {MIN_DEPTH}")
+        raise ValueError(
+            f"token_clustering cannot apply to this LLaVA's vision tower: LLaVA reads the output of block {read} of "
+            f"{depth} (vision_feature_layer={feature_layer}), and clustering needs a full-resolution block before it "
+            f"and a block on the clusters up to that output, so the feature layer must be the output of block "
+            f"{MIN_DEPTH} or later ({needed})"
+        )
     if config.reconstruct:
         if config.reconstruct_after is None:
             config = dataclasses.replace(config, reconstruct_after=read)

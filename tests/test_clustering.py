@@ -202,7 +202,11 @@ def test_reconstruction_keeps_the_feature_dtype_and_width():
         (dict(window=4), "window=4 must be odd"),
         (dict(iterations=-1), r"iterations=-1 is out of range"),
         (dict(temperature=0.0), r"temperature=0.0 is out of range"),
-        (dict(relative_temperature=-1.0), r"relative_temperature=-1.0 is out of range"),
+        (dict(relative_temperature=-1.0), r"relative_temperature=-1.0 is out of range; allowed: \(0.0, inf\)$"),
+        (dict(relative_temperature=math.inf), r"relative_temperature=inf is out of range; allowed: \(0.0, inf\)$"),
+        (dict(temperature=math.inf), r"temperature=inf is out of range; allowed: \(0.0, inf\)$"),
+        (dict(recon_temperature=math.inf), r"recon_temperature=inf is out of range; allowed: \(0.0, inf\)$"),
+        (dict(relative_temperature=math.nan), r"relative_temperature=nan is out of range"),
         (dict(k=0), r"k=0 is out of range"),
         (dict(recon_norm="max"), r"recon_norm='max' is not allowed; choose one of 'l2', 'sum'"),
         (dict(reconstruct="yes"), r"reconstruct='yes' is not allowed"),
@@ -239,3 +243,23 @@ def test_placement(kwargs, depth, expected):
 def test_placement_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TokenClusteringConfig(**kwargs).placement(12)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(reconstruct=False), dict(cluster_after=1)])
+def test_placement_on_a_one_block_model_says_it_is_too_shallow(kwargs):
+    with pytest.raises(ValueError, match=r"token_clustering cannot apply to this model: it has 1 block, and "
+                                         r"clustering needs at least 2 \(one full-resolution block before the "
+                                         r"clustering, one on the clusters\)"):
+        TokenClusteringConfig(**kwargs).placement(1)
+
+
+@pytest.mark.parametrize("relative_temperature", [1e19, 1e30, 1e300])
+def test_a_huge_finite_relative_temperature_stays_finite_on_identical_tokens(relative_temperature):
+    """Identical tokens have median distance 0; t must stay finite, or -t * 0 is NaN."""
+    config = TokenClusteringConfig(num_clusters=16, relative_temperature=relative_temperature)
+    tokens = torch.ones(1, 64, 8)
+    out = config.clustering()(tokens, (8, 8))
+    assert torch.isfinite(out.temperature).all() and torch.isfinite(out.centers).all()
+    affinity = config.reconstruction().affinity(tokens, out)
+    assert torch.isfinite(affinity).all()
+    torch.testing.assert_close(config.reconstruction()(out.centers, affinity), tokens)

@@ -90,6 +90,30 @@ def test_clustering_placement_is_checked_against_llava_feature_layer(model, kwar
     assert hooks_of(model) == hooks
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(reconstruct=False), dict(cluster_after=1, reconstruct=False),
+                                    dict(cluster_after=1)])
+@pytest.mark.parametrize("vision_layers,read", [(2, 1), (1, 0)])
+def test_a_tower_too_shallow_for_llava_feature_layer_is_refused_as_such(kwargs, vision_layers, read):
+    """LLaVA reads hidden_states[-2]: the output of block 1 of 2 (or of block 0 of 1, the embeddings), which leaves
+    no room for a full-resolution block before clustering and one on the clusters."""
+    shallow = tiny_llava(vision_layers=vision_layers)
+    hooks = hooks_of(shallow)
+    message = (rf"token_clustering cannot apply to this LLaVA's vision tower: LLaVA reads the output of block {read} "
+               rf"of {vision_layers} \(vision_feature_layer=-2\).* the feature layer must be the output of block 2 or "
+               r"later \(with vision_feature_layer=-2: a tower of at least 3 blocks\)")
+    with pytest.raises(ValueError, match=message):
+        vtoken.patch(shallow, "token_clustering", **kwargs)
+    assert hooks_of(shallow) == hooks
+
+
+def test_a_three_block_tower_is_deep_enough():
+    model = tiny_llava(vision_layers=3)  # LLaVA reads the output of block 2: cluster after 1, one block on clusters
+    ids, px = prompt(64).unsqueeze(0), torch.randn(1, 3, 112, 112)
+    with vtoken.patch(model, "token_clustering", num_clusters=16, reconstruct=False) as handle:
+        logits(model, input_ids=ids, pixel_values=px)
+        assert handle.stats.visual_tokens_llm == [16]
+
+
 def test_clustered_tower_with_beam_search(model):
     ids, px = prompt(64).unsqueeze(0), torch.randn(1, 3, 112, 112)
     with vtoken.patch(model, "token_clustering", **CLUSTER) as handle, torch.no_grad():

@@ -11,6 +11,7 @@ import vtoken
 
 KEEP_ALL = {
     "todre": dict(keep=1.0, tau=0.0),  # tau=0: stage 2 scores but never fires
+    "divprune": dict(keep=1.0),
     "random": dict(keep=1.0),
     "pool": dict(keep=1.0),
     "attn_topk": dict(keep=1.0),
@@ -19,6 +20,7 @@ PRUNING = {
     "todre": dict(keep=0.25),
     "todre_stage2_fires": dict(keep=0.25, tau=1.0),
     "todre_maxmin": dict(keep=0.25, rule="maxmin"),
+    "divprune": dict(keep=0.25),
     "random": dict(keep=0.25),
     "pool": dict(keep=0.25),
     "attn_topk": dict(keep=0.3),
@@ -26,6 +28,7 @@ PRUNING = {
 BOUNDARY_ONLY = {
     "todre": dict(keep=0.25, stage2=False),
     "todre_maxmin": dict(keep=0.25, stage2=False, rule="maxmin"),
+    "divprune": dict(keep=0.25),
     "random": dict(keep=0.25),
     "pool": dict(keep=0.25),
 }
@@ -100,7 +103,7 @@ def test_keep_all_is_lossless(host, name):
 
 
 # 2. remove() restores ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["todre", "attn_topk", "pool"])
+@pytest.mark.parametrize("name", ["todre", "divprune", "attn_topk", "pool"])
 def test_remove_restores_and_repatch_repeats(host, name):
     inputs = host.single(1)
     ref = logits(host.model, **inputs)
@@ -244,7 +247,7 @@ def test_text_only_input_is_a_no_op(host, name):
 
 
 # beam search / several sequences per prompt: generate() repeats the image features itself ---------------------------
-@pytest.mark.parametrize("name", ["todre", "random"])
+@pytest.mark.parametrize("name", ["todre", "divprune", "random"])
 def test_beam_search_equals_unpatched_beam_search_on_the_shortened_input(host, name):
     model, inputs = host.model, host.single(0)
     beams = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0,

@@ -140,13 +140,17 @@ def check_choice(value, arg: str, choices: tuple) -> None:
         raise ValueError(f"{arg}={value!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
 
 
-def check_float(value, arg: str, low: float, high: float, low_open: bool = False) -> float:
+def check_float(value, arg: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float in [low, high]; ``low_open`` / ``high_open`` exclude an end (``high=math.inf`` with
+    ``high_open=True`` is "any finite value above low")."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{arg} must be a number; got {value!r}")
     value = float(value)
     bad_low = value <= low if low_open else value < low
-    if bad_low or value > high or value != value:
-        raise ValueError(f"{arg}={value} is out of range; allowed: {'(' if low_open else '['}{low}, {high}]")
+    bad_high = value >= high if high_open else value > high
+    if bad_low or bad_high or value != value:
+        allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{arg}={value} is out of range; allowed: {allowed}")
     return value
 
 

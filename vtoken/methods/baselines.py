@@ -52,24 +52,36 @@ class RandomConfig(VisualTokenMethod):
 
 def pooled_grid(rows: int, cols: int, budget: int, newline: bool = False) -> tuple[int, int]:
     """Largest ``r x c`` grid with roughly the aspect of ``rows x cols`` whose tokens, plus one separator per row
-    when ``newline``, fit in ``budget`` (never upsampling)."""
+    when ``newline``, fit in ``budget`` (never upsampling): ``r * (c + newline) <= budget``, ``1 <= r <= rows``,
+    ``1 <= c <= cols``. The budget must hold at least one pooled token and its separator."""
     sep = int(newline)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"a {rows}x{cols} grid has no patch to pool")
+    if budget < 1 + sep:
+        raise ValueError(f"budget={budget} cannot hold one pooled token" + (" and its row separator" if sep else ""))
     r = min(rows, max(1, round(math.sqrt(budget * rows / cols))))
     c = min(cols, max(1, budget // r - sep))
-    r = min(rows, max(1, budget // (c + sep)))
+    r = min(rows, budget // (c + sep))  # >= 1: c + sep <= budget
     return r, c
 
 
-def split_budget(k: int, sizes: list[int]) -> list[int]:
-    """Share ``k`` tokens among segments in proportion to their sizes (largest remainders, >= 1 each)."""
+def split_budget(k: int, sizes: list[int], minimums: list[int] | None = None) -> list[int]:
+    """Share exactly ``k`` tokens among segments in proportion to their sizes (largest remainders), each getting at
+    least its minimum (default 1; the shortfall is taken from the segment with the most to spare)."""
+    minimums = [1] * len(sizes) if minimums is None else minimums
+    if k < sum(minimums):
+        raise ValueError(f"k={k} is smaller than the {sum(minimums)} tokens the segments need at least")
     total = sum(sizes)
     exact = [k * s / total for s in sizes]
-    out = [max(1, int(e)) for e in exact]
-    order = sorted(range(len(sizes)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
-    for i in order:
-        if sum(out) >= k:
-            break
+    out = [int(e) for e in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: exact[i] - out[i], reverse=True)
+    for i in by_remainder[: k - sum(out)]:
         out[i] += 1
+    for i in range(len(sizes)):
+        while out[i] < minimums[i]:
+            donor = max(range(len(sizes)), key=lambda j: out[j] - minimums[j])
+            out[donor] -= 1
+            out[i] += 1
     return out
 
 
@@ -79,23 +91,37 @@ class PoolConfig(VisualTokenMethod):
     """2-D adaptive average pooling of each patch grid to about ``keep`` tokens (after the projector).
 
     The pooled grid keeps the image's aspect ratio, so it holds ``r x c <= keep`` tokens (64 -> 8x8, 58 -> 8x7);
-    ``handle.stats`` reports the exact count. LLaVA-NeXT's layout is preserved: the thumbnail and the
-    high-resolution grid share the budget in proportion to their sizes, each pooled row of the high-resolution
-    grid keeps its ``image_newline`` separator, and tokens outside any grid are kept as they are.
+    ``handle.stats`` reports the exact count, which never exceeds ``keep``. LLaVA-NeXT's layout is preserved: the
+    thumbnail and the high-resolution grid share the budget in proportion to their sizes, each pooled row of the
+    high-resolution grid keeps its ``image_newline`` separator, and tokens outside any grid are kept as they are.
+
+    Edge cases, so that the budget always holds and keep-all is the identity:
+    * a budget that keeps every token returns the input unchanged;
+    * a grid with no patches (an extreme aspect ratio unpads LLaVA-NeXT's high-resolution grid to 0 columns or
+      0 rows, leaving only separators) has nothing to pool and is dropped with its separators;
+    * a budget too small for one pooled token per grid (plus a separator for the high-resolution grid, 3 tokens
+      in all) drops grids from the last one on: the thumbnail gets the whole budget. Tokens outside any grid are
+      kept only where the budget has room for them after the first grid's one token.
     """
 
     boundary = True
 
     def reduce(self, features: torch.Tensor, ctx: ImageContext) -> Reduction:
         k = resolve_budget(self.keep, ctx.n)
-        segments: list[GridSegment] = ctx.segments
+        if k >= ctx.n:
+            return Reduction(features, None)
         covered = torch.zeros(ctx.n, dtype=torch.bool)
-        for seg in segments:
+        for seg in ctx.segments:
             covered[seg.start : seg.start + seg.length] = True
         extras = (~covered).nonzero().squeeze(1).tolist()
-        budgets = split_budget(max(k - len(extras), len(segments)), [s.length for s in segments])
+        grids: list[GridSegment] = [s for s in ctx.segments if s.rows and s.cols]
+        need = [1 + int(s.newline) for s in grids]  # one pooled token, and its separator
+        while len(grids) > 1 and sum(need) + len(extras) > k:
+            grids, need = grids[:-1], need[:-1]
+        extras = extras[: max(0, k - sum(need))]
+        budgets = split_budget(k - len(extras), [s.length for s in grids], need)
         pieces = [(i, features[i : i + 1]) for i in extras]
-        for seg, budget in zip(segments, budgets):
+        for seg, budget in zip(grids, budgets):
             grid = features[seg.patch_index().to(features.device)]  # (rows, cols, D)
             r, c = pooled_grid(seg.rows, seg.cols, budget, seg.newline)
             out = F.adaptive_avg_pool2d(grid.permute(2, 0, 1).float(), (r, c)).permute(1, 2, 0).to(features.dtype)

@@ -156,8 +156,9 @@ class TokenClustering(nn.Module):
         if self.temperature is not None:
             return torch.full((dist.shape[0],), float(self.temperature), device=dist.device)
         median = dist[:, mask].median(dim=1).values  # (B,), admissible pairs only
-        # Identical tokens (median 0) would give an infinite t; any large finite value is as good.
-        return self.relative_temperature / median.clamp_min(1e-20)
+        # Identical tokens (median 0), or a huge relative_temperature, would give an infinite t and -t * 0 = NaN;
+        # any large finite value is as good.
+        return (self.relative_temperature / median.clamp_min(1e-20)).clamp_max(torch.finfo(torch.float32).max)
 
 
 # -- reconstruction --------------------------------------------------------------------------------------------------
@@ -196,6 +197,13 @@ class TokenReconstruction(nn.Module):
 
 
 # -- config ------------------------------------------------------------------------------------------------------
+MIN_DEPTH = 2  # blocks a placement needs: one at full resolution before clustering, one on the clusters
+
+
+def check_positive_finite(value, arg: str) -> float:
+    return check_float(value, arg, 0.0, math.inf, low_open=True, high_open=True)
+
+
 def check_cluster_spec(value) -> ClusterSpec:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
@@ -264,19 +272,23 @@ class TokenClusteringConfig:
         check_int(self.window, "window", 1)
         if self.window % 2 == 0:
             raise ValueError(f"window={self.window} must be odd (a box centred on the token's own cell)")
+        # Temperatures are finite: t = inf makes -t * 0 (a token on its centre) NaN.
         if self.temperature is not None:
-            self.temperature = check_float(self.temperature, "temperature", 0.0, math.inf, low_open=True)
-        self.relative_temperature = check_float(
-            self.relative_temperature, "relative_temperature", 0.0, math.inf, low_open=True
-        )
+            self.temperature = check_positive_finite(self.temperature, "temperature")
+        self.relative_temperature = check_positive_finite(self.relative_temperature, "relative_temperature")
         check_int(self.k, "k", 1)
         if self.recon_temperature is not None:
-            self.recon_temperature = check_float(self.recon_temperature, "recon_temperature", 0.0, math.inf,
-                                                 low_open=True)
+            self.recon_temperature = check_positive_finite(self.recon_temperature, "recon_temperature")
         check_choice(self.recon_norm, "recon_norm", ("l2", "sum"))
 
     def placement(self, depth: int) -> tuple[int, int | None]:
         """(alpha, beta) as block counts for a ViT with ``depth`` blocks; beta is None without reconstruction."""
+        if depth < MIN_DEPTH:
+            raise ValueError(
+                f"token_clustering cannot apply to this model: it has {depth} block{'s' if depth != 1 else ''}, and "
+                f"clustering needs at least {MIN_DEPTH} (one full-resolution block before the clustering, one on the "
+                "clusters)"
+            )
         alpha = depth // 2 if self.cluster_after is None else self.cluster_after
         if not 1 <= alpha < depth:
             raise ValueError(

@@ -18,11 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from vtoken.budget import resolve_budget
 from vtoken.kernels.dispatch import BACKENDS
-from vtoken.kernels.diversity import RULES, greedy_select
+from vtoken.kernels.diversity import RULES
 from vtoken.methods.base import (
     ImageContext,
     LayerContext,
@@ -32,6 +30,7 @@ from vtoken.methods.base import (
     check_float,
     check_int,
 )
+from vtoken.methods.diverse import diverse_reductions
 from vtoken.registry import register_method
 
 
@@ -102,24 +101,10 @@ class ToDREConfig(VisualTokenMethod):
         return self.reduce_batch([(features, ctx)])[0]
 
     def reduce_batch(self, images: list[tuple[torch.Tensor, ImageContext]]) -> list[Reduction]:
-        """Images with the same token count are selected together: the k greedy steps run once for all of them."""
-        out: list[Reduction | None] = [None] * len(images)
-        groups: dict[int, list[int]] = {}
-        for i, (_, ctx) in enumerate(images):
-            groups.setdefault(ctx.n, []).append(i)
-        for n, members in groups.items():
-            k = resolve_budget(self.keep, n)
-            if k >= n:
-                for i in members:
-                    out[i] = Reduction(images[i][0], torch.arange(n, device=images[i][0].device))
-                continue
-            features = torch.stack([images[i][0] for i in members])
-            x = F.normalize(features.float(), dim=-1)
-            pivots = torch.stack([self.choose_pivot(images[i][1]).to(x.device) for i in members])
-            kept = greedy_select(x, k, pivots, self.rule, self.backend).sort(dim=1).values  # raster order
-            for row, i in enumerate(members):
-                out[i] = Reduction(features[row][kept[row]], kept[row])
-        return out
+        def pivots(x: torch.Tensor, members: list[int]) -> torch.Tensor:
+            return torch.stack([self.choose_pivot(images[i][1]).to(x.device) for i in members])
+
+        return diverse_reductions(images, self.keep, pivots, self.rule, self.backend)
 
     # stage 2 -------------------------------------------------------------------------------------------------
     def check_layer(self, num_layers: int) -> int:
