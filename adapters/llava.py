@@ -165,7 +165,7 @@ class LlavaPatch:
 
     # -- users -------------------------------------------------------------------------------------------------
     def attach_method(self, method: VisualTokenMethod, handle: Handle) -> None:
-        handle.claim(self.base, "vtoken.vlm_tokens")
+        self.claim(handle, "vtoken.vlm_tokens")
         handle.on_remove(self.detach_method)
         self.method = method
         handle.stats = self.stats
@@ -174,10 +174,17 @@ class LlavaPatch:
             self.decoder = DecoderPruner(self.llm, method, self.stats, handle)
 
     def attach_tower(self, tower_handle: Handle, handle: Handle) -> None:
-        handle.claim(self.base, "vtoken.vlm_tower")
+        self.claim(handle, "vtoken.vlm_tower")
         handle.on_remove(self.detach_tower)
         self.tower_handle = tower_handle
         handle.stats = self.stats
+
+    def claim(self, handle: Handle, slot: str) -> None:
+        try:
+            handle.claim(self.base, slot)
+        except BaseException:
+            self.release()  # a patch created for this user alone must not outlive the failure
+            raise
 
     def detach_method(self) -> None:
         self.method, self.decoder = None, None
@@ -638,11 +645,10 @@ def install_clustered_tower(model, config, handle) -> None:
             f"cluster_after={alpha} clusters after LLaVA's feature layer (the output of block {read}, "
             f"vision_feature_layer={feature_layer}); use cluster_after < {read}"
         )
-    patch = LlavaPatch.of(model)
     tower_handle = Handle(tower, handle.method, config, "hf_clip_vision")
     handle.on_remove(tower_handle.remove)
     install_hf_clip(tower, config, tower_handle)
-    patch.attach_tower(tower_handle, handle)
+    LlavaPatch.of(model).attach_tower(tower_handle, handle)
 
 
 @register_host("llava", "transformers LlavaForConditionalGeneration (LLaVA-1.5)", matches=_is_llava)

@@ -2,7 +2,7 @@
 
 A. reconstruct before the projector: the tower gets cheaper, the LLM still sees all 196 visual tokens;
 B. ``reconstruct=False``: the LLM gets the 7x7 = 49 cluster tokens, and vtoken shortens the prompt to match;
-C. B's clustered tower followed by ToDRE after the projector (two patches on one model).
+C. B followed by ToDRE after the projector (two patches on one model, applied in either order).
 
 The ShapesVQA tower has 4 blocks and LLaVA reads the output of the last one (``vision_feature_layer=-1``), so
 clustering after block 2 leaves two blocks on cluster tokens. For LLaVA-1.5's 24-block tower see
@@ -47,12 +47,11 @@ with vtoken.patch(model, "token_clustering", **CLUSTER, reconstruct=False) as ha
     s = handle.stats  # the LLaVA's stats; the tower's are in s.vision
     print(f"   the LLM sees {s.visual_tokens_llm[0]} visual tokens per image (a {s.vision.cluster_grid} grid)")
 
-# C. Methods compose: cluster inside the tower, then let ToDRE pick 25 of the 49 cluster tokens.
-tower = vtoken.patch(model.model.vision_tower, "token_clustering", **CLUSTER, reconstruct=False)
-with vtoken.patch(model, "todre", keep=25) as handle:
+# C. Methods compose (in either order): B's cluster tokens, then ToDRE picks 25 of the 49 after the projector.
+with vtoken.patch(model, "token_clustering", **CLUSTER, reconstruct=False), \
+        vtoken.patch(model, "todre", keep=25) as handle:
     print(f"C. clusters + ToDRE: {accuracy()}")
     s = handle.stats
     print(f"   ToDRE kept {s.visual_tokens_kept[0]} of the {s.visual_tokens_in[0]} cluster tokens")
-tower.remove()
 
 print(f"all patches removed: {accuracy()}")
