@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -19,11 +21,14 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import vtoken
+from vtoken.cli import usage_errors
+from vtoken.evals.arguments import budget, device, llava_method, non_negative_int, positive_int
 from vtoken.evals.flops import prefill_flops
 from vtoken.evals.literals import parse_literal
-from vtoken.evals.machine import describe_machine, machine_line
+from vtoken.evals.machine import describe_machine, machine_line, set_threads
 from vtoken.evals.memory import PeakMemory
-from vtoken.evals.models import PRESETS, build_model, synthetic_inputs, views_per_sample
+from vtoken.evals.models import PRESETS, build_model, check_model, synthetic_inputs, views_per_sample
+from vtoken.evals.quality import budget_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -38,6 +43,52 @@ def parse_method(text: str) -> tuple[str, dict]:
             raise ValueError(f"--method {text!r}: expected key=value after ':', got {item!r}")
         overrides[key.strip()] = parse_literal(value.strip())
     return name.strip(), overrides
+
+
+def bench_method(text: str, keep: int | float) -> tuple[str, dict]:
+    """``--method`` text -> (name, config): the ``--keep`` budget as ``vtoken quality`` sets it for this method
+    (token clustering: that many clusters, handed to the LLM), then the method's own ``key=value`` arguments."""
+    name, overrides = parse_method(text)
+    info = llava_method(name)
+    config = {**budget_config(name, keep), **overrides}
+    try:
+        vtoken.make_config(info, config)
+    except ValueError as error:
+        raise ValueError(f"--method {text} (config {config}): {error}") from None
+    return name, config
+
+
+def check_installs(model, methods: list[tuple[str, dict]]) -> None:
+    """Install and remove each method once, so that one this model cannot take fails before anything is timed."""
+    for name, config in methods:
+        try:
+            vtoken.patch(model, name, **config).remove()
+        except ValueError as error:
+            raise ValueError(f"--method {name} (config {config}) on --model: {error}") from None
+
+
+class TowerTokens:
+    """The tokens each vision-tower block sees in the first forward (the prefill): clustering inside the tower
+    makes the later blocks cheaper, and the FLOPs count has to know."""
+
+    def __init__(self, model):
+        tower = model.model.vision_tower
+        blocks = getattr(tower, "vision_model", tower).encoder.layers
+        self.counts: list[int] = []
+        self.hooks = [block.register_forward_pre_hook(self._seen, with_kwargs=True) for block in blocks]
+        self.blocks = len(blocks)
+
+    def _seen(self, module, args, kwargs):
+        if len(self.counts) < self.blocks:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.counts.append(hidden.shape[1])
+
+    def __enter__(self) -> TowerTokens:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.remove()
 
 
 class Stamps(LogitsProcessor):
@@ -78,8 +129,9 @@ class Row:
             "decode_tok_s": statistics.median(self.decode_tok_s) if self.decode_tok_s else float("nan"),
             "peak_mem_mb": self.peak_mem_mb,
             "prefill_gflops": self.flops.get("total", float("nan")) / 1e9,
-            "selection_ms": statistics.median(self.selection_ms) if self.selection_ms else 0.0,
-            "scoring_ms": statistics.median(self.scoring_ms) if self.scoring_ms else 0.0,
+            # NaN: not measured (dense; a method that works inside the vision tower, whose cost is in the prefill)
+            "selection_ms": statistics.median(self.selection_ms) if self.selection_ms else math.nan,
+            "scoring_ms": statistics.median(self.scoring_ms) if self.scoring_ms else math.nan,
             "records": self.records,
         }
         out["overhead_pct_of_prefill"] = 100.0 * (out["selection_ms"] + out["scoring_ms"]) / ttft
@@ -121,11 +173,11 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
             for _ in range(warmup):
                 measure(model, inputs, new_tokens, device)
                 bar.update()
-            with PeakMemory(device) as mem:
+            with TowerTokens(model) as tower, PeakMemory(device) as mem:  # hooks registered after the method's
                 measure(model, inputs, new_tokens, device)
             bar.update()
             row.peak_mem_mb = mem.peak_mb
-            row.flops, row.visual_tokens_llm, row.records = flops_of(model, inputs, handle, views)
+            row.flops, row.visual_tokens_llm, row.records = flops_of(model, inputs, handle, views, tower.counts)
         finally:
             if handle is not None:
                 handle.remove()
@@ -134,9 +186,10 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
             handle = apply(row)
             try:
                 ttft, decode = measure(model, inputs, new_tokens, device)
-                if handle is not None:
-                    row.selection_ms.append(handle.stats.selection_time_s * 1000.0)
-                    row.scoring_ms.append(handle.stats.scoring_time_s * 1000.0)
+                stats = llm_stats(handle)
+                if stats is not None:
+                    row.selection_ms.append(stats.selection_time_s * 1000.0)
+                    row.scoring_ms.append(stats.scoring_time_s * 1000.0)
             finally:
                 if handle is not None:
                     handle.remove()
@@ -148,20 +201,34 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
     return [row.summary(None if row is dense else dense) for row in rows], dense
 
 
-def flops_of(model, inputs: dict, handle, views: int) -> tuple[dict, float, dict]:
+def llm_stats(handle):
+    """The handle's LLM-side statistics (token counts per decoder layer, selection time), or None: dense, or a
+    method that stays inside the vision tower (token clustering with reconstruction)."""
+    stats = None if handle is None else handle.stats
+    return stats if hasattr(stats, "tokens_per_layer") else None
+
+
+def flops_of(model, inputs: dict, handle, views: int, tower_tokens: list[int]) -> tuple[dict, float, dict]:
     """Per-layer token counts of one prefill -> analytic FLOPs (the dense model counts its own prompt)."""
     mask = inputs["attention_mask"]
-    if handle is None:
+    stats = llm_stats(handle)
+    if stats is None:
         n = mask.sum(1).tolist()
         visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
         layers = model.config.text_config.num_hidden_layers
         per_layer, projected = [n] * layers, sum(visual)
     else:
-        stats = handle.stats
         per_layer, visual = stats.tokens_per_layer, stats.visual_tokens_llm
         projected = sum(stats.visual_tokens_in) if stats.visual_tokens_in else sum(visual)
-    records = {} if handle is None else {str(k): v for k, v in handle.stats.records.items()}
-    return prefill_flops(model.config, per_layer, views, projected), statistics.mean(visual), records
+    records = {} if stats is None else {str(k): v for k, v in stats.records.items()}
+    flops = prefill_flops(model.config, per_layer, views, projected, tower_tokens)
+    return flops, statistics.mean(visual), records
+
+
+def row_label(result: dict) -> str:
+    """``method key=value,...``: two configs of one method stay apart."""
+    config = ",".join(f"{k}={v}" for k, v in result["config"].items())
+    return f"{result['method']} {config}".strip()
 
 
 def format_table(results: list[dict]) -> str:
@@ -169,12 +236,12 @@ def format_table(results: list[dict]) -> str:
             "FLOPs ratio", "overhead ms (% prefill)")
     lines = [head]
     for r in results:
-        label = r["method"] + ("" if not r["config"] else " " + ",".join(f"{k}={v}" for k, v in r["config"].items()))
-        overhead = r["selection_ms"] + r["scoring_ms"]
+        label = row_label(r)
+        overhead = r["selection_ms"] + r["scoring_ms"]  # NaN: not measured
         lines.append((
             label, f"{r['visual_tokens_llm']:.0f}", f"{r['ttft_ms']:.1f}", f"{r.get('speedup', 1.0):.2f}x",
             f"{r['decode_tok_s']:.1f}", f"{r['peak_mem_mb']:.0f}", f"{r['prefill_gflops']:.1f}",
-            f"{r.get('flops_ratio', 1.0):.2f}x", "-" if r["method"] == "dense" else
+            f"{r.get('flops_ratio', 1.0):.2f}x", "-" if math.isnan(overhead) else
             f"{overhead:.2f} ({r['overhead_pct_of_prefill']:.1f}%)",
         ))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
@@ -188,14 +255,15 @@ def plot(results: list[dict], title: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r["method"] for r in results]
+    labels = [row_label(r).replace(" ", "\n", 1).replace(",", ",\n") for r in results]
+    xs = range(len(results))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, name in zip(axes, ("ttft_ms", "prefill_gflops", "decode_tok_s"),
                              ("prefill latency (ms, lower is better)", "prefill GFLOPs", "decode tokens/s")):
         values = [r[key] for r in results]
-        bars = ax.bar(labels, values, color=["#888"] + ["#2a7"] * (len(results) - 1))
+        bars = ax.bar(xs, values, color=["#888"] + ["#2a7"] * (len(results) - 1))
         ax.set_title(name, fontsize=10)
-        ax.tick_params(axis="x", rotation=20, labelsize=8)
+        ax.set_xticks(xs, labels, fontsize=7)
         if key == "ttft_ms":
             for bar, r in zip(bars, results):
                 ax.annotate(f"{r.get('speedup', 1.0):.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -211,45 +279,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a preset ({', '.join(PRESETS)}) or an HF LLaVA / LLaVA-NeXT id or local path")
     parser.add_argument("--random-weights", action="store_true", help="build --model from its config only")
     parser.add_argument("--method", action="append", default=None, metavar="NAME[:key=value,...]",
-                        help="method to compare with dense (repeatable); default: todre")
-    parser.add_argument("--keep", type=parse_literal, default=64,
-                        help="budget for every method: int tokens or fraction")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run (decode speed)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                        help="a LLaVA method to compare with dense (repeatable; `vtoken methods` lists them); "
+                             "default: todre")
+    parser.add_argument("--keep", type=budget, default=64,
+                        help="budget for every method: int tokens or fraction (token_clustering: clusters)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="images (prompts) per generate() call")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per method (median reported)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per method first")
+    parser.add_argument("--new-tokens", type=positive_int, default=16, help="tokens generated per run (decode speed)")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda[:N]")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--plot", default=None, help="write a PNG here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    methods = [parse_method(m) for m in (args.method or ["todre"])]
-    methods = [(name, {"keep": args.keep, **cfg}) for name, cfg in methods]
-    for name, cfg in methods:  # fail before building a large model
-        vtoken.make_config(vtoken.api.get_method(name), cfg)
+    with usage_errors():  # fail before building a large model
+        methods = [bench_method(text, args.keep) for text in args.method or ["todre"]]
+        check_model(args.model)
     model = build_model(args.model, dtype=dtype, device=str(device), attn=args.attn,
                         random_weights=args.random_weights)
+    with usage_errors():
+        check_installs(model, methods)
     inputs = synthetic_inputs(model, batch=args.batch)
     results, _ = run_bench(model, inputs, methods, repeats=args.repeats, warmup=args.warmup,
                            new_tokens=args.new_tokens, progress=not args.quiet)
-    machine = describe_machine(device)
+    machine = describe_machine(device, threads)
     preset = PRESETS.get(args.model)
     title = (f"{args.model}: {preset.description if preset else 'checkpoint'}; batch {args.batch}, "
              f"prompt {inputs['input_ids'].shape[1]} tokens, {args.dtype or str(dtype).split('.')[-1]}, {args.attn}")
     print(title)
     print(machine_line(machine))
+    print(threads.line())
     print(f"peak MB: extra memory at the peak of one generate() call ({PeakMemory(device).source})")
     print(format_table(results))
+    if threads.warning:
+        print(threads.warning, file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"title": title, "machine": machine, "memory_source": PeakMemory(device).source,
@@ -257,7 +331,6 @@ def run(args: argparse.Namespace) -> int:
                        "results": results}, f, indent=2, default=str)
         print(f"wrote {args.json}")
     if args.plot:
-        plot(results, f"{title}\n{machine_line(machine)}", args.plot)
+        plot(results, f"{title}\n{machine_line(machine)}\n{threads.line()}", args.plot)
         print(f"wrote {args.plot}")
     return 0
-

@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vtoken.evals.arguments import comma_list, config_field, device, positive_int
+from vtoken.evals.machine import Threads, cpu_model, load_line, set_threads
 from vtoken.methods.svg2 import (
     SVG2Config,
     allowed_pairs,
@@ -62,18 +65,19 @@ SHAPES = {
 }
 
 
-def machine() -> dict:
-    """What the numbers were measured on."""
+def machine(threads: Threads | None = None) -> dict:
+    """What the numbers were measured on (with ``threads``: the load and the thread choice of this run)."""
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+    if threads is not None:
+        info.update(threads.as_dict())
     try:
         import triton
 
@@ -81,17 +85,6 @@ def machine() -> dict:
     except ImportError:
         info["triton"] = None
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # -- structured inputs -----------------------------------------------------------------------------------------------
@@ -170,7 +163,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_benchmark(shape: Shape, device: torch.device, top_ps, reps: int, backend: str, min_ratio: float,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, threads: Threads | None = None) -> dict:
     from tqdm import tqdm
 
     q, k, v = structured_qkv(shape, device)
@@ -214,7 +207,7 @@ def run_benchmark(shape: Shape, device: torch.device, top_ps, reps: int, backend
         })
     del dense_out
     return {
-        "machine": machine(),
+        "machine": machine(threads),
         "device": str(device),
         "shape": {**asdict(shape), "tokens": shape.tokens},
         "config": {**asdict(cfg), "backend": backend},
@@ -242,7 +235,8 @@ def format_report(report: dict) -> str:
     m, s = report["machine"], report["shape"]
     lines = [
         f"machine: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), gpu: {m['gpu'] or 'none'}"
-        f", torch {m['torch']}, triton {m['triton']}, load {m['load_average']}",
+        f", torch {m['torch']}, triton {m['triton']}",
+        *([load_line(m)] if "load_1min" in m else []),
         f"shape: heads {s['heads']}, head dim {s['head_dim']}, {s['frames']}x{s['height']}x{s['width']} = "
         f"{s['tokens']} tokens, {s['dtype']} on {report['device']}; "
         f"clusters q {s['q_clusters']} / k {s['k_clusters']}, "
@@ -303,31 +297,36 @@ def plot(report: dict, path: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=["auto", *SHAPES], default="auto",
                         help="auto: 'gpu' (Wan 2.1 1.3B, 32,760 tokens) when CUDA is available, else 'cpu'")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--top-p", default="0.5,0.7,0.8,0.9,0.95,0.99,1.0", help="comma-separated top_p values")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median reported)")
-    parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
-    parser.add_argument("--min-key-cluster-ratio", type=float, default=SVG2Config.min_key_cluster_ratio)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", type=device, default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--top-p", type=comma_list(config_field(SVG2Config, "top_p", float)),
+                        default="0.5,0.7,0.8,0.9,0.95,0.99,1.0",
+                        help="comma-separated top_p values, each in (0, 1] as svg2 takes them")
+    parser.add_argument("--reps", type=positive_int, default=5,
+                        help="timed repetitions per measurement (median reported)")
+    parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
+                        help="k-means and attention kernels")
+    parser.add_argument("--min-key-cluster-ratio", type=config_field(SVG2Config, "min_key_cluster_ratio", float),
+                        default=SVG2Config.min_key_cluster_ratio,
+                        help="least share of key clusters each query cluster keeps")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
     parser.add_argument("--out", default="bench_dit_out", help="folder for bench_dit.json and bench_dit.png")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = args.shape if args.shape != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    try:
-        top_ps = [float(p) for p in args.top_p.split(",")]
-    except ValueError:
-        raise SystemExit(f"--top-p must be comma-separated numbers; got {args.top_p!r}") from None
     if device.type != "cuda":
         print("no GPU: CPU figures only (the GPU shape and the speed targets need a CUDA device)")
-    report = run_benchmark(SHAPES[name], device, top_ps, args.reps, args.backend, args.min_key_cluster_ratio)
+    report = run_benchmark(SHAPES[name], device, args.top_p, args.reps, args.backend, args.min_key_cluster_ratio,
+                           threads=threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_dit.json").write_text(json.dumps(report, indent=2))
     plot(report, out / "bench_dit.png")
     print(format_report(report))
+    if threads.warning:
+        print(threads.warning, file=sys.stderr)
     print(f"wrote {out / 'bench_dit.json'} and {out / 'bench_dit.png'}")
     return 0

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,6 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+import vtoken
+from vtoken.cli import UsageError, usage_errors
+from vtoken.evals.arguments import checkpoint_dir, config_field, device, non_negative_int, positive_int
+from vtoken.evals.machine import describe_machine, machine_line, set_threads
+from vtoken.methods.clustering import Grid, TokenClusteringConfig, cluster_grid
 
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_large_patch14_clip_336")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,40 +70,81 @@ class Result:
     patched_runs_ms: list[float]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="timm model names (random weights)")
-    parser.add_argument("--hf", default=None, help="path to a Hugging Face CLIP vision / LLaVA checkpoint to measure "
-                        "instead of the timm models (trained weights: fidelity becomes meaningful)")
-    parser.add_argument("--images", default=None, help="folder of images for fidelity (default: smooth synthetic)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions of each side (median reported)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--cluster-after", default="0.25",
-                        help="blocks at full resolution: an int, or a float = fraction of the depth")
-    parser.add_argument("--num-clusters", default="0.25",
-                        help="clusters: a perfect-square int, or a float = fraction of patches (0.25: 24x24 -> 12x12)")
-    parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", default="bench_vit", help="output folder for JSON + PNG")
-
-
-def _number(text: str) -> int | float:
+def number(text: str) -> int | float:
     return float(text) if "." in text else int(text)
 
 
-def machine(device: torch.device, dtype: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu}"
-    load = "load avg {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    return (f"{platform.system()} {platform.machine()}, {where}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {dtype}, {load}")
+def cluster_after(text: str) -> int | float:
+    """Blocks at full resolution: an int >= 1, or a float in (0, 1) = that fraction of the depth."""
+    value = number(text)
+    if (isinstance(value, float) and not 0 < value < 1) or (isinstance(value, int) and value < 1):
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or a fraction of the depth in (0, 1), got {text}")
+    return value
+
+
+def folder(text: str) -> str:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=None,
+                        help=f"timm ViT names (random weights); default: {' '.join(DEFAULT_MODELS)}")
+    parser.add_argument("--hf", type=checkpoint_dir, default=None,
+                        help="path to a Hugging Face CLIP vision / LLaVA checkpoint to measure instead of the timm "
+                             "models (trained weights: fidelity becomes meaningful)")
+    parser.add_argument("--images", type=folder, default=None,
+                        help="folder of images for fidelity (default: smooth synthetic)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="images per forward")
+    parser.add_argument("--reps", type=positive_int, default=3, help="timed repetitions of each side (median reported)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed repetitions first")
+    parser.add_argument("--cluster-after", type=cluster_after, default="0.25",
+                        help="blocks at full resolution: an int, or a float = fraction of the depth")
+    parser.add_argument("--num-clusters", type=config_field(TokenClusteringConfig, "num_clusters", number),
+                        default="0.25",
+                        help="clusters: a perfect-square int, or a float = fraction of patches (0.25: 24x24 -> 12x12)")
+    parser.add_argument("--iterations", type=config_field(TokenClusteringConfig, "iterations", int), default=5,
+                        help="local k-means iterations")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights and activations")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
+    parser.add_argument("--out", default="bench_vit", help="output folder for JSON + PNG")
+
+
+def patch_plan(args, depth: int, grid: Grid, extra: dict) -> tuple[dict, TokenClusteringConfig, int, Grid]:
+    """The token_clustering arguments for a ViT of this depth and patch grid: (patch arguments, config, the block
+    it reconstructs after, the cluster grid). A ValueError when the arguments do not fit this model."""
+    after = args.cluster_after
+    alpha = max(1, round(depth * after)) if isinstance(after, float) else after
+    patch_args = dict(cluster_after=alpha, num_clusters=args.num_clusters, iterations=args.iterations, **extra)
+    cfg = TokenClusteringConfig(**patch_args)
+    _, beta = cfg.placement(depth)
+    return patch_args, cfg, beta, cluster_grid(cfg.num_clusters, grid)
+
+
+def check_timm_models(args) -> None:
+    """Every ``--models`` name is a timm ViT that token clustering can patch with these arguments (built on the
+    meta device: no memory, no time), before any model is measured."""
+    import timm
+
+    methods, hosts = vtoken.methods(), vtoken.hosts()
+    vit_hosts = [hosts[name] for name in methods["token_clustering"].hosts if name in hosts]
+    for name in args.models:
+        if not timm.is_model(name):
+            raise ValueError(f"--models {name}: timm has no model of that name; timm.list_models('vit_*') lists "
+                             f"its ViTs, e.g. {', '.join(DEFAULT_MODELS)}")
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+        if not any(host.matches(model) for host in vit_hosts):
+            raise ValueError(f"--models {name}: a timm {type(model).__name__} is not a ViT that token_clustering can "
+                             f"patch; it patches: {'; '.join(host.description for host in vit_hosts)}")
+        grid = tuple(s // p for s, p in zip(model.patch_embed.img_size, model.patch_embed.patch_size))
+        try:
+            patch_plan(args, len(model.blocks), grid, {})
+        except ValueError as error:
+            raise ValueError(f"--models {name}: {error}") from None
 
 
 # -- subjects ----------------------------------------------------------------------------------------------------
@@ -113,6 +159,32 @@ def timm_subject(name: str, device, dtype) -> Subject:
     )
 
 
+HF_MODEL_TYPES = ("llava", "clip", "clip_vision_model")
+
+
+def check_hf(args) -> None:
+    """``--hf`` is a checkpoint whose CLIP vision tower bench-vit can read, and the clustering arguments fit it."""
+    from transformers import AutoConfig
+
+    path = args.hf
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"--hf {path}: a {config.model_type!r} checkpoint; bench-vit measures the CLIP vision tower "
+                         f"of a {', '.join(HF_MODEL_TYPES)} checkpoint")
+    extra = {}
+    if config.model_type == "llava":
+        if not isinstance(config.vision_feature_layer, int):
+            raise ValueError(f"--hf {path}: vision_feature_layer={config.vision_feature_layer!r}; only a single int "
+                             "layer is supported")
+        extra = {"reconstruct_after": config.vision_feature_layer}
+    vision = getattr(config, "vision_config", config)
+    side = vision.image_size // vision.patch_size
+    try:
+        patch_plan(args, vision.num_hidden_layers, (side, side), extra)
+    except ValueError as error:
+        raise ValueError(f"--hf {path}: {error}") from None
+
+
 def hf_subject(path: str, device, dtype) -> Subject:
     from transformers import AutoConfig
 
@@ -123,8 +195,6 @@ def hf_subject(path: str, device, dtype) -> Subject:
         llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
         tower = llava.model.vision_tower
         layer = config.vision_feature_layer
-        if not isinstance(layer, int):
-            raise ValueError(f"--hf: vision_feature_layer={layer!r}; only a single int layer is supported")
         extra = {"reconstruct_after": layer}
     else:
         from transformers import CLIPVisionModel
@@ -195,17 +265,9 @@ def clustering_overhead(cfg, batch: int, grid, width: int, device, dtype, reps: 
 
 
 def measure(subject: Subject, args, device, dtype, progress) -> Result:
-    import vtoken
-    from vtoken.methods.clustering import TokenClusteringConfig, cluster_grid
-
-    after = _number(args.cluster_after)
-    alpha = max(1, round(subject.depth * after)) if isinstance(after, float) else after
-    patch_args = dict(cluster_after=alpha, num_clusters=_number(args.num_clusters), iterations=args.iterations,
-                      **subject.extra)
-    cfg = TokenClusteringConfig(**patch_args)
-    _, beta = cfg.placement(subject.depth)
     grid = (subject.image_size[0] // subject.patch[0], subject.image_size[1] // subject.patch[1])
-    clusters = cluster_grid(cfg.num_clusters, grid)
+    patch_args, cfg, beta, clusters = patch_plan(args, subject.depth, grid, subject.extra)  # checked in run()
+    alpha = patch_args["cluster_after"]
 
     generator = torch.Generator().manual_seed(0)
     images = load_images(args.images, args.batch_size, subject.image_size, generator).to(device, dtype)
@@ -292,11 +354,20 @@ def plot(results: list[Result], path: Path, title: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads)
+    if args.hf and args.models:
+        raise UsageError("--hf and --models both name what to measure; give one")
+    args.models = args.models or list(DEFAULT_MODELS)
+    with usage_errors():
+        if args.hf:
+            check_hf(args)
+        else:
+            check_timm_models(args)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    where = machine(device, args.dtype)
-    print(f"machine: {where}")
+    info = describe_machine(device, threads) | {"dtype": args.dtype}
+    where = f"{machine_line(info)}, {args.dtype}"
+    print(where)
+    print(threads.line())
     names = [args.hf] if args.hf else args.models
     progress = tqdm(total=len(names) * (args.warmup + args.reps), desc="bench-vit", unit="rep")
     results = []
@@ -308,11 +379,13 @@ def run(args: argparse.Namespace) -> int:
     print(table(results))
     if not args.hf:
         print("fidelity is on RANDOM weights: it checks the plumbing, not the quality on a trained model (use --hf)")
+    if threads.warning:
+        print(threads.warning, file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    report = {"machine": where, "settings": settings, "results": [asdict(r) for r in results]}
+    report = {"machine": info, "settings": settings, "results": [asdict(r) for r in results]}
     (out / "bench_vit.json").write_text(json.dumps(report, indent=2))
-    plot(results, out / "bench_vit.png", where)
+    plot(results, out / "bench_vit.png", f"{where}\n{threads.line()}")
     print(f"wrote {out / 'bench_vit.json'} and {out / 'bench_vit.png'}")
     return 0

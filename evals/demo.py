@@ -6,15 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
 from tqdm.auto import tqdm
 
 import vtoken
+from vtoken.evals.arguments import checkpoint_dir, fractions, positive_int
 from vtoken.evals.bench import measure
-from vtoken.evals.machine import describe_machine, machine_line
-from vtoken.evals.quality import budget_config, evaluate_method, relative
+from vtoken.evals.machine import describe_machine, machine_line, set_threads
+from vtoken.evals.quality import budget_config, check_methods, evaluate_method, relative
 from vtoken.methods.baselines import pooled_grid
 
 METHODS = ("todre", "random", "pool", "attn_topk")
@@ -94,14 +96,18 @@ def draw_overlay(example_image, panels: list[tuple[str, torch.Tensor | None, str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=200, help="test questions per setting")
+    parser.add_argument("--n", type=positive_int, default=200, help="test questions per setting")
     parser.add_argument("--method", action="append", default=None, help=f"default: {', '.join(METHODS)}")
-    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="fractions of visual tokens kept")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--latency-batch", type=int, default=16, help="questions in the batch timed for prefill")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--model", default=None, help="a ShapesVQA checkpoint directory (default: the shipped one)")
+    parser.add_argument("--budgets", type=fractions, default=",".join(map(str, BUDGETS)),
+                        help="fractions of visual tokens kept")
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="questions per generate() call")
+    parser.add_argument("--latency-batch", type=positive_int, default=16,
+                        help="questions in the batch timed for prefill")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed prefills per setting (median)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
+    parser.add_argument("--model", type=checkpoint_dir, default=None,
+                        help="a ShapesVQA checkpoint directory (default: the shipped one)")
     parser.add_argument("--png", default="vtoken_demo.png", help="kept-token overlay")
     parser.add_argument("--json", default=None, help="also write the table (and the machine) to this JSON file")
 
@@ -110,12 +116,10 @@ def run(args: argparse.Namespace) -> int:
     from vtoken.evals.shapes_vqa import load_shapes_model, make_split, prompt_inputs
 
     start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads)
     methods = args.method or list(METHODS)
-    budgets = [float(b) for b in args.budgets.split(",")]
-    for m in methods:
-        budget_config(vtoken.api.get_method(m).name, budgets[0])
+    budgets = args.budgets
+    check_methods(methods, budgets[0])
     model, processor = load_shapes_model(args.model)
     examples = make_split("test", args.n)
     timed = prompt_inputs(processor, examples[: args.latency_batch], model.device, model.dtype)
@@ -128,8 +132,9 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"ShapesVQA test, n={args.n}; prefill = time to first token of a batch of {args.latency_batch} "
           f"(vision included), median of {args.repeats}")
-    machine = describe_machine(model.device)
+    machine = describe_machine(model.device, threads)
     print(machine_line(machine))
+    print(threads.line())
     head = ("method", "keep", "visual tokens", "accuracy", "% of dense", "prefill ms", "speed-up")
     lines = [head]
     for row, ms in rows:
@@ -157,5 +162,7 @@ def run(args: argparse.Namespace) -> int:
                        "results": [{**row.as_dict(dense), "prefill_ms": ms, "speedup": dense_ms / ms}
                                    for row, ms in rows]}, f, indent=2)
         print(f"wrote {args.json}")
+    if threads.warning:
+        print(threads.warning, file=sys.stderr)
     print(f"demo took {time.perf_counter() - start:.0f} s")
     return 0

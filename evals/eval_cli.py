@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from vtoken.evals.arguments import positive_int
+
 FORWARDS_UNKNOWN_ARGS = True  # vtoken.cli hands us what it does not parse, in ``args.forwarded``
 STATS_FIELDS = ("samples", "prefills", "visual_tokens_input", "visual_tokens_llm", "visual_tokens_layer_mean",
                 "selection_time_s", "scoring_time_s")
@@ -35,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval task or group names")
     parser.add_argument("--output_path", default="runs/eval",
                         help="where lmms-eval writes results (default %(default)s)")
-    parser.add_argument("--num_processes", type=int, default=1,
+    parser.add_argument("--num_processes", type=positive_int, default=1,
                         help="data-parallel processes (torchrun), one GPU each, or CPU processes (default 1)")
 
 
@@ -135,9 +137,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if "--model" in args.forwarded:
         print("vtoken eval: --model is always vtoken; choose the vtoken method in --model_args", file=sys.stderr)
-        return 2
-    if args.num_processes < 1:
-        print(f"vtoken eval: --num_processes must be >= 1, got {args.num_processes}", file=sys.stderr)
         return 2
     output = Path(args.output_path)
     model_args = args.model_args

@@ -18,13 +18,16 @@ def decoder_layer_flops(n: int, cfg) -> float:
     return float(projections + attention + mlp)
 
 
-def vision_flops(views: int, vcfg) -> float:
-    """A CLIP-like tower over ``views`` crops: every layer runs (HF runs the whole tower)."""
-    tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
+def vision_flops(views: int, vcfg, block_tokens: list[int] | None = None) -> float:
+    """A CLIP-like tower over ``views`` crops. ``block_tokens``: the tokens each block saw (a method that clusters
+    inside the tower shortens the later ones); None = every block sees every patch + [CLS] (HF runs the whole tower).
+    """
+    full = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
+    block_tokens = block_tokens or [full] * vcfg.num_hidden_layers
     d, m = vcfg.hidden_size, vcfg.intermediate_size
-    per_layer = 2 * tokens * d * 4 * d + 4 * tokens * tokens * d + 2 * tokens * d * m * 2
-    patch_embed = 2 * (tokens - 1) * 3 * vcfg.patch_size**2 * d
-    return float(views * (vcfg.num_hidden_layers * per_layer + patch_embed))
+    blocks = sum(2 * n * d * 4 * d + 4 * n * n * d + 2 * n * d * m * 2 for n in block_tokens)
+    patch_embed = 2 * (full - 1) * 3 * vcfg.patch_size**2 * d
+    return float(views * (blocks + patch_embed))
 
 
 def projector_flops(n_tokens: int, config) -> float:
@@ -36,12 +39,14 @@ def projector_flops(n_tokens: int, config) -> float:
     return float(2 * n_tokens * (vision_dim * d + d * d))
 
 
-def prefill_flops(config, tokens_per_layer: list[list[int]], views: int, projected_tokens: int) -> dict[str, float]:
-    """FLOPs of one prefill of a batch: vision tower, projector, decoder (per-layer, per-sample counts)."""
+def prefill_flops(config, tokens_per_layer: list[list[int]], views: int, projected_tokens: int,
+                  tower_tokens: list[int] | None = None) -> dict[str, float]:
+    """FLOPs of one prefill of a batch: vision tower (``tower_tokens`` per block, see ``vision_flops``), projector,
+    decoder (per-layer, per-sample counts)."""
     text = config.text_config
     decoder = sum(decoder_layer_flops(n, text) for layer in tokens_per_layer for n in layer)
     head = 2 * text.hidden_size * text.vocab_size * len(tokens_per_layer[0])  # logits of the last token only
-    vision = vision_flops(views, config.vision_config)
+    vision = vision_flops(views, config.vision_config, tower_tokens)
     projector = projector_flops(projected_tokens, config)
     return {"vision": vision, "projector": projector, "decoder": decoder + head,
             "total": vision + projector + decoder + head}

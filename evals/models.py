@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig
@@ -46,6 +47,31 @@ PRESETS: dict[str, Preset] = {
 }
 # A LLaVA-1.5 conversation prompt: ~40 tokens of system prompt and "USER:" before the image, ~24 after.
 TEXT_BEFORE, TEXT_AFTER = 40, 24
+
+
+def check_model(name: str) -> None:
+    """Fail fast, naming the presets, on a ``--model`` that is no preset, no local LLaVA checkpoint and no hub id
+    that can be reached; otherwise the hub's own error would say something about repo-id syntax."""
+    if name in PRESETS:
+        return
+    from huggingface_hub import is_offline_mode
+
+    choices = (f"use a built-in preset ({', '.join(PRESETS)}), a local LLaVA / LLaVA-NeXT checkpoint folder, or a hub "
+               "id such as llava-hf/llava-1.5-7b-hf")
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"--model {name}: no config.json in this folder; {choices}")
+    if not path.exists():
+        if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+            raise ValueError(f"--model {name}: no such folder; {choices}")
+        if is_offline_mode():
+            raise ValueError(f"--model {name}: not a preset or a local folder, and the hub is offline "
+                             f"(HF_HUB_OFFLINE); {choices}")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as error:
+        raise ValueError(f"--model {name}: {error}; {choices}") from None
+    _model_class(config)
 
 
 def build_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", attn: str = "sdpa",

@@ -11,11 +11,12 @@ import json
 import statistics
 from dataclasses import dataclass
 
-import torch
 from tqdm.auto import tqdm
 
 import vtoken
-from vtoken.evals.machine import describe_machine, machine_line
+from vtoken.cli import usage_errors
+from vtoken.evals.arguments import checkpoint_dir, fractions, llava_method, positive_int
+from vtoken.evals.machine import describe_machine, machine_line, set_threads
 
 BUDGETS = (1.0, 0.5, 0.25, 0.1)
 
@@ -150,37 +151,46 @@ def plot(dense: Row, rows: list[Row], title: str, path: str) -> None:
     plt.close(fig)
 
 
+def check_methods(methods: list[str], budget: float) -> None:
+    """Every ``--method`` patches LLaVA and has a visual-token budget: refused before any work otherwise."""
+    with usage_errors():
+        for method in methods:
+            llava_method(method)
+            budget_config(method, budget)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="a ShapesVQA checkpoint directory (default: the shipped one)")
+    parser.add_argument("--model", type=checkpoint_dir, default=None,
+                        help="a ShapesVQA checkpoint directory (default: the shipped one)")
     parser.add_argument("--method", action="append", default=None,
                         help="method to measure (repeatable); default: every LLaVA method "
                              f"({', '.join(llava_methods())})")
-    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
+    parser.add_argument("--budgets", type=fractions, default=",".join(map(str, BUDGETS)),
                         help="fractions of the visual tokens kept, comma-separated")
-    parser.add_argument("--n", type=int, default=400, help="test questions")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--json", default="quality.json")
-    parser.add_argument("--plot", default="quality.png")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--n", type=positive_int, default=400, help="test questions")
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="questions per generate() call")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
+    parser.add_argument("--json", default="quality.json", help="write the results here")
+    parser.add_argument("--plot", default="quality.png", help="write the accuracy-vs-tokens plot here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from vtoken.evals.shapes_vqa import load_shapes_model, make_split
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    budgets = [float(b) for b in args.budgets.split(",")]
+    threads = set_threads(args.threads)
+    budgets = args.budgets
     methods = args.method or llava_methods()
-    for m in methods:  # fail before any work
-        budget_config(vtoken.api.get_method(m).name, budgets[0])
+    check_methods(methods, budgets[0])
     model, processor = load_shapes_model(args.model)
     examples = make_split("test", args.n)
     dense, rows = run_quality(model, processor, examples, methods, budgets, args.batch_size, not args.quiet)
-    machine = describe_machine("cpu")
+    machine = describe_machine("cpu", threads)
     title = f"ShapesVQA test (n={args.n}): accuracy (% of dense, visual tokens per sample)"
     print(title)
     print(machine_line(machine))
+    print(threads.line())
     print(format_table(dense, rows, budgets))
     with open(args.json, "w") as f:
         json.dump({"title": title, "machine": machine, "n": args.n, "dense": dense.as_dict(dense),

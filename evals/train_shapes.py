@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vtoken.cli import HelpFormatter
+from vtoken.evals.arguments import checkpoint_dir, kept_share, non_negative_int, positive_int, share
 from vtoken.evals.shapes_data import (
     COLORS,
     GRID,
@@ -64,50 +66,42 @@ assert len(TARGET_CLASSES) == len(PATCH_TARGETS)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for the trained model, processor and report")
-    parser.add_argument("--vision-steps", type=int, default=2500, help="optimizer steps of stage 1 (vision)")
-    parser.add_argument("--vision-batch-size", type=int, default=32, help="images per stage-1 step")
-    parser.add_argument("--vision-lr", type=float, default=2e-3)
+    parser.add_argument("--vision-steps", type=non_negative_int, default=2500,
+                        help="optimizer steps of stage 1 (vision)")
+    parser.add_argument("--vision-batch-size", type=positive_int, default=32, help="images per stage-1 step")
+    parser.add_argument("--vision-lr", type=float, default=2e-3, help="stage-1 learning rate")
     parser.add_argument("--vision-only", action="store_true", help="save the model after stage 1 and stop")
-    parser.add_argument("--init", help="start from this saved model (e.g. a --vision-only run; with --vision-steps 0 "
-                                       "stage 1 is skipped)")
-    parser.add_argument("--scenes", type=int, default=6000, help="scenes whose tower outputs stage 2 caches")
-    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps of stage 2 (language)")
-    parser.add_argument("--batch-size", type=int, default=16, help="scenes per stage-2 step")
-    parser.add_argument("--turns", type=int, default=12, help="questions per scene (packed into one sequence)")
+    parser.add_argument("--init", type=checkpoint_dir, help="start from this saved model (e.g. a --vision-only run; "
+                                                            "with --vision-steps 0 stage 1 is skipped)")
+    parser.add_argument("--scenes", type=positive_int, default=6000, help="scenes whose tower outputs stage 2 caches")
+    parser.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps of stage 2 (language)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="scenes per stage-2 step")
+    parser.add_argument("--turns", type=positive_int, default=12, help="questions per scene (packed into one sequence)")
     parser.add_argument("--lr", type=float, default=1e-3, help="stage-2 learning rate")
-    parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before cosine decay")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--warmup", type=non_negative_int, default=100,
+                        help="linear warm-up steps before cosine decay")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (both stages)")
     parser.add_argument("--patch-loss", type=float, default=0.5, help="weight of the patch loss in stage 2")
     parser.add_argument("--lookup-loss", type=float, default=1.0,
                         help="weight of the decoder lookup head's attention target (0 = off; on needs eager attention)")
-    parser.add_argument("--token-drop", type=float, default=0.3,
+    parser.add_argument("--token-drop", type=share, default=0.3,
                         help="fraction of stage-2 samples trained on a random subset of their visual tokens")
-    parser.add_argument("--min-keep", type=float, default=0.1, help="smallest kept share under --token-drop")
+    parser.add_argument("--min-keep", type=kept_share, default=0.1, help="smallest kept share under --token-drop")
     parser.add_argument("--position-scale", type=float, default=1.0,
                         help="amplitude of the sine-cosine initialisation of the tower's position embeddings")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seeds the model and every step's data")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even where accelerate finds a GPU")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
                         help="accelerate's autocast for the forward passes (GPU)")
-    parser.add_argument("--eval-every", type=int, default=250, help="validation every N stage-2 steps (0 = never)")
-    parser.add_argument("--val-size", type=int, default=200)
-    parser.add_argument("--test-size", type=int, default=1000, help="test examples for the final report")
+    parser.add_argument("--eval-every", type=non_negative_int, default=250,
+                        help="validation every N stage-2 steps (0 = never)")
+    parser.add_argument("--val-size", type=non_negative_int, default=200, help="validation examples")
+    parser.add_argument("--test-size", type=non_negative_int, default=1000,
+                        help="test examples for the final report (0 = no test)")
     parser.add_argument("--save-dtype", choices=("float16", "float32"), default="float16",
                         help="dtype of the saved weights (they load back as float32)")
     parser.add_argument("--tiny", action="store_true", help="a minute-sized model for smoke tests")
-
-
-def check_args(args: argparse.Namespace) -> None:
-    for name in ("vision_batch_size", "scenes", "steps", "batch_size", "turns", "threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-    if args.vision_steps < 0:
-        raise ValueError(f"--vision-steps must be >= 0; got {args.vision_steps}")
-    if not 0.0 <= args.token_drop <= 1.0:
-        raise ValueError(f"--token-drop must be in [0, 1]; got {args.token_drop}")
-    if not 0.0 < args.min_keep <= 1.0:
-        raise ValueError(f"--min-keep must be in (0, 1]; got {args.min_keep}")
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -424,7 +418,6 @@ def train(args: argparse.Namespace) -> dict:
     so data parallelism would only add synchronisation; a GPU or ``--mixed-precision`` is what speeds it up."""
     from accelerate import Accelerator
 
-    check_args(args)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     if accelerator.num_processes > 1:
         raise ValueError(f"train-shapes runs in one process; got {accelerator.num_processes} (run it without "
@@ -504,7 +497,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vtoken.evals.train_shapes", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vtoken.evals.train_shapes", description=__doc__.split("\n")[0],
+                                     formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -18,3 +18,26 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """The speed commands set torch's thread count for the process; give the next test the suite's own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_checkpoint(tmp_path_factory):
+    """A tiny untrained ShapesVQA-format checkpoint: `vtoken demo` / `quality` end to end in seconds."""
+    from vtoken.evals import shapes_model, train_shapes
+
+    path = tmp_path_factory.mktemp("tiny_shapes")
+    processor = shapes_model.build_processor()
+    # token clustering needs a tower block before and after it; attn_topk scores after decoder layer 2
+    vision = {**train_shapes.TINY["vision"], "num_hidden_layers": 2}
+    text = {**train_shapes.TINY["text"], "num_hidden_layers": 4}
+    shapes_model.build_model(processor, vision=vision, text=text).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -6,20 +6,8 @@ import json
 
 import pytest
 
+from vtoken.cli import UsageError
 from vtoken.evals import demo, quality
-from vtoken.evals import shapes_model as sm
-from vtoken.evals import train_shapes as ts
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_shapes")
-    processor = sm.build_processor()
-    # token clustering needs a tower block before and after it; attn_topk scores after decoder layer 2
-    vision, text = {**ts.TINY["vision"], "num_hidden_layers": 2}, {**ts.TINY["text"], "num_hidden_layers": 4}
-    sm.build_model(processor, vision=vision, text=text).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 def parse(module, argv):
@@ -28,11 +16,12 @@ def parse(module, argv):
     return parser.parse_args(argv)
 
 
-def test_quality_writes_every_method_and_budget(checkpoint, tmp_path, capsys):
+def test_quality_writes_every_method_and_budget(tiny_shapes_checkpoint, tmp_path, capsys):
     out = tmp_path / "q.json"
-    args = parse(quality, ["--model", str(checkpoint), "--n", "8", "--budgets", "1.0,0.25", "--batch-size", "4",
-                           "--method", "todre", "--method", "random", "--method", "token_clustering",
-                           "--json", str(out), "--plot", str(tmp_path / "q.png"), "--quiet"])
+    args = parse(quality, ["--model", str(tiny_shapes_checkpoint), "--n", "8", "--budgets", "1.0,0.25",
+                           "--batch-size", "4", "--method", "todre", "--method", "random",
+                           "--method", "token_clustering", "--json", str(out), "--plot", str(tmp_path / "q.png"),
+                           "--quiet"])
     assert quality.run(args) == 0
     report = json.loads(out.read_text())
     got = {(r["method"], r["budget"]) for r in report["results"]}
@@ -44,9 +33,9 @@ def test_quality_writes_every_method_and_budget(checkpoint, tmp_path, capsys):
     assert "todre" in capsys.readouterr().out
 
 
-def test_demo_prints_the_table_and_draws_the_kept_tokens(checkpoint, tmp_path, capsys):
+def test_demo_prints_the_table_and_draws_the_kept_tokens(tiny_shapes_checkpoint, tmp_path, capsys):
     png, table = tmp_path / "demo.png", tmp_path / "demo.json"
-    args = parse(demo, ["--model", str(checkpoint), "--n", "4", "--budgets", "0.25", "--batch-size", "4",
+    args = parse(demo, ["--model", str(tiny_shapes_checkpoint), "--n", "4", "--budgets", "0.25", "--batch-size", "4",
                         "--latency-batch", "2", "--repeats", "1", "--png", str(png), "--json", str(table),
                         "--method", "todre", "--method", "pool", "--method", "attn_topk"])
     assert demo.run(args) == 0
@@ -60,6 +49,6 @@ def test_demo_prints_the_table_and_draws_the_kept_tokens(checkpoint, tmp_path, c
     assert rows[0]["speedup"] == 1.0 and all(r["prefill_ms"] > 0 for r in rows)
 
 
-def test_methods_without_a_budget_are_refused_before_any_work(checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="no visual-token budget"):
-        quality.run(parse(quality, ["--model", str(checkpoint), "--method", "svg2"]))
+def test_methods_for_other_models_are_refused_before_any_work(tiny_shapes_checkpoint, tmp_path):
+    with pytest.raises(UsageError, match="svg2 is not a LLaVA method.*use vtoken bench-dit"):
+        quality.run(parse(quality, ["--model", str(tiny_shapes_checkpoint), "--method", "svg2"]))

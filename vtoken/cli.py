@@ -1,10 +1,19 @@
-"""``vtoken`` console script. Each subcommand lives in its own module with ``add_arguments`` and ``run``."""
+"""``vtoken`` console script. Each subcommand lives in its own module with ``add_arguments`` and ``run``.
+
+A mistake in the command line ends like argparse's own errors: ``vtoken <cmd>: error: <message>`` on stderr and
+exit code 2. Values that can be judged alone are checked while parsing (``vtoken.evals.arguments``); a command
+raises :class:`UsageError` for the rest, or runs its checks of the user's request under :func:`usage_errors`.
+Any other exception is a bug and keeps its traceback. ``--debug`` (before or after the command) shows the traceback
+of usage errors too.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -17,6 +26,41 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-shapes": ("vtoken.evals.train_shapes", "train the ShapesVQA LLaVA (the shipped accuracy model) on CPU"),
     "eval": ("vtoken.evals.eval_cli", "lmms-eval tasks with --model vtoken; fails unless every task has metrics"),
 }
+DEBUG_HELP = "on a usage error, show the full traceback instead of the one-line message"
+
+
+class UsageError(Exception):
+    """The user asked for something that cannot be done: ``vtoken`` prints the message and exits 2."""
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Checks of the user's request run inside: the ValueError they raise (the library's way of rejecting bad
+    input: unknown methods, config fields out of range) becomes a :class:`UsageError`."""
+    try:
+        yield
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless it has none worth showing (None, an off flag) or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default is None or action.default is False or "default" in help_text.lower():
+            return help_text
+        return super()._get_help_string(action)
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The full parser of ``vtoken <name>`` (imports the command's module)."""
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"vtoken {name}", description=COMMANDS[name][1],
+                                     formatter_class=HelpFormatter)
+    module.add_arguments(parser)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    return parser
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vtoken", description="Make vision models spend fewer tokens.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="vtoken", description="Make vision models spend fewer tokens.",
+                                     epilog="`vtoken COMMAND -h` lists a command's options and their defaults.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, description=help_text, add_help=False)  # -h: the real parser below
@@ -49,19 +96,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    module = importlib.import_module(COMMANDS[args.command][0])
     # Re-parse with the command's real arguments, now that its module is loaded.
-    parser = argparse.ArgumentParser(prog=f"vtoken {args.command}", description=COMMANDS[args.command][1])
-    module.add_arguments(parser)
-    argv = sys.argv[1:] if argv is None else argv
+    module = importlib.import_module(COMMANDS[args.command][0])
+    parser = command_parser(args.command)
     rest = argv[argv.index(args.command) + 1 :]
     if getattr(module, "FORWARDS_UNKNOWN_ARGS", False):  # a wrapper hands what it does not parse to the tool it runs
         parsed, forwarded = parser.parse_known_args(rest)
         parsed.forwarded = forwarded
     else:
         parsed = parser.parse_args(rest)
-    return int(module.run(parsed) or 0)
+    try:
+        return int(module.run(parsed) or 0)
+    except UsageError as error:
+        if args.debug or parsed.debug:
+            raise
+        parser.error(str(error))  # usage, "vtoken <cmd>: error: ...", exit 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m vtoken.cli: run the imported module, whose UsageError the commands raise
+    from vtoken.cli import main as vtoken_main
+
+    sys.exit(vtoken_main())
