@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vtoken.adapters import _compat
+from vtoken.kernels.attention import attention_received
 from vtoken.methods.base import LayerContext, VisualTokenMethod
 
 
@@ -375,6 +376,7 @@ class DecoderPruner:
             visual=visual,
             n_visual_input=st.visual.sum(1),
             attention=lambda rows: self._attention_rows(layer, hidden, kwargs, rows),
+            received=lambda rows, weights: self._attention_received(layer, hidden, kwargs, rows, weights),
         )
         keep = self.method.prune(ctx)
         if ctx.record:
@@ -425,30 +427,54 @@ class DecoderPruner:
         rows = gather_rows(mask, alive, dim=2)
         return forbid_columns(gather_rows(rows, alive, dim=3), ~live)
 
-    def _attention_rows(self, layer, hidden, kwargs, rows: torch.Tensor) -> torch.Tensor:
-        """Softmax attention of ``layer`` for query rows ``rows`` (B, R): (B, heads, R, K) in fp32.
-
-        Recomputed from the layer's input (norm, q/k projections, RoPE, GQA, mask), so the model keeps running
-        SDPA / FlashAttention and never needs ``output_attentions``.
-        """
+    def _attention_keys(self, layer, hidden, kwargs):
+        """The layer's normalised input and its keys (B, Hk, K, D) with RoPE, recomputed from the layer's input
+        (norm, k projection, RoPE), so the model keeps running SDPA / FlashAttention and never needs
+        ``output_attentions``."""
         attn = _compat.decoder_attention(layer)
         B, K, _ = hidden.shape
-        head_dim = attn.head_dim
         u = attn.input_norm(hidden)
-        q = attn.q_proj(gather_rows(u, rows)).view(B, rows.shape[1], -1, head_dim).transpose(1, 2)
-        k = attn.k_proj(u).view(B, K, -1, head_dim).transpose(1, 2)
-        if attn.q_norm is not None:  # Qwen3-style per-head norms
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = kwargs["position_embeddings"]
-        cos, sin = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
-        cq, sq = gather_rows(cos, rows).unsqueeze(1), gather_rows(sin, rows).unsqueeze(1)
-        q = q * cq + rotate_half(q) * sq
-        k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+        k = attn.k_proj(u).view(B, K, -1, attn.head_dim).transpose(1, 2)
+        if attn.k_norm is not None:  # Qwen3-style per-head norms
+            k = attn.k_norm(k)
+        cos, sin = (t.expand(B, *t.shape[1:]) for t in kwargs["position_embeddings"])
+        return u, k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+
+    def _attention_queries(self, layer, u, kwargs, rows: torch.Tensor) -> torch.Tensor:
+        """(B, Hq, R, D) queries of rows ``rows`` (B, R), with RoPE."""
+        attn = _compat.decoder_attention(layer)
+        B = u.shape[0]
+        q = attn.q_proj(gather_rows(u, rows)).view(B, rows.shape[1], -1, attn.head_dim).transpose(1, 2)
+        if attn.q_norm is not None:
+            q = attn.q_norm(q)
+        cos, sin = (gather_rows(t.expand(B, *t.shape[1:]), rows).unsqueeze(1) for t in kwargs["position_embeddings"])
+        return q * cos + rotate_half(q) * sin
+
+    def _attention_rows(self, layer, hidden, kwargs, rows: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of ``layer`` for query rows ``rows`` (B, R): (B, heads, R, K) in fp32."""
+        u, k = self._attention_keys(layer, hidden, kwargs)
+        q = self._attention_queries(layer, u, kwargs, rows)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling
-        allowed = self._allowed(kwargs.get("attention_mask"), rows, K)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * _compat.decoder_attention(layer).scaling
+        allowed = self._allowed(kwargs.get("attention_mask"), rows, hidden.shape[1])
         scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
         return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+    def _attention_received(self, layer, hidden, kwargs, rows: torch.Tensor, weights: torch.Tensor,
+                            chunk: int = 512) -> torch.Tensor:
+        """(B, K): the head-averaged attention each key receives from query rows ``rows`` (B, R) weighted by
+        ``weights`` (B, R), without ever holding every row's probabilities (the scoring primitive's dispatch)."""
+        u, k = self._attention_keys(layer, hidden, kwargs)
+        scale = _compat.decoder_attention(layer).scaling
+        mask = kwargs.get("attention_mask")
+        out = None
+        for start in range(0, rows.shape[1], chunk):
+            part = rows[:, start : start + chunk]
+            q = self._attention_queries(layer, u, kwargs, part)
+            got = attention_received(q, k, self._allowed(mask, part, hidden.shape[1]),
+                                     weights[:, start : start + chunk], scale)
+            out = got if out is None else out + got
+        return out
 
     def _allowed(self, mask, rows, K) -> torch.Tensor:
         """(B, R, K) keys each query row may attend to, as the layer's own attention sees them."""

@@ -222,7 +222,10 @@ class _Probe(VisualTokenMethod):
 
     def prune(self, ctx):
         B, L = ctx.valid.shape
-        self.seen = ctx.attention(torch.arange(L).expand(B, -1))
+        rows = torch.arange(L).expand(B, -1)
+        self.seen = ctx.attention(rows)
+        self.weights = torch.rand(B, L) * ctx.valid
+        self.received = ctx.received(rows, self.weights)
         return torch.ones(B, L, dtype=torch.bool)
 
 
@@ -255,6 +258,9 @@ def test_attention_rows_match_eager_attention_with_padding(factory):
         rows = real[b].nonzero().squeeze(1)
         torch.testing.assert_close(probe.seen[b][:, rows][:, :, rows], expected[b][:, rows][:, :, rows],
                                    atol=1e-5, rtol=1e-4)
+    # the scoring primitive: weighted over query rows, averaged over heads, never every row's probabilities at once
+    received = torch.einsum("br,brk->bk", probe.weights, expected.mean(1).float())
+    torch.testing.assert_close(probe.received, received, atol=1e-5, rtol=1e-4)
 
 
 # -- stats: the token counts each layer sees are what the config says ----------------------------------------------

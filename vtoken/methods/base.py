@@ -82,6 +82,9 @@ class LayerContext:
     n_visual_input: torch.Tensor  # (B,) visual tokens that entered the LLM (budgets resolve against this)
     # attention(rows) -> (B, H, R, L) fp32 softmax probabilities of this layer for query rows ``rows`` (B, R)
     attention: Callable[[torch.Tensor], torch.Tensor]
+    # received(rows, weights) -> (B, L) fp32: sum over rows of weight x head-averaged attention each key receives,
+    # computed without holding every row's probabilities (the fused scoring kernel's contract)
+    received: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # per-sample diagnostics a method wants in ``handle.stats`` (e.g. ToDRE's attention ratios)
     record: dict = field(default_factory=dict)
 

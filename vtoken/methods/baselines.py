@@ -153,7 +153,7 @@ class AttnTopKConfig(VisualTokenMethod):
 
     def prune(self, ctx: LayerContext) -> torch.Tensor:
         last = ctx.last_index().unsqueeze(1)  # (B, 1)
-        attn = ctx.attention(last).mean(dim=1)[:, 0]  # (B, L)
+        attn = ctx.received(last, torch.ones_like(last, dtype=torch.float32))  # (B, L), head-averaged
         return keep_top_visual(attn, ctx, self.keep)
 
 

@@ -34,28 +34,31 @@ from vtoken.methods.diverse import diverse_reductions
 from vtoken.registry import register_method
 
 
-def cross_modal_ratios(ctx: LayerContext, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_modal_ratios(ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha_text_to_visual, alpha_visual_to_text), each (B,), from head-averaged attention of this layer.
 
     alpha_t->v: mean over text query rows of the attention mass on visual keys (rows sum to one).
     alpha_v->t: mean over visual query rows of the mass on text keys.
     """
-    B, L = ctx.valid.shape
+    B = ctx.valid.shape[0]
     first = ctx.valid.float().argmax(dim=1)  # first real token: BOS / attention sink, not "text"
     text = ctx.text.clone()
     text[torch.arange(B), first] = False
-    sums = {"tv": torch.zeros(B), "vt": torch.zeros(B)}
-    sums = {k: v.to(ctx.hidden.device) for k, v in sums.items()}
-    for start in range(0, L, chunk):
-        rows = torch.arange(start, min(L, start + chunk), device=ctx.hidden.device).expand(B, -1)
-        probs = ctx.attention(rows).mean(dim=1)  # (B, R, L)
-        to_visual = (probs * ctx.visual.unsqueeze(1)).sum(-1)  # (B, R)
-        to_text = (probs * text.unsqueeze(1)).sum(-1)
-        sums["tv"] += (to_visual * text[:, start : start + chunk]).sum(-1)
-        sums["vt"] += (to_text * ctx.visual[:, start : start + chunk]).sum(-1)
-    t2v = sums["tv"] / text.sum(-1).clamp(min=1)
-    v2t = sums["vt"] / ctx.visual.sum(-1).clamp(min=1)
+    t2v = (ctx.received(*mean_over(text)) * ctx.visual).sum(-1)
+    v2t = (ctx.received(*mean_over(ctx.visual)) * text).sum(-1)
     return t2v, v2t
+
+
+def mean_over(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query rows of a (B, L) set, left-aligned and padded with row 0, and weights averaging over each
+    sample's rows (0 for padding): the arguments of ``LayerContext.received`` for a mean over that set."""
+    counts = rows.sum(1)
+    width = max(1, int(counts.max()))
+    pos = torch.arange(rows.shape[1], device=rows.device)
+    index = torch.where(rows, pos, rows.shape[1]).sort(dim=1).values[:, :width]
+    real = torch.arange(width, device=rows.device) < counts.unsqueeze(1)
+    weights = real.float() / counts.clamp(min=1).unsqueeze(1)
+    return torch.where(real, index, 0), weights
 
 
 @register_method("todre", hosts=("llava", "llava_next"))
