@@ -30,6 +30,7 @@ class VLMStats:
     visual_tokens_llm: list[int] = field(default_factory=list)
     tokens_per_layer: list[list[int]] = field(default_factory=list)
     visual_tokens_per_layer: list[list[int]] = field(default_factory=list)
+    tokens_per_frame: list[list[int]] = field(default_factory=list)  # per item: kept tokens per frame (videos)
     selection_time_s: float = 0.0
     scoring_time_s: float = 0.0
     records: dict[int, dict] = field(default_factory=dict)

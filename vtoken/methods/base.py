@@ -59,6 +59,9 @@ class ImageContext:
     # [CLS]->patch attention of the vision encoder, lazily computed, (n,) with -inf where a token has none
     # (AnyRes high-resolution crops, newline separators). None when the encoder has no [CLS].
     pivot_scores: Callable[[], torch.Tensor | None] = lambda: None
+    modality: str = "image"  # "image" or "video"
+    # video: the frame (temporal position) of every token, (n,); its segments are one grid per frame, in order
+    frames: torch.Tensor | None = None
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Reduction:
 
     features: torch.Tensor
     kept: torch.Tensor | None = None
+    frames: torch.Tensor | None = None  # video, synthesised tokens: the frame each output token belongs to
 
 
 @dataclass
