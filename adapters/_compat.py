@@ -96,6 +96,11 @@ PASSED_LAYER_KWARGS = frozenset({"cache", "past_key_values", "use_cache", "outpu
 GENERATE_UNSEEN = "next_sequence_length"
 
 
+def cache_keyword(model) -> str:
+    """The keyword that passes a KV cache to ``generate()`` / ``forward`` (``cache`` from transformers 5.24 on)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def unknown_layer_kwargs(kwargs: dict) -> list[str]:
     """Keywords a decoder layer got that the in-LLM hooks neither slice nor know to be safe to pass unchanged."""
     return sorted(set(kwargs) - SLICED_LAYER_KWARGS - PASSED_LAYER_KWARGS)

@@ -13,8 +13,15 @@ from test_llava_invariants import PRUNING, Host, method_of, pin_decisions
 from tiny_models import IMAGE_TOKEN, PAD, left_pad
 
 import vtoken
+from vtoken.adapters._compat import cache_keyword, find_cache
 
 GEN = dict(max_new_tokens=3, do_sample=False, pad_token_id=PAD, suppress_tokens=[IMAGE_TOKEN])
+
+
+def with_cache(model, cache) -> dict:
+    """The cache argument under this release's keyword (``cache`` from transformers 5.24, ``past_key_values``
+    before)."""
+    return {} if cache is None else {cache_keyword(model): cache}
 
 
 @pytest.fixture(scope="module", params=["llava", "llava_next"])
@@ -46,9 +53,9 @@ class Conversation:
             extra = self.image_kwargs([new_image])
         if self.cache is None:
             extra = self.image_kwargs(self.images)
-        out = model.generate(input_ids=self.ids, attention_mask=torch.ones_like(self.ids), cache=self.cache,
-                             return_dict_in_generate=True, **extra, **GEN)
-        self.cache = out.past_key_values
+        out = model.generate(input_ids=self.ids, attention_mask=torch.ones_like(self.ids),
+                             **with_cache(model, self.cache), return_dict_in_generate=True, **extra, **GEN)
+        self.cache = find_cache(out)
         self.ids = out.sequences
         return out.sequences[:, -3:]
 
@@ -93,7 +100,8 @@ def test_a_left_padded_batch_continues_like_its_rows(host, name):
                                **Conversation(host, 0).image_kwargs([0, 1]), **GEN)
         ids = torch.cat([first.sequences, follow], 1)
         mask = torch.cat([mask, torch.ones(2, ids.shape[1] - mask.shape[1], dtype=torch.long)], 1)
-        batched = model.generate(input_ids=ids, attention_mask=mask, cache=first.past_key_values, **GEN)[:, -3:]
+        batched = model.generate(input_ids=ids, attention_mask=mask, **with_cache(model, find_cache(first)),
+                                 **GEN)[:, -3:]
         for row in range(2):
             alone = Conversation(host, row)
             alone.turn(model, torch.tensor([], dtype=torch.long))
@@ -122,7 +130,7 @@ def test_a_conversation_that_does_not_continue_the_cache_is_refused(host):
         edited[0, 1] = 42  # an earlier turn changed, but the cache still holds the old one
         ids = torch.cat([edited, torch.tensor([[11, 12, 13]])], 1)
         with pytest.raises(ValueError, match="do not continue the conversation"):
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=chat.cache, **GEN)
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **with_cache(model, chat.cache), **GEN)
 
 
 def test_an_in_llm_pruned_cache_needs_its_method(host):
