@@ -281,7 +281,7 @@ class VLMPatch:
         if any(companions):
             self.set_companions(reduced, [[reduce_alike(method, c, r, self.items[id(e)])
                                            for c in extra] for e, r, extra in zip(entries, reductions, companions)])
-        return reduced, [e.shape[0] for e in entries]
+        return reduced, [(e.shape[0], r.features.shape[0], r.places()) for e, r in zip(entries, reductions)]
 
     def placeholder_mask(self, kwargs, modality: Modality) -> torch.Tensor:
         ids = kwargs.get("input_ids")
@@ -291,25 +291,33 @@ class VLMPatch:
         token = self.base.get_input_embeddings()(torch.tensor(modality.token_id, device=embeds.device))
         return (embeds == token.to(embeds.dtype)).all(-1)
 
-    def shorten_prompt(self, kwargs, counts: dict[str, tuple[list[int], list[int]]]) -> PromptEdit | None:
-        """Drop the placeholders of the tokens the boundary stage removed, item by item, for every modality."""
+    def shorten_prompt(self, kwargs, kept: dict[str, list[tuple[int, int, torch.Tensor | None]]]) -> PromptEdit | None:
+        """Drop the placeholders of the tokens the boundary stage removed, item by item, for every modality.
+
+        ``kept[modality]`` holds, per item, its placeholder count, the tokens it keeps, and which input tokens'
+        placeholders stay (so hosts that keep original positions give each kept token its own); None keeps the
+        first ones.
+        """
         drop = None
         for modality in self.modalities():
-            if modality.name not in counts:
+            if modality.name not in kept:
                 continue
-            counts_in, counts_out = counts[modality.name]
             placeholders = self.placeholder_mask(kwargs, modality)
             where = placeholders.flatten().nonzero().squeeze(1)
-            if where.numel() != sum(counts_in):
+            total = sum(n for n, _, _ in kept[modality.name])
+            if where.numel() != total:
                 raise ValueError(
                     f"{modality.name.capitalize()} features and {modality.name} tokens do not match: the new tokens "
-                    f"hold {where.numel()} {modality.name} tokens, the inputs give {sum(counts_in)}. When a turn "
+                    f"hold {where.numel()} {modality.name} tokens, the inputs give {total}. When a turn "
                     f"continues a KV cache, pass {modality.pixels} for the new tokens' {modality.name}s only."
                 )
-            drop_run = torch.zeros(where.numel(), dtype=torch.bool, device=where.device)
+            drop_run = torch.ones(where.numel(), dtype=torch.bool, device=where.device)
             start = 0
-            for n, k in zip(counts_in, counts_out):
-                drop_run[start + k : start + n] = True
+            for n, count, places in kept[modality.name]:
+                if places is None:
+                    drop_run[start : start + count] = False
+                else:
+                    drop_run[start + places.to(where.device)] = False
                 start += n
             flat = torch.zeros(placeholders.numel(), dtype=torch.bool, device=where.device)
             flat[where[drop_run]] = True
@@ -357,19 +365,17 @@ class VLMPatch:
         self.complete_positions(module, kwargs, layout)
         edit = None
         if boundary is not None:
-            counts = {}
+            kept = {}
             outputs = dict(kwargs.get(_compat.ENCODER_OUTPUTS) or {})
             for modality in present:
                 if outputs.get(modality.name) is None:
                     outputs[modality.name] = getattr(module, modality.features)(**self.encoder_call(modality, kwargs))
                 if self.tower_handle is not None:
                     self.stats.vision = self.tower_handle.stats
-                reduced, counts_in = self.reduce_items(modality, outputs[modality.name])
-                outputs[modality.name] = reduced
-                counts[modality.name] = (counts_in, [f.shape[0] for f in reduced.pooler_output])
+                outputs[modality.name], kept[modality.name] = self.reduce_items(modality, outputs[modality.name])
                 kwargs[modality.pixels] = None
             kwargs[_compat.ENCODER_OUTPUTS] = outputs
-            edit = self.shorten_prompt(kwargs, counts)
+            edit = self.shorten_prompt(kwargs, kept)
         self.map_call(kwargs, layout, edit, length_in)
         placeholders = None
         for modality in self.modalities():

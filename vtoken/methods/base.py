@@ -66,12 +66,18 @@ class ImageContext:
 
 @dataclass
 class Reduction:
-    """Result of a boundary reduction for one image. ``kept`` are indices into the image's tokens (sorted)
+    """Result of a boundary reduction for one image or video. ``kept`` are indices into its tokens (sorted)
     when the method selects tokens, or None when it synthesises new ones (pooling)."""
 
     features: torch.Tensor
     kept: torch.Tensor | None = None
     frames: torch.Tensor | None = None  # video, synthesised tokens: the frame each output token belongs to
+    # synthesised tokens: the input token whose place (and position) each output token takes, ascending
+    anchors: torch.Tensor | None = None
+
+    def places(self) -> torch.Tensor | None:
+        """The input tokens whose placeholders the output tokens fill, ascending; None: the first ones."""
+        return self.kept if self.kept is not None else self.anchors
 
 
 @dataclass

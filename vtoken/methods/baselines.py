@@ -20,6 +20,7 @@ from vtoken.methods.base import (
     LayerContext,
     Reduction,
     VisualTokenMethod,
+    check_choice,
     check_int,
 )
 from vtoken.registry import register_method
@@ -85,6 +86,13 @@ def split_budget(k: int, sizes: list[int], minimums: list[int] | None = None) ->
     return out
 
 
+def window_centers(size: int, bins: int) -> torch.Tensor:
+    """The middle input index of each of adaptive pooling's ``bins`` windows over ``size`` inputs."""
+    i = torch.arange(bins)
+    start, end = (i * size) // bins, -((-(i + 1) * size) // bins)
+    return (start + end - 1) // 2
+
+
 @register_method("pool", hosts=VLM_HOSTS)
 @dataclass
 class PoolConfig(VisualTokenMethod):
@@ -94,6 +102,9 @@ class PoolConfig(VisualTokenMethod):
     ``handle.stats`` reports the exact count, which never exceeds ``keep``. LLaVA-NeXT's layout is preserved: the
     thumbnail and the high-resolution grid share the budget in proportion to their sizes, each pooled row of the
     high-resolution grid keeps its ``image_newline`` separator, and tokens outside any grid are kept as they are.
+    A video is one grid per frame, each pooled alone; ``temporal=True`` first averages consecutive frame pairs
+    (2x2x2 pooling where the budget allows 2x2). Each pooled token takes the place (and, on hosts that keep
+    original positions, the position) of the token in the middle of its window.
 
     Edge cases, so that the budget always holds and keep-all is the identity:
     * a budget that keeps every token returns the input unchanged;
@@ -104,7 +115,12 @@ class PoolConfig(VisualTokenMethod):
       kept only where the budget has room for them after the first grid's one token.
     """
 
+    temporal: bool = False
     boundary = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice(self.temporal, "temporal", (True, False))
 
     def reduce(self, features: torch.Tensor, ctx: ImageContext) -> Reduction:
         k = resolve_budget(self.keep, ctx.n)
@@ -114,22 +130,32 @@ class PoolConfig(VisualTokenMethod):
         for seg in ctx.segments:
             covered[seg.start : seg.start + seg.length] = True
         extras = (~covered).nonzero().squeeze(1).tolist()
-        grids: list[GridSegment] = [s for s in ctx.segments if s.rows and s.cols]
-        need = [1 + int(s.newline) for s in grids]  # one pooled token, and its separator
+        grids: list[list[GridSegment]] = [[s] for s in ctx.segments if s.rows and s.cols]
+        if self.temporal and ctx.frames is not None:  # frame pairs pooled together
+            grids = [sum(grids[i : i + 2], []) for i in range(0, len(grids), 2)]
+        need = [1 + int(g[0].newline) for g in grids]  # one pooled token, and its separator
         while len(grids) > 1 and sum(need) + len(extras) > k:
             grids, need = grids[:-1], need[:-1]
         extras = extras[: max(0, k - sum(need))]
-        budgets = split_budget(k - len(extras), [s.length for s in grids], need)
-        pieces = [(i, features[i : i + 1]) for i in extras]
-        for seg, budget in zip(grids, budgets):
-            grid = features[seg.patch_index().to(features.device)]  # (rows, cols, D)
+        budgets = split_budget(k - len(extras), [sum(s.length for s in g) for g in grids], need)
+        pieces = [(i, features[i : i + 1], torch.tensor([i])) for i in extras]
+        for group, budget in zip(grids, budgets):
+            seg = group[0]
+            index = seg.patch_index()
+            grid = torch.stack([features[s.patch_index().to(features.device)] for s in group]).float().mean(0)
             r, c = pooled_grid(seg.rows, seg.cols, budget, seg.newline)
-            out = F.adaptive_avg_pool2d(grid.permute(2, 0, 1).float(), (r, c)).permute(1, 2, 0).to(features.dtype)
+            out = F.adaptive_avg_pool2d(grid.permute(2, 0, 1), (r, c)).permute(1, 2, 0).to(features.dtype)
+            rows, cols = window_centers(seg.rows, r), window_centers(seg.cols, c)
+            anchors = index[rows][:, cols]
             if seg.newline:
                 separator = features[seg.start + seg.cols].expand(r, 1, -1)
                 out = torch.cat([out, separator], dim=1)
-            pieces.append((seg.start, out.reshape(-1, features.shape[-1])))
-        return Reduction(torch.cat([p for _, p in sorted(pieces, key=lambda item: item[0])]), None)
+                anchors = torch.cat([anchors, (index[rows, -1] + 1).unsqueeze(1)], dim=1)
+            pieces.append((seg.start, out.reshape(-1, features.shape[-1]), anchors.reshape(-1)))
+        pieces.sort(key=lambda piece: piece[0])
+        anchors = torch.cat([a for _, _, a in pieces])
+        frames = None if ctx.frames is None else ctx.frames[anchors]
+        return Reduction(torch.cat([p for _, p, _ in pieces]), None, frames=frames, anchors=anchors)
 
 
 @register_method("attn_topk", hosts=VLM_HOSTS)
