@@ -133,6 +133,18 @@ def accepts_encoder_outputs(base_model) -> bool:
     return ENCODER_OUTPUTS in inspect.signature(base_model.forward).parameters
 
 
+QWEN_VL_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                   "Qwen3VLForConditionalGeneration")
+
+
+@functools.cache
+def qwen_vl_classes() -> tuple[type, ...]:
+    """The Qwen-VL model classes this transformers release has."""
+    import transformers
+
+    return tuple(cls for name in QWEN_VL_CLASSES if (cls := getattr(transformers, name, None)) is not None)
+
+
 def attn_implementation(config) -> str:
     return getattr(config, "_attn_implementation", None) or "eager"
 
@@ -146,8 +158,9 @@ def vision_encoder(tower):
 
 
 def decoder_of(vlm_base):
-    """(decoder, vision tower) of a LLaVA-like ``model.model``."""
-    return vlm_base.language_model, vlm_base.vision_tower
+    """(decoder, vision tower) of a multimodal ``model.model`` (LLaVA: ``vision_tower``, Qwen-VL: ``visual``)."""
+    tower = getattr(vlm_base, "vision_tower", None)
+    return vlm_base.language_model, tower if tower is not None else vlm_base.visual
 
 
 class DecoderAttention(NamedTuple):

@@ -132,16 +132,9 @@ class VLMPatch:
         """Fill in the caller's position ids where the host derives them from the full prompt (M-RoPE)."""
 
     def map_positions(self, kwargs: dict, layout: CacheLayout | None, edit: PromptEdit | None, length_in: int):
-        """Positions of the call's new tokens in the cache: a kept token moves down by the real tokens removed
-        before it, as if a processor had built the shorter prompt (LLaVA)."""
-        positions = kwargs.get("position_ids")
-        if layout is None:
-            return edit.position_ids(positions)
-        if positions is None:
-            B = layout.batch
-            positions = layout.columns + torch.arange(length_in, device=layout.source.device).expand(B, -1)
-        positions = positions - layout.shift.to(positions.device).unsqueeze(1)
-        return edit.position_ids(positions) if edit is not None else positions
+        """Positions of the call's new tokens in the cache (default: as if a processor had built the shorter
+        prompt, see :func:`renumbered_positions`)."""
+        return renumbered_positions(kwargs.get("position_ids"), layout, edit, length_in)
 
     def check_budget(self) -> None:
         pass
@@ -157,6 +150,7 @@ class VLMPatch:
         self.stats = VLMStats()
         self.items: dict[int, Item] = {}
         self.call: _Call | None = None
+        self.encoding = False
         self.base_signature = inspect.signature(self.base.forward)
         self.hooks = Handle(model, f"{self.host} hooks", None, self.host)  # the shared hooks' own undo list
         for modality in self.modalities():
@@ -226,9 +220,13 @@ class VLMPatch:
         original = getattr(self.base, modality.features)
 
         def get_features(*args, **kwargs):
-            if self.boundary_method() is None:
+            if self.boundary_method() is None or self.encoding:  # Qwen3-VL encodes videos through its image path
                 return original(*args, **kwargs)
-            return self.features(modality, original, *args, **kwargs)
+            self.encoding = True
+            try:
+                return self.features(modality, original, *args, **kwargs)
+            finally:
+                self.encoding = False
 
         return functools.update_wrapper(get_features, original)  # generate() reads its signature
 
@@ -555,6 +553,19 @@ def frame_counts(context: ImageContext, reduction: Reduction) -> list[int]:
         return [reduction.features.shape[0]]
     frames_in = int(context.frames.max()) + 1 if context.frames is not None else int(frames.max()) + 1
     return torch.bincount(frames.long(), minlength=frames_in).tolist()
+
+
+def renumbered_positions(positions: torch.Tensor | None, layout: CacheLayout | None, edit: PromptEdit | None,
+                         length_in: int) -> torch.Tensor | None:
+    """(B, q) positions of a call's new tokens, renumbered as if a processor had built the shorter prompt: a kept
+    token moves down by the real tokens removed before it (LLaVA). None: the host's own default is right."""
+    if layout is None:
+        return edit.position_ids(positions)
+    if positions is None:
+        B = layout.batch
+        positions = layout.columns + torch.arange(length_in, device=layout.source.device).expand(B, -1)
+    positions = positions - layout.shift.to(positions.device).unsqueeze(1)
+    return edit.position_ids(positions) if edit is not None else positions
 
 
 def gather_positions(positions: torch.Tensor, edit: PromptEdit, fill: int = 0) -> torch.Tensor:

@@ -25,7 +25,7 @@ from vtoken.methods.base import (
 )
 from vtoken.registry import register_method
 
-VLM_HOSTS = ("llava", "llava_next")
+VLM_HOSTS = ("llava", "llava_next", "qwen_vl")
 
 
 @register_method("random", hosts=VLM_HOSTS)

@@ -30,6 +30,7 @@ from vtoken.methods.base import (
     check_float,
     check_int,
 )
+from vtoken.methods.baselines import VLM_HOSTS
 from vtoken.methods.diverse import diverse_reductions
 from vtoken.registry import register_method
 
@@ -61,7 +62,7 @@ def mean_over(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(real, index, 0), weights
 
 
-@register_method("todre", hosts=("llava", "llava_next"))
+@register_method("todre", hosts=VLM_HOSTS)
 @dataclass
 class ToDREConfig(VisualTokenMethod):
     """ToDRE: [CLS]-pivoted greedy diversity selection after the projector + late task-relevance removal.
