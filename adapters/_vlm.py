@@ -170,6 +170,7 @@ class CacheLayout:
     method: str
     pruned: list | None = None  # in-LLM pruned prefill: per decoder layer (alive, live) or None
     pruned_slots: int = 0  # slots that prefill wrote (its LLM input length)
+    rope_deltas: torch.Tensor | None = None  # M-RoPE hosts: (B, 1) offset of text positions after the prompt
 
     @staticmethod
     def of(cache) -> CacheLayout | None:
@@ -203,9 +204,10 @@ class CacheLayout:
         n = batch // self.batch
         pruned = None if self.pruned is None else [
             None if rec is None else tuple(t.repeat_interleave(n, 0) for t in rec) for rec in self.pruned]
+        deltas = None if self.rope_deltas is None else self.rope_deltas.repeat_interleave(n, 0)
         return dataclasses.replace(
             self, source=self.source.repeat_interleave(n, 0), shift=self.shift.repeat_interleave(n, 0),
-            ids=None if self.ids is None else self.ids.repeat_interleave(n, 0), pruned=pruned)
+            ids=None if self.ids is None else self.ids.repeat_interleave(n, 0), pruned=pruned, rope_deltas=deltas)
 
     def extended(self, edit: PromptEdit | None, ids: torch.Tensor | None, length_in: int) -> CacheLayout:
         """The layout after a call that fed ``length_in`` new caller columns, shortened by ``edit`` if any."""

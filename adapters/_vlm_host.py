@@ -139,6 +139,9 @@ class VLMPatch:
     def check_budget(self) -> None:
         pass
 
+    def record(self, layout: CacheLayout) -> None:
+        """Keep on a fresh prefill's cache layout what the host needs to continue it later."""
+
     # -- construction ---------------------------------------------------------------------------------------------
     def __init__(self, model):
         check_host_features(model.model)
@@ -503,6 +506,7 @@ class VLMPatch:
             device = call.edit.col_map.device if call.edit is not None else pruned[-1][0].device
             layout = CacheLayout.identity(B, 0, device, self.method_names())
             layout.ids = None if call.ids is None else call.ids[:, :0]
+            self.record(layout)
         layout = layout.extended(call.edit, call.ids, call.length_in)
         if pruned is not None:
             layout.pruned, layout.pruned_slots = pruned, layout.slots

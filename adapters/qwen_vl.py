@@ -95,10 +95,20 @@ class QwenVLPatch(VLMPatch):
         module.rope_deltas = deltas  # what the model's own forward records for later decode steps
         kwargs["position_ids"] = positions
 
+    def record(self, layout: CacheLayout) -> None:
+        if self.base.rope_deltas is not None:
+            layout.rope_deltas = self.base.rope_deltas.clone()
+
     def map_positions(self, kwargs: dict, layout: CacheLayout | None, edit: PromptEdit | None, length_in: int):
         positions = kwargs.get("position_ids")
-        if positions is None:
-            positions = self.continued_positions(kwargs, layout, length_in)
+        if layout is not None and edit is None:
+            # Text on a shortened cache. generate() looks for new images from the cache's slot count, which is short,
+            # so it finds the old ones, recomputes positions without them and zeroes the model's rope deltas: rebuild
+            # them from the text positions and the deltas the prefill recorded.
+            if positions is None:
+                positions = self.continued_positions(kwargs, layout, length_in)[1:]  # (t, h, w), as the model would
+            elif positions.dim() == 3 and positions.shape[0] == 4:
+                positions = self.continued_positions(kwargs, layout, length_in, positions[0])
         if positions.dim() == 2:  # plain text positions
             return renumbered_positions(positions, layout, edit, length_in)
         text = None
@@ -112,18 +122,22 @@ class QwenVLPatch(VLMPatch):
             positions = gather_positions(positions, edit)
         return positions if text is None else torch.cat([text.unsqueeze(0).to(positions.dtype), positions], 0)
 
-    def continued_positions(self, kwargs: dict, layout: CacheLayout, length_in: int) -> torch.Tensor:
-        """(3, B, q) positions of new text tokens on a cache, as the unpatched model derives them: the caller's
-        column (its padding skipped) plus the rope delta its prefill recorded."""
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2:
-            text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length_in:]
-        else:
-            text = layout.columns + torch.arange(length_in, device=layout.source.device).expand(layout.batch, -1)
-        deltas = self.base.rope_deltas
+    def continued_positions(self, kwargs: dict, layout: CacheLayout, length_in: int,
+                            text: torch.Tensor | None = None) -> torch.Tensor:
+        """(4, B, q) [text, t, h, w] positions of new text tokens on a cache, as the unpatched model derives them:
+        the caller's text position (its column, padding skipped) plus the rope delta the prefill recorded."""
+        if text is None:
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.dim() == 2:
+                text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length_in:]
+            else:
+                device = layout.source.device
+                text = layout.columns + torch.arange(length_in, device=device).expand(layout.batch, -1)
+        deltas = layout.rope_deltas if layout.rope_deltas is not None else self.base.rope_deltas
+        rope = text if deltas is None else text + deltas.to(text.device)
         if deltas is not None:
-            text = text + deltas.to(text.device).repeat_interleave(text.shape[0] // deltas.shape[0], dim=0)
-        return text.unsqueeze(0).expand(3, -1, -1)
+            self.base.rope_deltas = deltas  # undo generate()'s reset, for callers that read it next
+        return torch.cat([text.unsqueeze(0), rope.unsqueeze(0).expand(3, -1, -1)], 0)
 
     # -- Qwen3-VL deepstack under in-LLM pruning --------------------------------------------------------------------
     def attach_method(self, method, handle) -> None:
