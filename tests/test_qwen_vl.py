@@ -25,6 +25,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import vtoken
 from vtoken.adapters._compat import cache_keyword, find_cache
 
+# pruning from layer 1 runs inside Qwen3-VL's deepstack span (features added after layers 0 and 1)
+QWEN_PRUNING = dict(PRUNING, attn_topk_layer1=dict(keep=0.3, layer=1))
+
+
+def method(name: str) -> str:
+    return method_of(name.replace("_layer1", ""))
+
+
 GEN = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD, suppress_tokens=[QWEN_IMAGE, QWEN_VIDEO])
 # (kind, temporal patches, patch rows, patch cols): images of two resolutions and a 2-frame video
 ITEMS = [("image", 1, 8, 8), ("image", 1, 8, 12), ("video", 2, 8, 8)]
@@ -147,13 +155,13 @@ def test_boundary_equals_unpatched_on_the_shortened_input_with_original_position
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", sorted(PRUNING))
+@pytest.mark.parametrize("name", sorted(QWEN_PRUNING))
 def test_a_mixed_batch_equals_singles(host, name, attn):
     """Images of two resolutions and a video, left-padded in one batch, give each row's tokens run alone."""
     model = host.model
     model.model.language_model.set_attn_implementation(attn)
     try:
-        with vtoken.patch(model, method_of(name), **PRUNING[name]) as handle:
+        with vtoken.patch(model, method(name), **QWEN_PRUNING[name]) as handle:
             singles = torch.cat([greedy(model, **host.single(i)) for i in range(3)])
             counts = []
             for i in range(3):
@@ -168,10 +176,10 @@ def test_a_mixed_batch_equals_singles(host, name, attn):
     assert [list(layer) for layer in batch_counts] == [list(c) for c in zip(*counts)]
 
 
-@pytest.mark.parametrize("name", sorted(PRUNING))
+@pytest.mark.parametrize("name", sorted(QWEN_PRUNING))
 def test_cached_generate_equals_the_no_cache_loop(host, name):
     model, inputs = host.model, host.batch()
-    with vtoken.patch(model, method_of(name), **PRUNING[name]) as handle:
+    with vtoken.patch(model, method(name), **QWEN_PRUNING[name]) as handle:
         pin_decisions(handle.config)
         ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
@@ -188,10 +196,10 @@ def test_cached_generate_equals_the_no_cache_loop(host, name):
         assert torch.equal(greedy(model, **inputs), torch.cat(steps, 1))
 
 
-@pytest.mark.parametrize("name", sorted(PRUNING))
+@pytest.mark.parametrize("name", sorted(QWEN_PRUNING))
 def test_sdpa_and_eager_agree(host, name):
     model, inputs = host.model, host.batch()
-    with vtoken.patch(model, method_of(name), **PRUNING[name]) as handle:
+    with vtoken.patch(model, method(name), **QWEN_PRUNING[name]) as handle:
         sdpa = logits(model, **inputs)
         model.model.language_model.set_attn_implementation("eager")
         try:
@@ -252,3 +260,40 @@ def test_bad_inputs_get_clear_errors(host):
         logits(model, inputs_embeds=embeds, **{k: v for k, v in inputs.items() if k != "input_ids"})
     with pytest.raises(ValueError, match="does not support"):
         vtoken.patch(model, "token_clustering")
+
+
+def test_qwen3_deepstack_is_added_at_the_tokens_still_alive(monkeypatch):
+    """While an in-LLM method prunes, the deepstack features of each visual token still alive are added after the
+    first decoder layers: checked against a loop over tokens, with pruning from layer 1 (inside the deepstack span)."""
+    from vtoken.adapters.qwen_vl import DeepstackInjector
+
+    host = QwenHost("qwen3_vl")
+    seen = {}
+    make_add = DeepstackInjector.make_add
+
+    def recording(self, index):
+        add = make_add(self, index)
+
+        def wrapped(module, args, output):
+            state = self.patch.decoder.state
+            result = add(module, args, output)
+            seen[index] = (output, state.alive, state.live, self.pending, result)
+            return result
+
+        return wrapped
+
+    monkeypatch.setattr(DeepstackInjector, "make_add", recording)
+    inputs = host.batch()
+    with vtoken.patch(host.model, "attn_topk", keep=0.3, layer=1), torch.no_grad():
+        host.model(**inputs)
+    for index in (0, 1):
+        before, alive, live, (masks, embeds), after = seen[index]
+        rank = (masks.flatten().long().cumsum(0) - 1).view_as(masks)
+        expected = before.clone()
+        for b in range(before.shape[0]):
+            for j in range(before.shape[1]):
+                pos = j if alive is None else int(alive[b, j])
+                if (live is None or bool(live[b, j])) and bool(masks[b, pos]):
+                    expected[b, j] += embeds[index][rank[b, pos]]
+        torch.testing.assert_close(after, expected)
+    assert seen[0][1] is None and seen[1][1].shape[1] < inputs["input_ids"].shape[1]  # layer 1 ran pruned
