@@ -118,6 +118,17 @@ def _received_kernel(
     tl.store(part_ptr + (kv * B + b) * K + offs_n, acc * head_share, mask=in_n)
 
 
+def block_sizes(R: int, K: int, D: int, dtype: torch.dtype, cuda: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_N, BLOCK_D): every dot dimension >= 16 (the GPU compiler's minimum); fp32 tiles on a GPU half
+    as large so they fit the 99 KiB of shared memory of the smallest cards; in the CPU interpreter, which pays per
+    program and per op, few large blocks."""
+    block_d = max(16, triton.next_power_of_2(D))
+    if not cuda:
+        return max(16, min(128, triton.next_power_of_2(R))), max(16, min(256, triton.next_power_of_2(K))), block_d
+    wide = 32 if dtype == torch.float32 else 64
+    return (16 if R <= 16 else wide), wide, block_d
+
+
 def attention_received_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scale: float,
                               causal_rows: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
                               allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,11 +146,7 @@ def attention_received_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.T
     dense = allowed.to(torch.int8).contiguous() if allowed is not None else placeholder
     w = weights.to(torch.float32).contiguous()
     upcast = q.dtype == torch.float32 or not q.is_cuda
-    block_d = max(16, triton.next_power_of_2(D))
-    if q.is_cuda:
-        block_r, block_n = 16 if R <= 16 else 64, 64
-    else:  # the interpreter pays per program and per op: few, large blocks
-        block_r, block_n = max(16, min(128, triton.next_power_of_2(R))), max(16, min(256, triton.next_power_of_2(K)))
+    block_r, block_n, block_d = block_sizes(R, K, D, q.dtype, q.is_cuda)
     flags = dict(HAS_ROWS=causal_rows is not None, HAS_VALID=key_valid is not None, HAS_DENSE=allowed is not None,
                  UPCAST=upcast, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d)
     strides = (*q.stride()[:3], *k.stride()[:3])
