@@ -84,7 +84,7 @@ def test_bad_input_is_refused_with_what_is_allowed():
 @pytest.mark.slow
 def test_kernel_compiles_for_gpus():
     shared = compile_for_gpus(r'''
-from vtoken.kernels.compaction.compact import _compact_kernel
+from vtoken.kernels.compaction.ragged import _compact_kernel
 dims = {n: "i32" for n in ["L", "D", "W", "stride_xb", "stride_xl", "stride_ob", "stride_ol"]}
 for dtype, arch in [("*fp16", 80), ("*bf16", 90), ("*fp32", 90)]:
     types = {"x_ptr": dtype, "out_ptr": dtype, "keep_ptr": "*i8", "pos_ptr": "*i64", "out_pos_ptr": "*i64",

@@ -35,7 +35,7 @@ def compact(hidden: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor | 
     if least < 1:
         raise ValueError("compact: every sample must keep at least one row (a sample keeps none)")
     if use_triton(hidden, backend):
-        from vtoken.kernels.compaction.compact import compact_triton
+        from vtoken.kernels.compaction.ragged import compact_triton
 
         return compact_triton(hidden, keep, positions, width)
     return naive.compact(hidden, keep, positions, width)
