@@ -9,6 +9,7 @@ that a change of machine load hits every method alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -32,6 +33,18 @@ from vtoken.evals.quality import budget_config
 from vtoken.evals.roofline import Peak, device_peak, ideal_ms
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SDPA_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def sdpa_kernel(name: str):
+    """Restrict PyTorch's SDPA to one backend (``auto``: PyTorch picks per call)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel as restrict
+
+    return restrict({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                     "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name])
 
 
 def parse_method(text: str) -> tuple[str, dict]:
@@ -301,6 +314,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    parser.add_argument("--sdpa-kernel", choices=SDPA_KERNELS, default="auto",
+                        help="with --attn sdpa, run every attention call on this SDPA backend (flash: PyTorch's "
+                             "FlashAttention-2 kernels; a call it cannot take fails); auto: PyTorch picks")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
     parser.add_argument("--peak-tflops", type=positive_float, default=None,
@@ -326,12 +342,14 @@ def run(args: argparse.Namespace) -> int:
     with usage_errors():
         check_installs(model, methods)
     inputs = synthetic_inputs(model, batch=args.batch)
-    results, _ = run_bench(model, inputs, methods, repeats=args.repeats, warmup=args.warmup,
-                           new_tokens=args.new_tokens, progress=not args.quiet, peak=peak)
+    with sdpa_kernel(args.sdpa_kernel):
+        results, _ = run_bench(model, inputs, methods, repeats=args.repeats, warmup=args.warmup,
+                               new_tokens=args.new_tokens, progress=not args.quiet, peak=peak)
     machine = describe_machine(device, threads)
     preset = PRESETS.get(args.model)
     title = (f"{args.model}: {preset.description if preset else 'checkpoint'}; batch {args.batch}, "
-             f"prompt {inputs['input_ids'].shape[1]} tokens, {args.dtype or str(dtype).split('.')[-1]}, {args.attn}")
+             f"prompt {inputs['input_ids'].shape[1]} tokens, {args.dtype or str(dtype).split('.')[-1]}, {args.attn}"
+             + (f" ({args.sdpa_kernel} backend only)" if args.sdpa_kernel != "auto" else ""))
     print(title)
     print(machine_line(machine))
     print(threads.line())

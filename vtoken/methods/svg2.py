@@ -33,7 +33,6 @@ from vtoken.kernels.svg2 import BACKENDS, LabelGroups, kmeans_assign, kmeans_upd
 from vtoken.methods.base import check_choice, check_float, check_int
 from vtoken.registry import register_method
 
-
 # Cluster counts (query, key) per host when the user sets none: the official scripts' per-model counts; any other
 # caller of ``svg2_attention`` gets the paper's generic 100 / 500 (Table 1).
 MODEL_CLUSTERS = {"wan": (300, 1000), "hunyuan_video": (400, 1000)}
