@@ -97,7 +97,8 @@ def check_environment(device: str, pyproject: Path, site: Path | None) -> dict:
     import vtoken
 
     info["vtoken_source"] = str(Path(vtoken.__file__).resolve().parent.parent)
-    info["attention"] = "flash_attention_2" if info["versions"]["flash-attn"] else "sdpa (flash backend)"
+    info["attention"] = ("flash_attention_2" if info["versions"]["flash-attn"] else
+                         "sdpa, flash backend" if device == "cuda" else "sdpa, math backend (dry run)")
     info["fatal"], info["notes"] = fatal, notes
     return info
 
