@@ -7,7 +7,8 @@
 # vtoken's floor of 5.18, which silently drops the images) and no diffusers or open_clip. This downloads, for Python
 # 3.12 on x86-64 Linux, the wheels of transformers, diffusers and open-clip-torch at the versions installed here
 # (where the test-suite passes, inside pyproject.toml's ranges), plus what they need that the GPU image lacks or may
-# hold too old: regex (transformers), importlib-metadata and zipp (diffusers), ftfy and wcwidth (open_clip).
+# hold too old: regex (transformers), importlib-metadata and zipp (diffusers), timm >= 1.0.17, ftfy and wcwidth
+# (open_clip).
 # huggingface-hub, tokenizers and safetensors are the image's (1.33, 0.23.2, 0.8.0 meet transformers' needs; newer
 # hub releases need packages the image lacks). vtoken itself is not a wheel: the suite runs it from the checkout.
 # Then it checks that the wheelhouse stays under the carry limit, that pip finds every wheel in it offline, and that
@@ -18,7 +19,7 @@ OUT=${1:-.wheelhouse}
 PY=${PYTHON:-python3}
 GPU_PYTHON=${GPU_PYTHON:-3.12}
 LIMIT_MIB=56  # the run tool carries 64 MiB with the working tree (about 6 MiB)
-MIRRORED=(transformers diffusers open-clip-torch regex zipp ftfy wcwidth)  # at the versions installed here
+MIRRORED=(transformers diffusers open-clip-torch timm regex zipp ftfy wcwidth)  # at the versions installed here
 FIXED=(importlib-metadata==8.7.0)  # 9 and later need lazy-importer, which the GPU image lacks
 PLATFORM=(--python-version "$GPU_PYTHON" --implementation cp --platform manylinux_2_28_x86_64
           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --only-binary=:all:)

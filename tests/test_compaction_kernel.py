@@ -86,10 +86,11 @@ def test_kernel_compiles_for_gpus():
     shared = compile_for_gpus(r'''
 from vtoken.kernels.compaction.ragged import _compact_kernel
 dims = {n: "i32" for n in ["L", "D", "W", "stride_xb", "stride_xl", "stride_ob", "stride_ol"]}
-for dtype, arch in [("*fp16", 80), ("*bf16", 90), ("*fp32", 90)]:
-    types = {"x_ptr": dtype, "out_ptr": dtype, "keep_ptr": "*i8", "pos_ptr": "*i64", "out_pos_ptr": "*i64",
-             "live_ptr": "*i8", **dims}
-    consts = {"HAS_POS": True, "BLOCK_L": 32, "BLOCK_D": 256, "SCAN": 1024}
-    shared[f"compact {dtype} sm_{arch}"] = compile_kernel(_compact_kernel, types, consts, arch).metadata.shared
+for dtype, arch, has_pos in [("*fp16", 80, True), ("*bf16", 90, True), ("*bf16", 90, False), ("*fp32", 90, True)]:
+    types = {"x_ptr": dtype, "out_ptr": dtype, "keep_ptr": "*i8", "pos_ptr": "*i64" if has_pos else "*i8",
+             "out_pos_ptr": "*i64", "live_ptr": "*i8", **dims}
+    consts = {"HAS_POS": has_pos, "BLOCK_L": 32, "BLOCK_D": 256, "SCAN": 1024}
+    shared[f"compact {dtype} positions={has_pos} sm_{arch}"] = compile_kernel(
+        _compact_kernel, types, consts, arch).metadata.shared
 ''')
-    assert len(shared) == 3 and all(size <= SMALLEST_SHARED_MEMORY for size in shared.values()), shared
+    assert len(shared) == 4 and all(size <= SMALLEST_SHARED_MEMORY for size in shared.values()), shared
