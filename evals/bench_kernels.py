@@ -66,6 +66,7 @@ class Result:
     triton_ms: float | None  # None: not run (no GPU)
     speedup: float | None
     agree: str  # "exact", "max abs diff ...", or "-" when Triton did not run
+    ok: bool = True  # exact where the kernel must be (compaction, selection), within rounding for scoring
 
 
 def timed(fn: Callable[[], object], reps: int, device: torch.device) -> tuple[float, object]:
@@ -87,12 +88,19 @@ def timed(fn: Callable[[], object], reps: int, device: torch.device) -> tuple[fl
     return statistics.median(times), out
 
 
-def agreement(ref, got) -> str:
+def agreement(kernel: str, ref, got) -> tuple[str, bool]:
+    """How the Triton output compares with the reference's, and whether that is acceptable: compaction must match
+    exactly; scores may differ by rounding (fp32 sums in another order); a greedy selection may part at a near-tie
+    of fp32 sums computed in another order (the matrix-vector loop vs the Gram matrix), in at most 1% of its picks."""
     refs, gots = (ref, got) if isinstance(ref, tuple) else ((ref,), (got,))
     if all(torch.equal(r, g) for r, g in zip(refs, gots)):
-        return "exact"
+        return "exact", True
+    if kernel == "greedy selection":
+        differ = sum(int(torch.isin(r, g, invert=True).sum()) for r, g in zip(ref, got))  # kept sets, per image
+        return f"{differ} of {ref.numel()} kept tokens differ", differ <= 0.01 * ref.numel()
     diff = max(float((r.float() - g.float()).abs().max()) for r, g in zip(refs, gots))
-    return f"max abs diff {diff:.2e}"
+    close = all(torch.allclose(g.float(), r.float(), rtol=1e-3, atol=1e-6) for r, g in zip(refs, gots))
+    return f"max abs diff {diff:.2e}", close and kernel == "attention scoring"
 
 
 def ragged_keep(batch: int, size: Size, device, gen: torch.Generator) -> torch.Tensor:
@@ -150,12 +158,12 @@ def run_benchmark(sizes: list[str], batches: list[int], device: torch.device, dt
         for batch in batches:
             for kernel, case, call in cases(SIZES[name], batch, device, dtype, gen):
                 ref_ms, ref = timed(lambda call=call: call("torch"), reps, device)
-                triton_ms, agree = None, "-"
+                triton_ms, agree, ok = None, "-", True
                 if with_triton:
                     triton_ms, got = timed(lambda call=call: call("triton"), reps, device)
-                    agree = agreement(ref, got)
+                    agree, ok = agreement(kernel, ref, got)
                 speedup = ref_ms / triton_ms if triton_ms is not None and device.type == "cuda" else None
-                results.append(Result(kernel, case, name, batch, ref_ms, triton_ms, speedup, agree))
+                results.append(Result(kernel, case, name, batch, ref_ms, triton_ms, speedup, agree, ok))
                 print(f"  {kernel}: {case}, {name}, batch {batch} done", file=sys.stderr)
     return results
 
@@ -215,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     text = table(results, label)
     print(f"{str(dtype).removeprefix('torch.')}, median of {args.reps} calls after one warm-up")
     print(text)
-    disagree = [r for r in results if r.agree not in ("exact", "-") and r.kernel != "attention scoring"]
+    disagree = [r for r in results if not r.ok]
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             f"# vtoken bench-kernels\n\n{machine_line(info)}; {str(dtype).removeprefix('torch.')}, median of "
             f"{args.reps} calls\n\n{text}\n")
         print(f"wrote {out / 'bench_kernels.json'} and {out / 'bench_kernels.md'}")
-    if disagree:  # compaction and selection are exact by construction; scoring differs by rounding only
+    if disagree:
         print(f"error: Triton and reference outputs differ: {[(r.kernel, r.case) for r in disagree]}", file=sys.stderr)
         return 1
     return 0
