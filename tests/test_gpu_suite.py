@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vtoken.evals import gpu_suite
 
@@ -56,6 +57,7 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
     assert proc.returncode == 2 and "unknown argument '--fast'" in proc.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_without_cuda_the_cuda_suite_stops_before_measuring(tmp_path):
     proc = suite("--device", "cuda", "--no-install", "--out", str(tmp_path), timeout=300)
     assert proc.returncode == 1
