@@ -15,6 +15,8 @@ import torch
 
 from vtoken.adapters import _compat
 from vtoken.kernels.attention import attention_received
+from vtoken.kernels.attention.naive import allowed_keys
+from vtoken.kernels.compaction import compact
 from vtoken.methods.base import LayerContext, VisualTokenMethod
 
 
@@ -277,7 +279,7 @@ class TokenState:
     valid: torch.Tensor  # (B, L0) real (non-padding) tokens
     alive: torch.Tensor | None = None  # (B, K) layer-0 positions at the current layer; None = all
     live: torch.Tensor | None = None  # (B, K) False for filler slots that only equalise row lengths
-    pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (sel, live) to apply at the next layer
+    pending: torch.Tensor | None = None  # (B, K) keep mask to apply at the next layer's input
     version: int = 0
     per_layer: list = field(default_factory=list)  # per layer: (alive, live) or None, reused by decode steps
     sliced: tuple | None = None  # (version, id(source), kwargs) cache of the sliced shared kwargs
@@ -297,6 +299,7 @@ class DecoderPruner:
         self.method = method
         self.stats = stats
         self.score_layers = set(method.score_layers(len(self.layers)))
+        self.backend = getattr(method, "backend", "auto")  # kernels: compaction and attention-row scoring
         self.state: TokenState | None = None
         self.mode = "idle"
         self.decode_records: list = []
@@ -343,13 +346,9 @@ class DecoderPruner:
         st = self.state
         hidden = args[0] if args else kwargs.pop("hidden_states")
         if st.pending is not None:
-            sel, live = st.pending
-            st.pending = None
-            base = st.alive if st.alive is not None else torch.arange(hidden.shape[1], device=hidden.device)
-            st.alive = gather_rows(base.expand(sel.shape[0], -1) if base.dim() == 1 else base, sel)
-            st.live = live
+            keep, st.pending = st.pending, None
+            hidden, st.alive, st.live = compact(hidden, keep, st.alive, self.backend)
             st.version += 1
-            hidden = gather_rows(hidden, sel)
         st.per_layer.append(None if st.alive is None else (st.alive, st.live))
         if st.alive is not None:
             kwargs = self._sliced_kwargs(kwargs, hidden.shape[0])
@@ -390,14 +389,10 @@ class DecoderPruner:
             return
         alive = st.alive if st.alive is not None else torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
         self.stats.visual_alive[index + 1] = [row[m].tolist() for row, m in zip(alive, keep & visual)]
-        counts = keep.sum(1)
-        width = int(counts.max())
-        pos = torch.arange(keep.shape[1], device=keep.device)
-        ordered = torch.where(keep, pos, keep.shape[1]).sort(dim=1).values
-        slot = torch.arange(width, device=keep.device) - (width - counts).unsqueeze(1)
-        # Rows that keep fewer tokens are left-filled with copies of their first kept token, masked out as keys,
-        # so every row has the same length and a batch gives the same tokens as single runs.
-        st.pending = (ordered.gather(1, slot.clamp(min=0)), slot >= 0)
+        # Compacted at the next layer's input: rows that keep fewer tokens are left-filled with copies of their first
+        # kept token, masked out as keys, so every row has the same length and a batch gives the same tokens as
+        # single runs.
+        st.pending = keep
 
     def _sliced_kwargs(self, kwargs, batch):
         """Slice the kwargs every layer shares (mask, RoPE, position ids) to the alive positions, once per change."""
@@ -474,24 +469,25 @@ class DecoderPruner:
         for start in range(0, rows.shape[1], chunk):
             part = rows[:, start : start + chunk]
             q = self._attention_queries(layer, u, kwargs, part)
-            got = attention_received(q, k, self._allowed(mask, part, hidden.shape[1]),
-                                     weights[:, start : start + chunk], scale)
+            got = attention_received(q, k, weights[:, start : start + chunk], scale,
+                                     **self._scoring_masks(mask, part), backend=self.backend)
             out = got if out is None else out + got
         return out
 
     def _allowed(self, mask, rows, K) -> torch.Tensor:
         """(B, R, K) keys each query row may attend to, as the layer's own attention sees them."""
+        return allowed_keys(rows.shape[0], rows.shape[1], K, rows.device, **self._scoring_masks(mask, rows))
+
+    def _scoring_masks(self, mask, rows) -> dict:
+        """The keys query rows ``rows`` (B, R) may attend to, in the scoring kernel's terms: causal rows and valid
+        keys (no (B, R, K) mask needed), or the rows of a 4-D mask."""
         B = rows.shape[0]
         if mask is not None and mask.dim() == 4:
-            full = mask_allows(mask.expand(B, *mask.shape[1:])[:, 0])
-            return gather_rows(full, rows)
-        cols = torch.arange(K, device=rows.device)
-        allowed = cols.view(1, 1, K) <= rows.unsqueeze(2)
-        if mask is not None:  # 2-D padding mask (FlashAttention layouts)
-            allowed = allowed & mask.bool().unsqueeze(1)
+            return {"allowed": gather_rows(mask_allows(mask.expand(B, *mask.shape[1:])[:, 0]), rows)}
+        valid = None if mask is None else mask.bool().expand(B, -1)  # 2-D padding mask (FlashAttention layouts)
         if self.state.live is not None:
-            allowed = allowed & self.state.live.unsqueeze(1)
-        return allowed
+            valid = self.state.live if valid is None else valid & self.state.live
+        return {"causal_rows": rows, "key_valid": valid}
 
     def _decode(self, index, args, kwargs):
         """Decode step: this layer's cache holds only the alive prefill tokens, so its mask columns must match."""

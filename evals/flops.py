@@ -22,12 +22,48 @@ def vision_flops(views: int, vcfg, block_tokens: list[int] | None = None) -> flo
     """A CLIP-like tower over ``views`` crops. ``block_tokens``: the tokens each block saw (a method that clusters
     inside the tower shortens the later ones); None = every block sees every patch + [CLS] (HF runs the whole tower).
     """
+    return sum(flops for _, flops, _ in vision_parts(views, vcfg, block_tokens))
+
+
+def vision_parts(views: int, vcfg, block_tokens: list[int] | None = None) -> list[tuple[str, float, float]]:
+    """(name, FLOPs, weights) of the patch embedding and of every block of the tower, over ``views`` crops."""
     full = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
     block_tokens = block_tokens or [full] * vcfg.num_hidden_layers
     d, m = vcfg.hidden_size, vcfg.intermediate_size
-    blocks = sum(2 * n * d * 4 * d + 4 * n * n * d + 2 * n * d * m * 2 for n in block_tokens)
-    patch_embed = 2 * (full - 1) * 3 * vcfg.patch_size**2 * d
-    return float(views * (blocks + patch_embed))
+    patch_weights = 3 * vcfg.patch_size**2 * d + full * d  # convolution + position embedding
+    parts = [("vision embed", float(views * 2 * (full - 1) * 3 * vcfg.patch_size**2 * d), float(patch_weights))]
+    for i, n in enumerate(block_tokens):
+        flops = 2 * n * d * 4 * d + 4 * n * n * d + 2 * n * d * m * 2
+        parts.append((f"vision block {i}", float(views * flops), float(4 * d * d + 2 * d * m + 9 * d + m)))
+    return parts
+
+
+def decoder_layer_weights(cfg) -> float:
+    """Weights of one decoder layer (projections, MLP, two norms): what a prefill reads from memory per layer."""
+    d = cfg.hidden_size
+    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    gated = getattr(cfg, "hidden_act", "silu") in ("silu", "swish", "gelu_pytorch_tanh") or hasattr(cfg, "mlp_bias")
+    return float(d * (2 * heads * head_dim + 2 * kv_heads * head_dim) + d * cfg.intermediate_size * (3 if gated else 2)
+                 + 2 * d)
+
+
+def prefill_parts(config, tokens_per_layer: list[list[int]], views: int, projected_tokens: int,
+                  tower_tokens: list[int] | None = None) -> list[tuple[str, float, float]]:
+    """(name, FLOPs, weights) of every part of one prefill of a batch, in the order they run: the roofline's input
+    (each part does its FLOPs and reads its weights once per batch)."""
+    text = config.text_config
+    vision_dim = config.vision_config.hidden_size * (
+        len(config.vision_feature_layer) if isinstance(config.vision_feature_layer, (list, tuple)) else 1)
+    d = text.hidden_size
+    parts = vision_parts(views, config.vision_config, tower_tokens)
+    parts.append(("projector", projector_flops(projected_tokens, config), float(vision_dim * d + d * d + 2 * d)))
+    layer_weights = decoder_layer_weights(text)
+    for i, counts in enumerate(tokens_per_layer):
+        parts.append((f"decoder layer {i}", sum(decoder_layer_flops(n, text) for n in counts), layer_weights))
+    batch = len(tokens_per_layer[0])
+    parts.append(("lm head", float(2 * d * text.vocab_size * batch), float(d * text.vocab_size + d)))
+    return parts
 
 
 def projector_flops(n_tokens: int, config) -> float:
@@ -49,4 +85,5 @@ def prefill_flops(config, tokens_per_layer: list[list[int]], views: int, project
     vision = vision_flops(views, config.vision_config, tower_tokens)
     projector = projector_flops(projected_tokens, config)
     return {"vision": vision, "projector": projector, "decoder": decoder + head,
-            "total": vision + projector + decoder + head}
+            "total": vision + projector + decoder + head,
+            "parts": prefill_parts(config, tokens_per_layer, views, projected_tokens, tower_tokens)}

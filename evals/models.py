@@ -76,19 +76,24 @@ def check_model(name: str) -> None:
 
 def build_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", attn: str = "sdpa",
                 random_weights: bool = False):
-    """A preset name, or an HF id / local path (``random_weights`` builds it from its config alone)."""
+    """A preset name, or an HF id / local path (``random_weights`` builds it from its config alone).
+
+    Random weights are drawn on ``device`` itself: a 7B model initialised on the CPU and then moved takes minutes.
+    """
     torch.manual_seed(0)
     if name in PRESETS:
         spec = dict(PRESETS[name].config)
         kind = spec.pop("kind")
         config = (LlavaConfig if kind == "llava" else LlavaNextConfig)(**spec)
         cls = _model_class(config)
-        model = cls._from_config(config, attn_implementation=attn, dtype=dtype)
+        with torch.device(device):
+            model = cls._from_config(config, attn_implementation=attn, dtype=dtype)
     else:
         config = AutoConfig.from_pretrained(name)
         cls = _model_class(config)
         if random_weights:
-            model = cls._from_config(config, attn_implementation=attn, dtype=dtype)
+            with torch.device(device):
+                model = cls._from_config(config, attn_implementation=attn, dtype=dtype)
         else:
             model = cls.from_pretrained(name, attn_implementation=attn, dtype=dtype)
     return model.to(device).eval()

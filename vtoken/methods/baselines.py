@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from vtoken.budget import resolve_budget
+from vtoken.kernels.dispatch import BACKENDS
 from vtoken.methods.base import (
     GridSegment,
     ImageContext,
@@ -164,14 +165,18 @@ class AttnTopKConfig(VisualTokenMethod):
     """FastV: after decoder layer K, keep the visual tokens the last prompt token attends to most.
 
     Attention is head-averaged and measured in layer K-1 (``layer`` = K); defaults are FastV's K=2, R=50%.
+    ``backend`` picks the kernels of the scoring and the compaction: ``"auto"`` = Triton on CUDA, PyTorch
+    elsewhere; ``"torch"`` / ``"triton"`` force one (both keep the same tokens).
     """
 
     keep: int | float = 0.5
     layer: int = 2
+    backend: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
         check_int(self.layer, "layer", 1)
+        check_choice(self.backend, "backend", BACKENDS)
 
     def score_layers(self, num_layers: int) -> tuple[int, ...]:
         check_int(self.layer, "layer", 1, num_layers - 1)

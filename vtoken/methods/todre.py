@@ -67,8 +67,9 @@ def mean_over(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class ToDREConfig(VisualTokenMethod):
     """ToDRE: [CLS]-pivoted greedy diversity selection after the projector + late task-relevance removal.
 
-    ``backend`` picks the stage-1 selection kernel: ``"auto"`` = the persistent Triton kernel on CUDA, the
-    matrix-vector loop elsewhere; ``"torch"`` / ``"triton"`` force one (both give the same tokens).
+    ``backend`` picks the kernels: stage-1 selection (``"auto"`` = the persistent Triton kernel on CUDA, the
+    matrix-vector loop elsewhere), stage-2 attention scoring and compaction (Triton on CUDA, PyTorch elsewhere);
+    ``"torch"`` / ``"triton"`` force one (both give the same tokens).
     """
 
     keep: int | float = 0.25
