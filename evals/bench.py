@@ -86,8 +86,8 @@ class TowerTokens:
     makes the later blocks cheaper, and the FLOPs count has to know."""
 
     def __init__(self, model):
-        tower = model.model.vision_tower
-        blocks = getattr(tower, "vision_model", tower).encoder.layers
+        tower = getattr(model.model, "vision_tower", None)
+        blocks = [] if tower is None else getattr(tower, "vision_model", tower).encoder.layers  # Qwen-VL: none
         self.counts: list[int] = []
         self.hooks = [block.register_forward_pre_hook(self._seen, with_kwargs=True) for block in blocks]
         self.blocks = len(blocks)
@@ -157,6 +157,7 @@ class Row:
             out["decode_speedup"] = out["decode_tok_s"] / statistics.median(dense.decode_tok_s)
             out["ideal_speedup"] = dense.ideal_ms / self.ideal_ms  # NaN without peak figures
             out["of_ideal"] = out["speedup"] / out["ideal_speedup"]
+            out["of_flops_ideal"] = out["speedup"] / out["flops_ratio"]  # compute-bound ideal (CPU)
         return out
 
 
@@ -232,16 +233,19 @@ def flops_of(model, inputs: dict, handle, views: int, tower_tokens: list[int]) -
     """Per-layer token counts of one prefill -> analytic FLOPs (the dense model counts its own prompt)."""
     mask = inputs["attention_mask"]
     stats = llm_stats(handle)
+    tokens = [getattr(model.config, key) for key in ("image_token_id", "video_token_id") if hasattr(model.config, key)]
     if stats is None:
         n = mask.sum(1).tolist()
-        visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+        visual = torch.isin(inputs["input_ids"], torch.tensor(tokens, device=mask.device)).sum(1).tolist()
         layers = model.config.text_config.num_hidden_layers
         per_layer, projected = [n] * layers, sum(visual)
     else:
         per_layer, visual = stats.tokens_per_layer, stats.visual_tokens_llm
         projected = sum(stats.visual_tokens_in) if stats.visual_tokens_in else sum(visual)
     records = {} if stats is None else {str(k): v for k, v in stats.records.items()}
-    flops = prefill_flops(model.config, per_layer, views, projected, tower_tokens)
+    grids = [g for key in ("image_grid_thw", "video_grid_thw") if inputs.get(key) is not None
+             for g in inputs[key].tolist()] or None
+    flops = prefill_flops(model.config, per_layer, views, projected, tower_tokens or None, grids)
     return flops, statistics.mean(visual), records
 
 
@@ -253,7 +257,7 @@ def row_label(result: dict) -> str:
 
 def format_table(results: list[dict]) -> str:
     head = ("method", "visual->LLM", "prefill ms", "speed-up", "ideal (measured/ideal)", "decode tok/s", "peak MB",
-            "prefill GFLOPs", "FLOPs ratio", "overhead ms (% prefill)")
+            "prefill GFLOPs", "FLOPs ratio (measured/ratio)", "overhead ms (% prefill)")
     lines = [head]
     for r in results:
         label = row_label(r)
@@ -263,7 +267,8 @@ def format_table(results: list[dict]) -> str:
             "-" if math.isnan(r.get("ideal_speedup", math.nan)) else
             f"{r['ideal_speedup']:.2f}x ({r['of_ideal']:.2f})",
             f"{r['decode_tok_s']:.1f}", f"{r['peak_mem_mb']:.0f}", f"{r['prefill_gflops']:.1f}",
-            f"{r.get('flops_ratio', 1.0):.2f}x", "-" if math.isnan(overhead) else
+            f"{r['flops_ratio']:.2f}x ({r['of_flops_ideal']:.2f})" if "flops_ratio" in r else "1.00x",
+            "-" if math.isnan(overhead) else
             f"{overhead:.2f} ({r['overhead_pct_of_prefill']:.1f}%)",
         ))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
@@ -298,7 +303,7 @@ def plot(results: list[dict], title: str, path: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-llava-1.5",
-                        help=f"a preset ({', '.join(PRESETS)}) or an HF LLaVA / LLaVA-NeXT id or local path")
+                        help=f"a preset ({', '.join(PRESETS)}) or an HF LLaVA / LLaVA-NeXT / Qwen-VL id or local path")
     parser.add_argument("--random-weights", action="store_true", help="build --model from its config only")
     parser.add_argument("--method", action="append", default=None, metavar="NAME[:key=value,...]",
                         help="a LLaVA method to compare with dense (repeatable; `vtoken methods` lists them); "
@@ -306,6 +311,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=budget, default=64,
                         help="budget for every method: int tokens or fraction (token_clustering: clusters)")
     parser.add_argument("--batch", type=positive_int, default=1, help="images (prompts) per generate() call")
+    parser.add_argument("--video", action="store_true",
+                        help="Qwen-VL models: an 8-frame video per prompt instead of a 448x448 image")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per method (median reported)")
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per method first")
     parser.add_argument("--new-tokens", type=positive_int, default=16, help="tokens generated per run (decode speed)")
@@ -341,13 +348,15 @@ def run(args: argparse.Namespace) -> int:
                         random_weights=args.random_weights)
     with usage_errors():
         check_installs(model, methods)
-    inputs = synthetic_inputs(model, batch=args.batch)
+    with usage_errors():
+        inputs = synthetic_inputs(model, batch=args.batch, video=args.video)
     with sdpa_kernel(args.sdpa_kernel):
         results, _ = run_bench(model, inputs, methods, repeats=args.repeats, warmup=args.warmup,
                                new_tokens=args.new_tokens, progress=not args.quiet, peak=peak)
     machine = describe_machine(device, threads)
     preset = PRESETS.get(args.model)
-    title = (f"{args.model}: {preset.description if preset else 'checkpoint'}; batch {args.batch}, "
+    title = (f"{args.model}: {preset.description if preset else 'checkpoint'}; batch {args.batch}"
+             f"{' (videos)' if args.video else ''}, "
              f"prompt {inputs['input_ids'].shape[1]} tokens, {args.dtype or str(dtype).split('.')[-1]}, {args.attn}"
              + (f" ({args.sdpa_kernel} backend only)" if args.sdpa_kernel != "auto" else ""))
     print(title)
