@@ -115,6 +115,7 @@ if [ "$SMOKE" = 1 ]; then
   "$PY" -m vtoken.evals.gpu_suite smoke-models --out "$SITE/models"
   LLAVA=(--model "$SITE/models/llava" --random-weights)
   NEXT=(--model "$SITE/models/llava_next" --random-weights)
+  QWEN=(--model tiny-qwen2.5-vl)
   TIMING=(--repeats 1 --warmup 0 --new-tokens 2)
   KEEP=16  # of the smoke model's 64 visual tokens
   BATCH=4
@@ -124,6 +125,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   LLAVA=(--model llava-1.5-7b)
   NEXT=(--model llava-next-7b)
+  QWEN=(--model qwen2.5-vl-7b)
   TIMING=(--repeats 5 --warmup 1 --new-tokens 16)
   KEEP=64
   BATCH=16
@@ -160,9 +162,11 @@ part bench_llava15_$FLASH_NAME 25 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" "${
   --method todre --json "$OUT/bench_llava15_$FLASH_NAME.json"
 part bench_llava_next_$FLASH_NAME 25 "${BENCH[@]}" "${NEXT[@]}" "${TIMING[@]}" "${FLASH[@]}" --keep 0.1 --batch 1 \
   --method todre --json "$OUT/bench_llava_next_$FLASH_NAME.json"
+part bench_qwen25 25 "${BENCH[@]}" "${QWEN[@]}" "${TIMING[@]}" --keep 0.25 --batch 1 --method todre \
+  --method random --method pool --json "$OUT/bench_qwen25.json"
 part bench_vit 25 "${VT[@]}" bench-vit --device "$DEVICE" --dtype bf16 "${VIT[@]}" --out "$OUT/bench_vit"
-part bench_dit 45 "${VT[@]}" bench-dit --device "$DEVICE" --top-p 0.9 "${DIT[@]}" --out "$OUT/bench_dit"
-part bench_kernels 35 "${VT[@]}" bench-kernels --device "$DEVICE" "${KERNELS[@]}" --out "$OUT/bench_kernels"
+part bench_dit 35 "${VT[@]}" bench-dit --device "$DEVICE" --top-p 0.9 "${DIT[@]}" --out "$OUT/bench_dit"
+part bench_kernels 30 "${VT[@]}" bench-kernels --device "$DEVICE" "${KERNELS[@]}" --out "$OUT/bench_kernels"
 
 # -- 4. report --------------------------------------------------------------------------------------------------------
 "$PY" -m vtoken.evals.gpu_suite report --out "$OUT" > "$OUT/logs/report.log" || echo "the report failed" >&2
