@@ -170,7 +170,8 @@ class LlavaPatch:
         self.method = method
         handle.stats = self.stats
         self.check_budget()
-        if method.score_layers(len(self.llm.layers)):
+        layers = len(self.llm.layers)
+        if method.score_layers(layers) or method.observed_sublayers(layers):
             self.decoder = DecoderPruner(self.llm, method, self.stats, handle)
 
     def attach_tower(self, tower_handle: Handle, handle: Handle) -> None:
@@ -551,24 +552,36 @@ class LlavaPatch:
 
     def after_llm(self, module, args, kwargs, output):
         call, self.call = self.call, None
-        if self.decoder is not None:
-            self.decoder.idle()
         cache = _compat.find_cache(output)
+        row_state = None
+        if self.decoder is not None:
+            if call is not None and call.prefill and cache is not None:
+                row_state = self.decoder.end_prefill(cache)
+            self.decoder.idle()
         if call is None or cache is None:
             return output
         pruned = self.decoder.pruned_layers() if self.decoder is not None and call.prefill else None
         layout = call.layout
         if layout is None:
-            if call.edit is None and pruned is None:
+            if call.edit is None and pruned is None and row_state is None:
                 return output  # nothing changed: slot i is column i
-            B = call.edit.col_map.shape[0] if call.edit is not None else pruned[-1][0].shape[0]
+            B = call.edit.col_map.shape[0] if call.edit is not None else call_rows(pruned, row_state)
             layout = CacheLayout.identity(B, 0, cache_device(cache, call), self.method_names())
             layout.ids = None if call.ids is None else call.ids[:, :0]
         layout = layout.extended(call.edit, call.ids, call.length_in)
         if pruned is not None:
             layout.pruned, layout.pruned_slots = pruned, layout.slots
+        if row_state is not None:
+            layout.row_state = row_state
         layout.attach(cache)
         return output
+
+
+def call_rows(pruned: list | None, row_state: dict | None) -> int:
+    """Rows of a prefill the boundary stage left alone, from what the decoder recorded about it."""
+    if pruned is not None:
+        return pruned[-1][0].shape[0]
+    return next(iter(row_state.values())).shape[0]
 
 
 def check_continues(layout: CacheLayout, ids: torch.Tensor | None, tail: bool = False) -> None:
