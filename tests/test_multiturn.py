@@ -99,7 +99,7 @@ def test_follow_up_turns_equal_recomputing_the_conversation(host, name, follow_u
             assert torch.equal(cached, chat.recompute(model, handle)), f"turn {k + 2} ({kind})"
 
 
-@pytest.mark.parametrize("name", ["todre", "random", "attn_topk"])
+@pytest.mark.parametrize("name", ["todre", "random", "attn_topk", "transprune", "corematching"])
 def test_a_left_padded_batch_continues_like_its_rows(host, name):
     """Rows of different lengths keep different numbers of tokens: the batch's follow-up equals each row's own
     two-turn conversation run alone."""
