@@ -1,7 +1,7 @@
 """Decode-time FFN sparsity: a gated MLP that computes only the neurons a method chose for each row at prefill.
 
 The chosen rows of ``gate`` / ``up`` and columns of ``down`` are copied once, contiguously (gate and up stacked into
-one matrix), so a decode step is two matrix products over ``k`` neurons instead of three over all ``m``, with no
+one matrix), so a decode step is two matrix products over the chosen neurons instead of three over all ``m``, with no
 per-step gather. The model's own weights are never modified: the copies live here and are dropped with the patch.
 Only single-token steps on a cache (``generate()``'s decode) take the sparse path; anything longer (a prefill, a
 follow-up turn's prompt) runs the original MLP.
@@ -16,38 +16,35 @@ from vtoken.adapters import _compat
 
 
 class SlicedFFN:
-    """``mlp`` restricted to ``neurons`` (B, k), one neuron set per row."""
+    """``mlp`` restricted to ``neurons`` (B, k), one neuron set per row.
+
+    The weights of the union of the rows' sets are copied once; a row's other neurons in the union are multiplied by
+    zero before the down projection, which gives exactly that row's restricted FFN. A batch step therefore reads
+    each needed weight once (never more than the dense FFN), and rows with one set (beams of one prompt) need no mask.
+    """
 
     def __init__(self, mlp: _compat.GatedMLP, neurons: torch.Tensor):
         self.act = mlp.act
         gate, up, down = mlp.gate.weight, mlp.up.weight, mlp.down.weight
         neurons = neurons.to(gate.device)
         self.rows = neurons.shape[0]
-        self.gate_up_bias = None
-        if mlp.gate.bias is not None:
-            self.gate_up_bias = torch.cat([mlp.gate.bias[neurons], mlp.up.bias[neurons]], dim=-1)  # (B, 2k)
+        union = neurons.unique(sorted=True)
+        self.gate_up = torch.cat([gate.index_select(0, union), up.index_select(0, union)])  # (2u, d)
+        self.down = down.index_select(1, union)  # (d, u)
+        self.gate_up_bias = None if mlp.gate.bias is None else torch.cat([mlp.gate.bias[union], mlp.up.bias[union]])
         self.down_bias = mlp.down.bias
-        if self.rows == 1:  # F.linear layout: (out, in) weights
-            idx = neurons[0]
-            self.gate_up = torch.cat([gate.index_select(0, idx), up.index_select(0, idx)])  # (2k, d)
-            self.down = down.index_select(1, idx)  # (d, k)
-        else:  # bmm layout: (B, in, out) per row
-            self.gate_up = torch.cat([gate[neurons], up[neurons]], dim=1).transpose(1, 2).contiguous()  # (B, d, 2k)
-            self.down = down.t()[neurons].contiguous()  # (B, k, d)
+        member = torch.zeros(self.rows, gate.shape[0], dtype=torch.bool, device=gate.device)
+        member = member.scatter_(1, neurons, True)[:, union]  # (B, u)
+        self.mask = None if bool(member.all()) else member.to(gate.dtype).unsqueeze(1)  # (B, 1, u)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != self.rows:
             raise RuntimeError(f"vtoken: a decode step with {x.shape[0]} rows runs FFN neurons chosen for {self.rows}")
-        if self.rows == 1:
-            bias = None if self.gate_up_bias is None else self.gate_up_bias[0]
-            gate, up = F.linear(x, self.gate_up, bias).chunk(2, dim=-1)
-            return F.linear(self.act(gate) * up, self.down, self.down_bias)
-        hidden = torch.bmm(x, self.gate_up)
-        if self.gate_up_bias is not None:
-            hidden = hidden + self.gate_up_bias.unsqueeze(1)
-        gate, up = hidden.chunk(2, dim=-1)
-        out = torch.bmm(self.act(gate) * up, self.down)
-        return out if self.down_bias is None else out + self.down_bias
+        gate, up = F.linear(x, self.gate_up, self.gate_up_bias).chunk(2, dim=-1)
+        hidden = self.act(gate) * up
+        if self.mask is not None:
+            hidden = hidden * self.mask
+        return F.linear(hidden, self.down, self.down_bias)
 
 
 class DecodeFFN:
@@ -71,7 +68,8 @@ class DecodeFFN:
 
     def prepare(self, neurons: torch.Tensor) -> None:
         """Slice the weights for ``neurons`` (B, len(indices), k), unless the current slices were made from them."""
-        if self.source is not None and self.source.shape == neurons.shape and torch.equal(self.source, neurons):
+        if self.source is neurons or (self.source is not None and self.source.shape == neurons.shape
+                                      and torch.equal(self.source, neurons)):
             return
         self.sliced = {}  # free the old copies before making new ones
         self.sliced = {i: SlicedFFN(self.mlps[i], neurons[:, j]) for j, i in enumerate(self.indices)}

@@ -226,6 +226,8 @@ class CacheLayout:
 # In-LLM: drop tokens between decoder layers during prefill
 # ------------------------------------------------------------------------------------------------------------
 DECODE_NEURONS = "decode_neurons"  # CacheLayout.row_state key: (B, decode FFN layers, k) neurons per row
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

@@ -109,6 +109,16 @@ def test_sliced_ffn_equals_the_dense_ffn_with_other_neurons_zeroed(rows, bias):
     torch.testing.assert_close(SlicedFFN(_compat.gated_mlp(_Layer(mlp)), every)(x), mlp(x), atol=1e-6, rtol=1e-5)
 
 
+def test_sliced_ffn_copies_the_union_of_the_rows_sets_once():
+    mlp = LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=12, num_attention_heads=2))
+    parts = _compat.gated_mlp(_Layer(mlp))
+    same = SlicedFFN(parts, torch.tensor([[1, 4, 7], [1, 4, 7]]))  # beams of one prompt
+    assert same.gate_up.shape == (6, 8) and same.down.shape == (8, 3) and same.mask is None
+    mixed = SlicedFFN(parts, torch.tensor([[1, 4, 7], [0, 4, 9]]))
+    assert mixed.gate_up.shape == (10, 8) and mixed.mask.squeeze(1).tolist() == [[0, 1, 1, 1, 0], [1, 0, 1, 0, 1]]
+    assert mixed.gate_up.is_contiguous() and mixed.down.is_contiguous()
+
+
 class _Layer:
     def __init__(self, mlp):
         self.mlp = mlp
