@@ -137,7 +137,7 @@ def parse_ffn_layers(spec) -> tuple[int, ...] | str:
 @register_method("corematching", hosts=VLM_HOSTS)
 @dataclass
 class CoreMatchingConfig(VisualTokenMethod):
-    """CoreMatching: core neurons pick core tokens after layer ``layer``; decode runs only the core neurons.
+    """CoreMatching: FFN core neurons pick the core tokens (adaptive threshold); decode runs only the core neurons.
 
     ``keep``: None = the adaptive maximum-distance threshold per sample; an int or fraction keeps that many
     best-scoring visual tokens instead. ``rho``: share of a token's positive activations that are its core neurons.
