@@ -226,6 +226,7 @@ class CacheLayout:
 # In-LLM: drop tokens between decoder layers during prefill
 # ------------------------------------------------------------------------------------------------------------
 DECODE_NEURONS = "decode_neurons"  # CacheLayout.row_state key: (B, decode FFN layers, k) neurons per row
+DECODE_LAYERS = "decode_layers"  # ... and (B, decode FFN layers): the layers they were chosen for
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -346,6 +347,11 @@ class DecoderPruner:
             self.mode = "idle"
         if self.ffn is not None:
             rows = layout.row_state if layout is not None and layout.row_state is not None else {}
+            if DECODE_LAYERS in rows and tuple(rows[DECODE_LAYERS][0].tolist()) != self.ffn.indices:
+                raise ValueError(
+                    f"vtoken: this KV cache's decode neurons were chosen for layers {rows[DECODE_LAYERS][0].tolist()}"
+                    f", but {self.method.method_name} now converts layers {list(self.ffn.indices)}; continue it with "
+                    "the configuration that wrote it, or start the conversation again")
             self.ffn.activate(rows.get(DECODE_NEURONS))
 
     def idle(self) -> None:
@@ -370,7 +376,8 @@ class DecoderPruner:
                                f", declared decode FFN layers {self.ffn.indices if self.ffn else ()}")
         neurons = torch.stack([outcome.decode_neurons[i] for i in self.ffn.indices], dim=1)  # (B, layers, k)
         self.ffn.prepare(neurons)
-        return {DECODE_NEURONS: neurons}
+        layers = torch.tensor(self.ffn.indices, device=neurons.device).expand(neurons.shape[0], -1)
+        return {DECODE_NEURONS: neurons, DECODE_LAYERS: layers}
 
     def _zero_kv(self, cache, index: int, zero: torch.Tensor) -> None:
         """Zero this prefill's cached keys and values of layer ``index`` at LLM-input positions ``zero`` (B, L0)."""

@@ -235,6 +235,18 @@ def test_each_conversation_keeps_its_own_decode_neurons(host):
         assert torch.equal(follow_up(ids_a, cache_a), alone)
 
 
+def test_a_cache_continues_only_with_the_layers_its_neurons_were_chosen_for(host):
+    model = host.model
+    with torch.no_grad():
+        with vtoken.patch(model, "corematching"):
+            out = model.generate(**host.single(0), max_new_tokens=2, return_dict_in_generate=True, **GEN)
+        ids = torch.cat([out.sequences, torch.tensor([[11, 12, 13]])], 1)
+        with vtoken.patch(model, "corematching", ffn_layers="all"), pytest.raises(
+                ValueError, match=r"decode neurons were chosen for layers \[1, 2\], but corematching now converts"):
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=out.past_key_values,
+                           max_new_tokens=2, **GEN)
+
+
 # -- the released code -------------------------------------------------------------------------------------------------
 def test_release_variant_zeroes_the_kv_the_release_rule_picks():
     model = tiny_llava(layers=20)
