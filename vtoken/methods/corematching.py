@@ -61,9 +61,9 @@ def token_core_neurons(activation: torch.Tensor, rho: float) -> torch.Tensor:
     top = int(counts.max()) if counts.numel() else 0
     if top == 0:
         return torch.zeros_like(positive)
-    values = activation.float().topk(top, dim=-1).values  # descending
-    threshold = values.gather(-1, (counts - 1).clamp(min=0).unsqueeze(-1))
-    return positive & (activation.float() >= threshold) & (counts > 0).unsqueeze(-1)
+    values = activation.topk(top, dim=-1).values  # descending
+    threshold = values.gather(-1, (counts - 1).clamp(min=0).unsqueeze(-1))  # > 0 wherever counts > 0
+    return (activation >= threshold) & (counts > 0).unsqueeze(-1)
 
 
 def sentence_core_neurons(token_core: torch.Tensor, valid: torch.Tensor, beta: float) -> torch.Tensor:
