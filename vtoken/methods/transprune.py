@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from vtoken.budget import resolve_budget
 from vtoken.methods.base import LayerContext, SublayerContext, VisualTokenMethod, check_choice
@@ -42,17 +41,15 @@ def round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-def direction_change(x: torch.Tensor, y: torch.Tensor, direction: str) -> torch.Tensor:
-    """(B, L): ``1 - cos(x, y)`` (the release) or ``1 - |cos(x, y)|`` (the paper) per token, in fp32."""
-    cos = F.cosine_similarity(x.float(), y.float(), dim=-1)
-    return 1 - (cos.abs() if direction == "paper" else cos)
-
-
 def token_transition_variation(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, direction: str) -> torch.Tensor:
     """(B, L) TTV of one sub-layer with input ``x`` and output ``y`` (B, L, D): the norm ratio ``||y|| / ||x||``
-    times the softmax of the direction change over each sample's ``valid`` tokens (0 elsewhere)."""
-    ratio = y.float().norm(dim=-1) / x.float().norm(dim=-1).clamp_min(EPS)
-    change = direction_change(x, y, direction).masked_fill(~valid, float("-inf"))
+    times the softmax, over each sample's ``valid`` tokens (0 elsewhere), of the direction change ``1 - cos(x, y)``
+    (``direction="release"``) or ``1 - |cos(x, y)|`` (``"paper"``). In fp32; each norm is computed once."""
+    x, y = x.float(), y.float()
+    norm_x, norm_y = x.norm(dim=-1), y.norm(dim=-1)
+    ratio = norm_y / norm_x.clamp_min(EPS)
+    cos = (x * y).sum(dim=-1) / (norm_x * norm_y).clamp_min(EPS)
+    change = (1 - (cos.abs() if direction == "paper" else cos)).masked_fill(~valid, float("-inf"))
     weight = torch.softmax(change, dim=-1).nan_to_num(0.0)  # a sample without valid tokens gets zeros
     return torch.where(valid, ratio * weight, 0.0)
 
