@@ -181,6 +181,46 @@ def decoder_attention(layer) -> DecoderAttention:
                             getattr(attn, "k_norm", None), attn.head_dim, attn.scaling)
 
 
+def decoder_sublayer(layer, kind: str):
+    """The module whose forward call carries a decoder sub-layer's input and output (``methods.base.SUBLAYER_KINDS``):
+    the attention block, the MLP, or the MLP's down projection (its input is the hidden activation)."""
+    if kind == "attention":
+        return layer.self_attn
+    if kind == "mlp":
+        return layer.mlp
+    return layer.mlp.down_proj
+
+
+def module_io(args: tuple, kwargs: dict, output) -> tuple[Any, Any]:
+    """(input, output) of a module call seen by a forward hook: Llama attention takes ``hidden_states`` by keyword
+    and returns ``(output, weights)``; the MLP and its projections take and return one tensor."""
+    x = args[0] if args else kwargs["hidden_states"]
+    return x, output[0] if isinstance(output, tuple) else output
+
+
+class GatedMLP(NamedTuple):
+    """A SwiGLU-style MLP: ``down(act(gate(x)) * up(x))`` (Llama, Mistral, Qwen2 decoders)."""
+
+    module: Any
+    gate: Any
+    up: Any
+    down: Any
+    act: Any
+
+
+def gated_mlp(layer) -> GatedMLP | None:
+    """The decoder layer's MLP as a gated MLP, or None when it is not one."""
+    mlp = layer.mlp
+    parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")]
+    return None if any(p is None for p in parts) else GatedMLP(mlp, *parts)
+
+
+def cache_layer_kv(cache, index: int) -> tuple[Any, Any]:
+    """The (B, heads, slots, head_dim) key and value tensors a DynamicCache holds for one decoder layer."""
+    layer = cache.layers[index]
+    return layer.keys, layer.values
+
+
 class EncoderAttention(NamedTuple):
     """What recomputing one CLIP encoder layer's [CLS] attention needs."""
 

@@ -172,7 +172,8 @@ class VLMPatch:
         self.method = method
         handle.stats = self.stats
         self.check_budget()
-        if method.score_layers(len(self.llm.layers)):
+        layers = len(self.llm.layers)
+        if method.score_layers(layers) or method.observed_sublayers(layers):
             self.decoder = DecoderPruner(self.llm, method, self.stats, handle)
 
     def attach_tower(self, tower_handle: Handle, handle: Handle) -> None:
@@ -492,24 +493,29 @@ class VLMPatch:
 
     def after_llm(self, module, args, kwargs, output):
         call, self.call = self.call, None
-        if self.decoder is not None:
-            self.decoder.idle()
         cache = _compat.find_cache(output)
+        row_state = None
+        if self.decoder is not None:
+            if call is not None and call.prefill and cache is not None:
+                row_state = self.decoder.end_prefill(cache)
+            self.decoder.idle()
         if call is None or cache is None:
             return output
         pruned = self.decoder.pruned_layers() if self.decoder is not None and call.prefill else None
         layout = call.layout
         if layout is None:
-            if call.edit is None and pruned is None:
+            if call.edit is None and pruned is None and row_state is None:
                 return output  # nothing changed: slot i is column i
-            B = call.edit.col_map.shape[0] if call.edit is not None else pruned[-1][0].shape[0]
-            device = call.edit.col_map.device if call.edit is not None else pruned[-1][0].device
-            layout = CacheLayout.identity(B, 0, device, self.method_names())
+            some = call.edit.col_map if call.edit is not None else (
+                pruned[-1][0] if pruned is not None else next(iter(row_state.values())))
+            layout = CacheLayout.identity(some.shape[0], 0, some.device, self.method_names())
             layout.ids = None if call.ids is None else call.ids[:, :0]
             self.record(layout)
         layout = layout.extended(call.edit, call.ids, call.length_in)
         if pruned is not None:
             layout.pruned, layout.pruned_slots = pruned, layout.slots
+        if row_state is not None:
+            layout.row_state = row_state
         layout.attach(cache)
         return output
 

@@ -124,6 +124,7 @@ class Row:
     method: str
     config: dict
     visual_tokens_llm: float = 0.0
+    visual_tokens_last: float = 0.0  # in the last decoder layer (in-LLM pruning leaves fewer there)
     ttft_ms: list[float] = field(default_factory=list)
     decode_tok_s: list[float] = field(default_factory=list)
     selection_ms: list[float] = field(default_factory=list)
@@ -139,6 +140,7 @@ class Row:
             "method": self.method,
             "config": self.config,
             "visual_tokens_llm": self.visual_tokens_llm,
+            "visual_tokens_last_layer": self.visual_tokens_last,
             "ttft_ms": ttft,
             "ttft_ms_all": self.ttft_ms,
             "decode_tok_s": statistics.median(self.decode_tok_s) if self.decode_tok_s else float("nan"),
@@ -199,6 +201,9 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
             row.flops, row.visual_tokens_llm, row.records = flops_of(model, inputs, handle, views, tower.counts)
             if peak is not None:
                 row.ideal_ms = ideal_ms(row.flops["parts"], peak, model.dtype.itemsize)
+            stats = llm_stats(handle)
+            row.visual_tokens_last = (statistics.mean(stats.visual_tokens_per_layer[-1]) if stats is not None
+                                      else row.visual_tokens_llm)
         finally:
             if handle is not None:
                 handle.remove()
@@ -255,18 +260,26 @@ def row_label(result: dict) -> str:
     return f"{result['method']} {config}".strip()
 
 
+def visual_cell(result: dict) -> str:
+    """Visual tokens entering the LLM, and ``->`` those left in its last layer when in-LLM pruning removed some."""
+    first, last = result["visual_tokens_llm"], result.get("visual_tokens_last_layer", result["visual_tokens_llm"])
+    return f"{first:.0f}" if round(first) == round(last) else f"{first:.0f}->{last:.0f}"
+
+
 def format_table(results: list[dict]) -> str:
-    head = ("method", "visual->LLM", "prefill ms", "speed-up", "ideal (measured/ideal)", "decode tok/s", "peak MB",
-            "prefill GFLOPs", "FLOPs ratio (measured/ratio)", "overhead ms (% prefill)")
+    head = ("method", "visual->LLM (->last layer)", "prefill ms", "speed-up", "ideal (measured/ideal)",
+            "decode tok/s", "decode speed-up", "peak MB", "prefill GFLOPs", "FLOPs ratio (measured/ratio)",
+            "overhead ms (% prefill)")
     lines = [head]
     for r in results:
         label = row_label(r)
         overhead = r["selection_ms"] + r["scoring_ms"]  # NaN: not measured
         lines.append((
-            label, f"{r['visual_tokens_llm']:.0f}", f"{r['ttft_ms']:.1f}", f"{r.get('speedup', 1.0):.2f}x",
+            label, visual_cell(r), f"{r['ttft_ms']:.1f}", f"{r.get('speedup', 1.0):.2f}x",
             "-" if math.isnan(r.get("ideal_speedup", math.nan)) else
             f"{r['ideal_speedup']:.2f}x ({r['of_ideal']:.2f})",
-            f"{r['decode_tok_s']:.1f}", f"{r['peak_mem_mb']:.0f}", f"{r['prefill_gflops']:.1f}",
+            f"{r['decode_tok_s']:.1f}", f"{r.get('decode_speedup', 1.0):.2f}x", f"{r['peak_mem_mb']:.0f}",
+            f"{r['prefill_gflops']:.1f}",
             f"{r['flops_ratio']:.2f}x ({r['of_flops_ideal']:.2f})" if "flops_ratio" in r else "1.00x",
             "-" if math.isnan(overhead) else
             f"{overhead:.2f} ({r['overhead_pct_of_prefill']:.1f}%)",

@@ -107,3 +107,34 @@ def test_qwen_vision_flops_by_hand():
     assert parts["vision block 0"] == projections + 4 * n * 16 * d + mlp
     assert parts["vision block 1"] == projections + 2 * 4 * 64 * 64 * d + mlp  # two temporal patches of 64
     assert parts["merger 0"] == 2 * (n // 4) * (4 * d * 4 * d + 4 * d * 64)
+
+
+def test_run_bench_measures_transprune_and_corematching():
+    model = tiny_llava()
+    inputs = synthetic_inputs(model)
+    methods = [("transprune", {"keep": 0.125}), ("corematching", {"keep": None})]
+    results, _ = run_bench(model, inputs, methods, repeats=1, warmup=0, new_tokens=3, progress=False)
+    dense, transprune, corematching = results
+    assert transprune["visual_tokens_llm"] == 64 and transprune["visual_tokens_last_layer"] == 8  # 12.5% of 64
+    assert dense["visual_tokens_last_layer"] == 64 and corematching["visual_tokens_last_layer"] < 64
+    assert transprune["flops_ratio"] > 1.0 and corematching["flops_ratio"] > 1.0
+    assert corematching["scoring_ms"] > 0 and corematching["decode_speedup"] > 0
+    table = format_table(results)
+    assert "64->8" in table and "decode speed-up" in table
+
+
+def test_corematching_sweep_writes_tables_json_and_plot(tmp_path, monkeypatch, capsys):
+    import vtoken.evals.sweep_corematching as sweep
+
+    monkeypatch.setattr(sweep, "build_model", lambda *a, **k: tiny_llava())
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    assert sweep.main(["--betas", "0.2,0.6", "--layer-sets", "none,all,1-2", "--repeats", "1", "--warmup", "0",
+                       "--new-tokens", "2", "--quiet", "--json", str(out), "--plot", str(png)]) == 0
+    data = json.loads(out.read_text())
+    configs = [(r["config"]["ffn_layers"], r["config"]["beta"]) for r in data["results"][1:]]
+    assert configs == [("none", 0.2), ("all", 0.2), ("all", 0.6), ("1-2", 0.2), ("1-2", 0.6)]
+    printed = capsys.readouterr().out
+    assert "decode tokens/s over dense" in printed and "prefill speed-up over dense" in printed
+    assert png.stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        sweep.main(["--betas", "1.5"])  # refused before any model is built

@@ -193,8 +193,14 @@ def keep_top_visual(scores: torch.Tensor, ctx: LayerContext, keep) -> torch.Tens
     budgets = torch.tensor(
         [resolve_budget(keep, int(n)) for n in ctx.n_visual_input.tolist()], device=scores.device
     )
-    masked = torch.where(ctx.visual, scores.float(), float("-inf"))
+    return keep_top_count(scores, ctx.visual, budgets)
+
+
+def keep_top_count(scores: torch.Tensor, visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, L) mask keeping every non-visual token plus the ``counts`` (B,) best-scoring visual tokens per sample;
+    among equal scores the earlier token wins, so a batch and its single runs agree."""
+    masked = torch.where(visual, scores.float(), float("-inf"))
     order = masked.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return ~ctx.visual | (rank < budgets.unsqueeze(1))
+    return ~visual | (rank < counts.to(rank.device).unsqueeze(1))
