@@ -7,7 +7,14 @@ import warnings
 
 import pytest
 import torch
-from test_llava_invariants import KEEP_ALL, PRUNING, method_of, pin_decisions
+from test_llava_invariants import (
+    KEEP_ALL,
+    PRUNING,
+    decode_ffn_layers,
+    method_of,
+    pin_decisions,
+    sparse_ffn_reference,
+)
 from tiny_models import (
     PAD,
     QWEN_FAMILIES,
@@ -24,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtoken
 from vtoken.adapters._compat import cache_keyword, find_cache
+from vtoken.adapters._vlm import CacheLayout
 
 # pruning from layer 1 runs inside Qwen3-VL's deepstack span (features added after layers 0 and 1)
 QWEN_PRUNING = dict(PRUNING, attn_topk_layer1=dict(keep=0.3, layer=1))
@@ -178,22 +186,28 @@ def test_a_mixed_batch_equals_singles(host, name, attn):
 
 @pytest.mark.parametrize("name", sorted(QWEN_PRUNING))
 def test_cached_generate_equals_the_no_cache_loop(host, name):
+    """Decode FFN sparsity (CoreMatching) is compared with the zero-masking reference, as on LLaVA."""
     model, inputs = host.model, host.batch()
     with vtoken.patch(model, method(name), **QWEN_PRUNING[name]) as handle:
         pin_decisions(handle.config)
+        with torch.no_grad():
+            out = model.generate(**inputs, **GEN, return_dict_in_generate=True)
+        ffn = decode_ffn_layers(model, handle)
+        neurons = CacheLayout.of(find_cache(out)).row_state["decode_neurons"] if ffn else None
         ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
         steps = []
+        generated = lambda length: range(length - len(steps), length)  # noqa: E731  (rows of generated tokens)
         for _ in range(4):
-            with torch.no_grad():
-                out = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, use_cache=False,
-                            **extra).logits[:, -1]
-            out[:, [QWEN_IMAGE, QWEN_VIDEO]] = float("-inf")
-            nxt = out.argmax(-1, keepdim=True)
+            with torch.no_grad(), sparse_ffn_reference(model, ffn, neurons, generated):
+                logits = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, use_cache=False,
+                               **extra).logits[:, -1]
+            logits[:, [QWEN_IMAGE, QWEN_VIDEO]] = float("-inf")
+            nxt = logits.argmax(-1, keepdim=True)
             steps.append(nxt)
             ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
             types = torch.cat([types, torch.zeros_like(nxt).int()], 1)
-        assert torch.equal(greedy(model, **inputs), torch.cat(steps, 1))
+        assert torch.equal(out.sequences[:, -4:], torch.cat(steps, 1))
 
 
 @pytest.mark.parametrize("name", sorted(QWEN_PRUNING))
