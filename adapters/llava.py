@@ -20,6 +20,7 @@ import inspect
 import math
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -121,10 +122,23 @@ class _Call:
     prefill: bool  # a fresh prefill with images: in-LLM pruning ran
 
 
+@dataclass
+class FeatureProvider:
+    """Something in the vision path that makes ``get_image_features`` return fewer tokens per image than the prompt
+    holds placeholders for: a clustering tower (``token_clustering`` with ``reconstruct=False``), TokenFLEX's pooled
+    projector. The patch zero-pads its features to the placeholder count for ``generate()``'s bookkeeping and
+    shortens the prompt to the real count before the LLM runs."""
+
+    name: str
+    stats: Callable[[], object] = lambda: None  # what ``handle.stats.vision`` shows after a call
+    # side of each view's square grid, for LLaVA-NeXT's packing (None: the vision tower's own patch grid)
+    view_side: Callable[[], int] | None = None
+
+
 class LlavaPatch:
     """vtoken's hooks on one LLaVA / LLaVA-NeXT instance, shared by at most one LLM-side method (``method``) and one
-    clustering vision tower (``token_clustering`` with ``reconstruct=False``), in either order; the hooks stay while
-    either is installed. With both, the method prunes the tower's cluster tokens."""
+    feature provider (:class:`FeatureProvider`), in either order; the hooks stay while either is installed. With
+    both, the method prunes the provider's tokens."""
 
     @classmethod
     def of(cls, model) -> LlavaPatch:
@@ -140,7 +154,7 @@ class LlavaPatch:
         self.next = _is_llava_next(model)
         self.llm, self.tower = _compat.decoder_of(self.base)
         self.method: VisualTokenMethod | None = None
-        self.tower_handle: Handle | None = None
+        self.provider: FeatureProvider | None = None
         self.decoder: DecoderPruner | None = None
         self.stats = VLMStats()
         self.images: dict[int, tuple] = {}  # id(feature entry) -> (entry, ImageContext, real token count)
@@ -173,10 +187,10 @@ class LlavaPatch:
         if method.score_layers(len(self.llm.layers)):
             self.decoder = DecoderPruner(self.llm, method, self.stats, handle)
 
-    def attach_tower(self, tower_handle: Handle, handle: Handle) -> None:
+    def attach_provider(self, provider: FeatureProvider, handle: Handle) -> None:
         self.claim(handle, "vtoken.vlm_tower")
-        handle.on_remove(self.detach_tower)
-        self.tower_handle = tower_handle
+        handle.on_remove(self.detach_provider)
+        self.provider = provider
         handle.stats = self.stats
 
     def claim(self, handle: Handle, slot: str) -> None:
@@ -190,22 +204,22 @@ class LlavaPatch:
         self.method, self.decoder = None, None
         self.release()
 
-    def detach_tower(self) -> None:
-        self.tower_handle = None
+    def detach_provider(self) -> None:
+        self.provider = None
         self.release()
 
     def release(self) -> None:
-        if self.method is None and self.tower_handle is None:
+        if self.method is None and self.provider is None:
             _PATCHES.pop(self.base, None)
             self.hooks.remove()
 
     def boundary_method(self) -> VisualTokenMethod | None:
         if self.method is not None and self.method.boundary:
             return self.method
-        return _TowerOutput() if self.tower_handle is not None else None
+        return _ProvidedTokens() if self.provider is not None else None
 
     def method_names(self) -> str:
-        names = [m for m in (self.method and self.method.method_name, self.tower_handle and "token_clustering") if m]
+        names = [m for m in (self.method and self.method.method_name, self.provider and self.provider.name) if m]
         return " + ".join(map(repr, names))
 
     # -- configuration checks ------------------------------------------------------------------------------------
@@ -215,7 +229,7 @@ class LlavaPatch:
         return n + int(self.config.vision_feature_select_strategy == "full")
 
     def check_budget(self) -> None:
-        if self.method.boundary and isinstance(self.method.keep, int) and not self.next and self.tower_handle is None:
+        if self.method.boundary and isinstance(self.method.keep, int) and not self.next and self.provider is None:
             resolve_budget(self.method.keep, self.tokens_per_view(), what="visual tokens per image")
 
     def reject_labels(self, module, args, kwargs):
@@ -270,9 +284,14 @@ class LlavaPatch:
         features = list(out.pooler_output)
         contexts = self.image_contexts(features, captured.get("x"), layers[pivot_index] if hook else None,
                                        call.get("image_sizes"))
-        # LLaVA-1.5 prompts hold the processor's fixed count per image, even when the tower itself already
-        # shortened the image (token clustering); LLaVA-NeXT's count is the packed feature count.
-        placeholders = [f.shape[0] for f in features] if self.next else [self.tokens_per_view()] * len(features)
+        # LLaVA-1.5 prompts hold the processor's fixed count per image, even when a feature provider already
+        # shortened the image; LLaVA-NeXT's count is the packed feature count of the full patch grid.
+        if not self.next:
+            placeholders = [self.tokens_per_view()] * len(features)
+        elif self.provider is None:
+            placeholders = [f.shape[0] for f in features]
+        else:
+            placeholders = [self.packed_length(size, self.grid_side()) for size in call.get("image_sizes")]
         self.images = {}
         full = []
         for f, ctx, m in zip(features, contexts, placeholders):
@@ -300,9 +319,29 @@ class LlavaPatch:
         self.stats.kept_indices += [None if r.kept is None else r.kept.cpu() for r in reductions]
         return [r.features for r in reductions]
 
+    def grid_side(self) -> int:
+        vc = self.config.vision_config
+        return vc.image_size // vc.patch_size
+
+    def view_side(self) -> int:
+        """Side of each view's square grid in the features the LLM gets (a provider may pool the tower's grid)."""
+        if self.provider is not None and self.provider.view_side is not None:
+            return self.provider.view_side()
+        return self.grid_side()
+
+    def packed_length(self, image_size, side: int) -> int:
+        """LLaVA-NeXT's token count for one image whose views are ``side x side`` grids: the thumbnail, then the
+        unpadded high-resolution grid with one ``image_newline`` per row (a lone view gets one newline)."""
+        size = image_size.tolist() if torch.is_tensor(image_size) else image_size
+        full = int(self.config.vision_feature_select_strategy == "full")
+        if anyres_views(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size) == 1:
+            return full + side * side + 1
+        rows, cols = unpadded_grid(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size, side)
+        return full + side * side + rows * (cols + 1)
+
     def image_contexts(self, features, cls_input, cls_layer, image_sizes) -> list[ImageContext]:
         vc = self.config.vision_config
-        grid = vc.image_size // vc.patch_size
+        grid = self.view_side()
         full = int(self.config.vision_feature_select_strategy == "full")
         views = self.views_per_image(image_sizes, len(features))
         first_view = torch.tensor([0] + views[:-1]).cumsum(0).tolist()
@@ -387,8 +426,8 @@ class LlavaPatch:
                     vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
                     return_dict=True,
                 )
-            if self.tower_handle is not None:
-                self.stats.vision = self.tower_handle.stats
+            if self.provider is not None:
+                self.stats.vision = self.provider.stats()
             entries = list(encoded.pooler_output)
             reduced = copy.copy(encoded)  # generate() may pass the same features again (use_cache=False)
             reduced.pooler_output = self.reduce_images(entries)
@@ -589,13 +628,13 @@ def cache_device(cache, call: _Call):
 
 
 @dataclass
-class _TowerOutput(VisualTokenMethod):
-    """Boundary stage that keeps every token the vision tower returns: with a clustering tower the prompt only
-    needs its placeholders shortened to the tower's M tokens."""
+class _ProvidedTokens(VisualTokenMethod):
+    """Boundary stage that keeps every token a feature provider returns: the prompt only needs its placeholders
+    shortened to the provider's count."""
 
     keep: float = 1.0
     boundary = True
-    method_name = "token_clustering"
+    method_name = "feature provider"
 
     def reduce(self, features: torch.Tensor, ctx: ImageContext) -> Reduction:
         return Reduction(features, torch.arange(ctx.n, device=features.device))
@@ -648,13 +687,17 @@ def install_clustered_tower(model, config, handle) -> None:
     tower_handle = Handle(tower, handle.method, config, "hf_clip_vision")
     handle.on_remove(tower_handle.remove)
     install_hf_clip(tower, config, tower_handle)
-    LlavaPatch.of(model).attach_tower(tower_handle, handle)
+    LlavaPatch.of(model).attach_provider(FeatureProvider("token_clustering", stats=lambda: tower_handle.stats), handle)
 
 
 @register_host("llava", "transformers LlavaForConditionalGeneration (LLaVA-1.5)", matches=_is_llava)
 def install_llava(model, method, handle) -> None:
     if method.method_name == "token_clustering":
         install_clustered_tower(model, method, handle)
+    elif method.method_name == "tokenflex":
+        from vtoken.adapters.llava_tokenflex import install_tokenflex
+
+        install_tokenflex(model, method, handle)
     else:
         LlavaPatch.of(model).attach_method(method, handle)
 
@@ -662,4 +705,9 @@ def install_llava(model, method, handle) -> None:
 @register_host("llava_next", "transformers LlavaNextForConditionalGeneration (LLaVA-NeXT / 1.6)",
                matches=_is_llava_next)
 def install_llava_next(model, method, handle) -> None:
-    LlavaPatch.of(model).attach_method(method, handle)
+    if method.method_name == "tokenflex":
+        from vtoken.adapters.llava_tokenflex import install_tokenflex
+
+        install_tokenflex(model, method, handle)
+    else:
+        LlavaPatch.of(model).attach_method(method, handle)

@@ -8,6 +8,15 @@ import torch.nn.functional as F
 from tiny_models import IMAGE_TOKEN, left_pad, prompt, tiny_llava, tiny_llava_next, visual_count
 
 import vtoken
+from vtoken.methods.tokenflex import TokenFlexProjector
+
+
+def seeded_projector() -> TokenFlexProjector:
+    """A TokenFLEX projector for the tiny models (32-wide vision, 64-wide LLM), the same in every run."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return TokenFlexProjector(32, 64)
+
 
 KEEP_ALL = {
     "todre": dict(keep=1.0, tau=0.0),  # tau=0: stage 2 scores but never fires
@@ -24,6 +33,10 @@ PRUNING = {
     "random": dict(keep=0.25),
     "pool": dict(keep=0.25),
     "attn_topk": dict(keep=0.3),
+    # TokenFLEX takes a token count per view, not a keep budget: 9 = 3 x 3 pools both tiny grids (8 x 8 and
+    # LLaVA-NeXT's 4 x 4 views); its keep-all case (N = the native grid) is in test_tokenflex.py
+    "tokenflex": dict(num_tokens=9),
+    "tokenflex_trained": dict(num_tokens=9, projector=seeded_projector()),
 }
 BOUNDARY_ONLY = {
     "todre": dict(keep=0.25, stage2=False),
@@ -35,7 +48,7 @@ BOUNDARY_ONLY = {
 
 
 def method_of(name: str) -> str:
-    return name.split("_stage2")[0].split("_maxmin")[0]
+    return name.split("_stage2")[0].split("_maxmin")[0].split("_trained")[0]
 
 
 class Host:
@@ -103,7 +116,7 @@ def test_keep_all_is_lossless(host, name):
 
 
 # 2. remove() restores ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["todre", "divprune", "attn_topk", "pool"])
+@pytest.mark.parametrize("name", ["todre", "divprune", "attn_topk", "pool", "tokenflex_trained"])
 def test_remove_restores_and_repatch_repeats(host, name):
     inputs = host.single(1)
     ref = logits(host.model, **inputs)
@@ -187,6 +200,8 @@ def pin_decisions(config) -> None:
     Without a cache every step re-runs prefill on prompt + generated tokens, and score-based rules would see a
     different last token. Pinning isolates what this test is about: the pruned sequence and its cache.
     """
+    if not hasattr(config, "prune"):  # no in-LLM decisions to pin (TokenFLEX)
+        return
     decide, memo = config.prune, {}
 
     def pinned(ctx):
