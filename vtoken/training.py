@@ -125,6 +125,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     token_counts: dict[int, float] | None = None
     hidden_ratio: int = 3
+    align_steps: int = 0  # steps regressing the model's own projector on the full grid first (no LLM)
     train_llm: bool = False
     llm_lr: float = 2e-5
     save_every: int = 250  # 0: a checkpoint only at the end
@@ -135,7 +136,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for arg, low in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("save_every", 0), ("seed", 0),
-                         ("hidden_ratio", 1)):
+                         ("hidden_ratio", 1), ("align_steps", 0)):
             check_int(getattr(self, arg), arg, low)
         for arg in ("lr", "llm_lr"):
             check_float(getattr(self, arg), arg, 0.0, math.inf, low_open=True, high_open=True)
@@ -152,6 +153,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # per step: loss, N
     out: Path | None = None
     cpu_seconds: float = 0.0  # process CPU time of this run (all threads), resumed steps excluded
+    align_losses: list[float] = field(default_factory=list)  # relative squared error per alignment step
+    resumed_at: int = 0  # the step this run started from
 
 
 def draw_count(counts: dict[int, float], seed: int, step: int) -> int:
@@ -161,8 +164,8 @@ def draw_count(counts: dict[int, float], seed: int, step: int) -> int:
     return int(values[rng.choice(len(values), p=list(counts.values()))])
 
 
-def draw_batch(data: Data, seed: int, step: int, process: int, batch_size: int) -> list[Sample]:
-    rng = np.random.default_rng([seed, step, 1, process])
+def draw_batch(data: Data, seed: int, step: int, process: int, batch_size: int, stream: int = 1) -> list[Sample]:
+    rng = np.random.default_rng([seed, step, stream, process])
     if callable(data):
         return list(data(rng, batch_size))
     if len(data) == 0:
@@ -182,6 +185,34 @@ def view_features(model, samples: list[Sample], device) -> torch.Tensor:
     with torch.no_grad():
         return _compat.vision_features(model.model, pixels, model.config.vision_feature_layer,
                                        model.config.vision_feature_select_strategy).float()
+
+
+def align_to_host(projector: TokenFlexProjector, model, data: Data, config: TrainConfig, native: int, device,
+                  progress: bool) -> list[float]:
+    """A short alignment stage: the projector regresses the model's own projector on the full patch grid (squared
+    error relative to the target's variance), so the LLM-side training starts from features the frozen LLM can
+    already read. Cheap (no LLM pass); the same in every process, so data-parallel copies start equal."""
+    from tqdm.auto import tqdm
+
+    from vtoken.adapters import _compat
+
+    target_projector = _compat.projector_of(model.model)
+    projector.to(device).train()
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=config.lr, weight_decay=0.0)
+    losses = []
+    for step in tqdm(range(config.align_steps), desc="align to the model's projector", unit="step",
+                     disable=not progress):
+        features = view_features(model, draw_batch(data, config.seed, step, 0, config.batch_size, stream=2), device)
+        with torch.no_grad():
+            target = target_projector(features.to(model.dtype)).float()
+        loss = F.mse_loss(projector(features, native).float(), target) / target.var()
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(projector.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
 
 
 class _Progress:
@@ -239,12 +270,18 @@ def train_tokenflex(model, data: Data, config: TrainConfig | None = None, out: s
     if resume and (out is None or not checkpoints(out)):
         raise ValueError(f"resume=True but there is no checkpoint under {out}/checkpoints to resume from")
     accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision)
+    cpu_start = time.process_time()
     torch.manual_seed(config.seed)
     vision_width, llm_width = feature_widths(model.config)
     if projector is None:
         projector = TokenFlexProjector(vision_width, llm_width, config.hidden_ratio)
     check_projector(projector, model.config)
     model.requires_grad_(False)
+    model.to(accelerator.device)
+    align_losses = []
+    if config.align_steps and not resume:
+        align_losses = align_to_host(projector, model, data, config, native, accelerator.device,
+                                     config.progress and accelerator.is_local_main_process)
     groups = param_groups([projector], config.lr, config.weight_decay)
     llm = [model.model.language_model, model.lm_head]
     if config.train_llm:
@@ -259,7 +296,6 @@ def train_tokenflex(model, data: Data, config: TrainConfig | None = None, out: s
         model, projector, optimizer, scheduler = accelerator.prepare(model, projector, optimizer, scheduler)
     else:
         projector, optimizer, scheduler = accelerator.prepare(projector, optimizer, scheduler)
-        model.to(accelerator.device)
     settings = {**dataclasses.asdict(config), "token_counts": counts}
     if resume:
         check_resumable(out, settings)
@@ -269,7 +305,7 @@ def train_tokenflex(model, data: Data, config: TrainConfig | None = None, out: s
         (out / "train_config.json").write_text(json.dumps(settings, indent=1))
     model.train(config.train_llm)
     projector.train()
-    cpu_start = time.process_time()
+    resumed_at = progress.step
     bar = tqdm(range(progress.step, config.steps), initial=progress.step, total=config.steps, unit="step",
                desc="train-tokenflex", disable=not (config.progress and accelerator.is_local_main_process))
     for step in bar:
@@ -296,7 +332,7 @@ def train_tokenflex(model, data: Data, config: TrainConfig | None = None, out: s
             save_checkpoint(accelerator, projector, out, progress.step)
     bar.close()
     trained = accelerator.unwrap_model(projector).eval()
-    result = TrainResult(trained, progress.history, out, time.process_time() - cpu_start)
+    result = TrainResult(trained, progress.history, out, time.process_time() - cpu_start, align_losses, resumed_at)
     if out is not None and accelerator.is_main_process:
         trained.save(out / "projector")
         if config.train_llm:
@@ -404,6 +440,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-counts", type=token_counts_arg, default=None,
                         help="COUNT:WEIGHT,... drawn once per step (default: the paper's 64:0.2,144:0.3,256:0.5 "
                              "scaled to the model's patch grid); one COUNT trains a fixed-N projector")
+    parser.add_argument("--align-steps", type=int, default=defaults.align_steps,
+                        help="first regress the model's own projector on the full grid for N steps (no LLM pass)")
     parser.add_argument("--train-llm", action="store_true", help="train the LLM too (saved to OUT/model)")
     parser.add_argument("--llm-lr", type=float, default=defaults.llm_lr, help="LLM learning rate with --train-llm")
     parser.add_argument("--init", help="start from this saved projector instead of a fresh one")
@@ -428,6 +466,7 @@ def run(args: argparse.Namespace) -> int:
     with usage_errors():
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              weight_decay=args.weight_decay, token_counts=args.token_counts, train_llm=args.train_llm,
+                             align_steps=args.align_steps,
                              llm_lr=args.llm_lr, save_every=args.save_every, seed=args.seed,
                              mixed_precision=args.mixed_precision, cpu=args.cpu, progress=not args.quiet)
         if not (Path(args.model) / "config.json").is_file():
@@ -441,7 +480,8 @@ def run(args: argparse.Namespace) -> int:
         processor.save_pretrained(Path(args.out) / "model")
     losses = [h["loss"] for h in result.history]
     tail = losses[-max(1, len(losses) // 10):]
-    print(f"trained {len(result.history)} steps ({result.cpu_seconds:.0f} s CPU time in this run); "
+    print(f"trained {len(result.history) - result.resumed_at} steps (to step {len(result.history)}, "
+          f"{result.cpu_seconds:.0f} s CPU time in this run); "
           f"mean loss of the last {len(tail)}: {sum(tail) / len(tail):.4f}; projector saved to "
           f"{Path(args.out) / 'projector'}")
     return 0
