@@ -331,11 +331,9 @@ class LlavaPatch:
 
     def packed_length(self, image_size, side: int) -> int:
         """LLaVA-NeXT's token count for one image whose views are ``side x side`` grids: the thumbnail, then the
-        unpadded high-resolution grid with one ``image_newline`` per row (a lone view gets one newline)."""
+        unpadded high-resolution grid (at least one tile) with one ``image_newline`` per row."""
         size = image_size.tolist() if torch.is_tensor(image_size) else image_size
         full = int(self.config.vision_feature_select_strategy == "full")
-        if anyres_views(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size) == 1:
-            return full + side * side + 1
         rows, cols = unpadded_grid(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size, side)
         return full + side * side + rows * (cols + 1)
 

@@ -30,6 +30,8 @@ from vtoken.adapters import _compat
 from vtoken.adapters.llava import FeatureProvider, LlavaPatch, best_resolution, unpadded_grid
 from vtoken.methods.tokenflex import TokenFlexConfig, TokenFlexProjector, pool_grid, resolve_num_tokens
 
+_UNSET = object()
+
 
 class PooledProjector(nn.Module):
     """What the host calls as its projector while TokenFLEX is on: (views, L, C_v) -> (views, N, C_llm).
@@ -38,9 +40,11 @@ class PooledProjector(nn.Module):
     ``state_dict`` do not change; a trained projector follows the features' device and dtype.
     """
 
-    def __init__(self, host_projector: nn.Module, num_tokens: int, trained: TokenFlexProjector | None = None):
+    def __init__(self, host_projector: nn.Module, num_tokens: int):
         super().__init__()
-        self.host, self.num_tokens, self.trained = host_projector, num_tokens, trained
+        self.host, self.num_tokens = host_projector, num_tokens
+        self.trained: TokenFlexProjector | None = None
+        self.source = _UNSET  # the config's projector value ``trained`` was made from
 
     @property
     def side(self) -> int:
@@ -56,14 +60,12 @@ class PooledProjector(nn.Module):
 
 
 def pack_image(views: torch.Tensor, image_size, pinpoints, tile: int, newline: torch.Tensor | None) -> torch.Tensor:
-    """One image's ``(views, n*n, C)`` features in LLaVA-NeXT's order: the thumbnail, then the unpadded tile grid
-    with one ``newline`` per row (a lone view gets one newline after it, as in LLaVA-NeXT)."""
+    """One image's ``(views, n*n, C)`` features in LLaVA-NeXT's order: the thumbnail, then the unpadded grid of the
+    high-resolution tiles (AnyRes always has at least one) with one ``newline`` per row."""
     size = image_size.tolist() if torch.is_tensor(image_size) else list(image_size)
-    V, N, C = views.shape
+    _, N, C = views.shape
     n = math.isqrt(N)
     base = views[0]
-    if V == 1:
-        return base if newline is None else torch.cat([base, newline[None].to(base)])
     high, wide = (s // tile for s in best_resolution(size, pinpoints))
     grid = views[1:].view(high, wide, n, n, C).permute(4, 0, 2, 1, 3).reshape(C, high * n, wide * n)
     rows, cols = unpadded_grid(size, pinpoints, tile, n)
@@ -110,17 +112,16 @@ def install_tokenflex(model, config: TokenFlexConfig, handle) -> None:
     vc = host.vision_config
     native = (vc.image_size // vc.patch_size) ** 2
     pooled = PooledProjector(_compat.projector_of(base), resolve_num_tokens(config.num_tokens, native))
-    source = {"projector": object()}  # the config value the trained projector was loaded from
 
     def configure(new: TokenFlexConfig) -> None:
         """Take ``new``'s count and projector, checked against the model before anything changes."""
         num_tokens = resolve_num_tokens(new.num_tokens, native)
         trained = pooled.trained
-        if new.projector is not source["projector"]:
+        if new.projector is not pooled.source:
             trained = new.load_projector()
             if trained is not None:
                 check_projector(trained, host)
-        pooled.num_tokens, pooled.trained, source["projector"] = num_tokens, trained, new.projector
+        pooled.num_tokens, pooled.trained, pooled.source = num_tokens, trained, new.projector
 
     configure(config)  # every check before the shared patch is made: a refusal leaves nothing behind
     patch = LlavaPatch.of(model)

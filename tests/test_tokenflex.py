@@ -361,3 +361,23 @@ def test_tokenflex_and_a_clustering_tower_share_one_slot():
     with vtoken.patch(model, "tokenflex", num_tokens=16):
         with pytest.raises(ValueError, match="already patched with 'tokenflex'"):
             vtoken.patch(model, "token_clustering", num_clusters=0.25, reconstruct=False)
+
+
+def test_quality_measures_tokenflex_at_its_share_of_the_grid(tiny_shapes_checkpoint, tmp_path):
+    import argparse
+    import json
+
+    from vtoken.evals import quality
+
+    assert quality.budget_config("tokenflex", 0.25) == {"num_tokens": 0.25}
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    out = tmp_path / "q.json"
+    args = parser.parse_args(["--model", str(tiny_shapes_checkpoint), "--n", "4", "--budgets", "1.0,0.25,0.1",
+                              "--batch-size", "4", "--method", "tokenflex", "--json", str(out),
+                              "--plot", str(tmp_path / "q.png"), "--quiet", "--threads", "1"])
+    assert quality.run(args) == 0
+    report = json.loads(out.read_text())
+    tokens = {r["budget"]: r["visual_tokens"] for r in report["results"]}
+    assert tokens == {1.0: 196, 0.25: 49, 0.1: 16}  # 14 x 14 -> 7 x 7 -> 4 x 4
+    assert report["results"][0]["accuracy"] == report["dense"]["accuracy"]  # the native count is the model itself
