@@ -207,3 +207,21 @@ def test_the_proof_command_runs_end_to_end_and_reuses_its_projectors(tiny_shapes
     assert [r["accuracy"] for r in again["results"]] == [r["accuracy"] for r in report["results"]]
     with pytest.raises(SystemExit):  # a fixed count the evaluation does not visit is a usage error
         cli.main(common + ["--reuse", "--fixed", "64"])
+
+
+def test_the_alignment_stage_brings_the_projector_to_the_models_own():
+    """Before any answer loss, the projector regresses the model's projector on the full grid (no LLM pass)."""
+    from vtoken.training import align_to_host
+
+    model, data = tiny_llava(), toy_data()
+    config = TrainConfig(steps=1, align_steps=60, token_counts={4: 1}, **FAST)
+    torch.manual_seed(0)
+    projector = TokenFlexProjector(32, 64)
+    losses = align_to_host(projector, model, data, config, 64, torch.device("cpu"), progress=False)
+    assert len(losses) == 60 and losses[-1] < 0.1 * losses[0]
+    features = torch.stack([s.features for s in data[:4]])
+    with torch.no_grad():
+        target = model.model.multi_modal_projector(features)
+        error = (projector(features, 64) - target).pow(2).mean() / target.var()
+    assert error < 0.2
+    assert len(train_tokenflex(model, data, config).align_losses) == 60  # the trainer runs it first
