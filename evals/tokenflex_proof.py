@@ -38,6 +38,7 @@ from vtoken.evals.arguments import checkpoint_dir, comma_list, non_negative_int,
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
 from vtoken.evals.shapes_model import num_visual_tokens
 from vtoken.methods.tokenflex import TokenFlexProjector
+from vtoken.training import token_counts_arg
 
 ASSET_DIR = Path(__file__).parent / "assets" / "tokenflex"
 BASELINES = ("pool", "todre")
@@ -55,7 +56,7 @@ def square(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=positive_int, default=400, help="optimizer steps per projector")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps per projector")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="scenes per step")
     parser.add_argument("--turns", type=positive_int, default=12, help="questions per scene, packed in one sequence")
     parser.add_argument("--scenes", type=positive_int, default=2000, help="training scenes (tower outputs cached)")
@@ -64,17 +65,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="alignment steps first (regress the model's own projector on the full grid; no LLM)")
     parser.add_argument("--warmup", type=non_negative_int, default=20, help="warm-up steps, then cosine decay")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seeds the projectors and the data")
-    parser.add_argument("--flex-counts", type=comma_list(square), default="16,36,64,100",
-                        help="TokenFLEX's token counts (drawn with equal weights)")
+    parser.add_argument("--flex-counts", type=token_counts_arg, default="16,36,64,100",
+                        help="TokenFLEX's token counts, COUNT[:WEIGHT],... (equal weights unless given)")
     parser.add_argument("--fixed", type=comma_list(square), default="36,100", help="fixed-N projectors to train")
     parser.add_argument("--eval-counts", type=comma_list(square), default="16,36,64,100,196",
                         help="token counts every model is evaluated at")
     parser.add_argument("--baselines", type=comma_list(str), default=",".join(BASELINES),
                         help="training-free methods at keep = N")
-    parser.add_argument("--n", type=positive_int, default=400, help="test questions per setting")
+    parser.add_argument("--n", type=positive_int, default=1000, help="test questions per setting")
     parser.add_argument("--batch", type=positive_int, default=50, help="questions per generate() call")
     parser.add_argument("--projectors", default=str(ASSET_DIR), help="where the trained projectors go (float16)")
-    parser.add_argument("--reuse", action="store_true", help="evaluate the projectors in --projectors, no training")
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate the projectors already in --projectors (trained with these settings) instead of "
+                             "training them again; train only the missing ones")
     parser.add_argument("--model", type=checkpoint_dir, default=None,
                         help="a ShapesVQA checkpoint directory (default: the shipped one)")
     parser.add_argument("--threads", type=positive_int, default=None,
@@ -106,9 +109,32 @@ def shapes_data(model, processor, scenes: int, seed: int, turns: int):
 
 def projector_specs(args) -> dict[str, dict[int, float]]:
     """name -> token-count distribution of each projector to train."""
-    specs = {"tokenflex": {n: 1.0 for n in args.flex_counts}}
+    specs = {"tokenflex": args.flex_counts}
     specs.update({f"fixed-{n}": {n: 1.0} for n in args.fixed})
     return specs
+
+
+# What a saved projector must have been trained with to be reused.
+SETTINGS = ("steps", "align_steps", "batch_size", "turns", "lr")
+
+
+def saved_reports(args) -> dict[str, dict]:
+    """The projectors in ``--projectors`` that ``--reuse`` can take: trained with this run's settings."""
+    from vtoken.cli import UsageError
+
+    found = {}
+    for name, counts in projector_specs(args).items():
+        path = Path(args.projectors) / name
+        if not (path / "training_report.json").is_file():
+            continue
+        report = json.loads((path / "training_report.json").read_text())
+        wanted = {**{k: getattr(args, k) for k in SETTINGS}, "counts": {str(n): w for n, w in counts.items()}}
+        differ = [k for k, v in wanted.items() if report.get(k) != v]
+        if differ:
+            raise UsageError(f"--reuse: {path} was trained with other settings ({', '.join(differ)}); pass the same "
+                             "ones, another --projectors folder, or leave out --reuse to train again")
+        found[name] = {**report, "path": str(path)}
+    return found
 
 
 def aligned_projector(args, model, data) -> tuple[TokenFlexProjector, float]:
@@ -127,13 +153,17 @@ def aligned_projector(args, model, data) -> tuple[TokenFlexProjector, float]:
     return projector, time.process_time() - start
 
 
-def train_projectors(args, model, processor) -> dict[str, dict]:
+def train_projectors(args, model, processor, skip: dict) -> dict[str, dict]:
+    """Train every projector of ``projector_specs`` not in ``skip`` (already trained), from one aligned start."""
     from vtoken.training import TrainConfig, train_tokenflex
 
+    todo = {name: counts for name, counts in projector_specs(args).items() if name not in skip}
+    if not todo:
+        return {}
     data = shapes_data(model, processor, args.scenes, args.seed, args.turns)
     start_projector, align_cpu = aligned_projector(args, model, data)
     out = {}
-    for name, counts in projector_specs(args).items():
+    for name, counts in todo.items():
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              token_counts=counts, seed=args.seed, cpu=True, progress=not args.quiet, save_every=0)
         start = time.perf_counter()
@@ -248,20 +278,14 @@ def run(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)
     model, processor = load_shapes_model(args.model)
     native = num_visual_tokens(model)
-    if any(N > native for N in args.flex_counts + args.fixed + args.eval_counts):
+    if any(N > native for N in [*args.flex_counts, *args.fixed, *args.eval_counts]):
         raise UsageError(f"token counts must be at most {native} (the model's patch grid)")
     if not set(args.fixed) <= set(args.eval_counts):
         raise UsageError(f"--eval-counts {args.eval_counts} must include every --fixed count {args.fixed}: the claim "
                          "compares each fixed-N projector at its own N")
-    if args.reuse:
-        reports = {}
-        for name in projector_specs(args):
-            report = Path(args.projectors) / name / "training_report.json"
-            if not report.is_file():
-                raise UsageError(f"--reuse: no trained projector {name!r} in {args.projectors}; run without --reuse")
-            reports[name] = {**json.loads(report.read_text()), "path": str(report.parent)}
-    else:
-        reports = train_projectors(args, model, processor)
+    saved = saved_reports(args) if args.reuse else {}
+    trained = train_projectors(args, model, processor, skip=saved)
+    reports = {name: saved.get(name) or trained[name] for name in projector_specs(args)}
     dense = evaluate(model, processor, make_split("test", args.n), batch_size=args.batch, progress=False).accuracy
     rows = evaluate_all(args, model, processor, reports)
     machine = describe_machine("cpu", threads)
