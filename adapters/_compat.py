@@ -96,6 +96,11 @@ PASSED_LAYER_KWARGS = frozenset({"cache", "past_key_values", "use_cache", "outpu
 GENERATE_UNSEEN = "next_sequence_length"
 
 
+def cache_keyword(model) -> str:
+    """The keyword that passes a KV cache to ``generate()`` / ``forward`` (``cache`` from transformers 5.24 on)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def unknown_layer_kwargs(kwargs: dict) -> list[str]:
     """Keywords a decoder layer got that the in-LLM hooks neither slice nor know to be safe to pass unchanged."""
     return sorted(set(kwargs) - SLICED_LAYER_KWARGS - PASSED_LAYER_KWARGS)
@@ -128,6 +133,18 @@ def accepts_encoder_outputs(base_model) -> bool:
     return ENCODER_OUTPUTS in inspect.signature(base_model.forward).parameters
 
 
+QWEN_VL_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                   "Qwen3VLForConditionalGeneration")
+
+
+@functools.cache
+def qwen_vl_classes() -> tuple[type, ...]:
+    """The Qwen-VL model classes this transformers release has."""
+    import transformers
+
+    return tuple(cls for name in QWEN_VL_CLASSES if (cls := getattr(transformers, name, None)) is not None)
+
+
 def attn_implementation(config) -> str:
     return getattr(config, "_attn_implementation", None) or "eager"
 
@@ -141,8 +158,9 @@ def vision_encoder(tower):
 
 
 def decoder_of(vlm_base):
-    """(decoder, vision tower) of a LLaVA-like ``model.model``."""
-    return vlm_base.language_model, vlm_base.vision_tower
+    """(decoder, vision tower) of a multimodal ``model.model`` (LLaVA: ``vision_tower``, Qwen-VL: ``visual``)."""
+    tower = getattr(vlm_base, "vision_tower", None)
+    return vlm_base.language_model, tower if tower is not None else vlm_base.visual
 
 
 # What a LLaVA-like ``model.model.get_image_features`` calls after the vision tower, by attribute on the instance:
@@ -184,6 +202,46 @@ def decoder_attention(layer) -> DecoderAttention:
     attn = layer.self_attn
     return DecoderAttention(layer.input_layernorm, attn.q_proj, attn.k_proj, getattr(attn, "q_norm", None),
                             getattr(attn, "k_norm", None), attn.head_dim, attn.scaling)
+
+
+def decoder_sublayer(layer, kind: str):
+    """The module whose forward call carries a decoder sub-layer's input and output (``methods.base.SUBLAYER_KINDS``):
+    the attention block, the MLP, or the MLP's down projection (its input is the hidden activation)."""
+    if kind == "attention":
+        return layer.self_attn
+    if kind == "mlp":
+        return layer.mlp
+    return layer.mlp.down_proj
+
+
+def module_io(args: tuple, kwargs: dict, output) -> tuple[Any, Any]:
+    """(input, output) of a module call seen by a forward hook: Llama attention takes ``hidden_states`` by keyword
+    and returns ``(output, weights)``; the MLP and its projections take and return one tensor."""
+    x = args[0] if args else kwargs["hidden_states"]
+    return x, output[0] if isinstance(output, tuple) else output
+
+
+class GatedMLP(NamedTuple):
+    """A SwiGLU-style MLP: ``down(act(gate(x)) * up(x))`` (Llama, Mistral, Qwen2 decoders)."""
+
+    module: Any
+    gate: Any
+    up: Any
+    down: Any
+    act: Any
+
+
+def gated_mlp(layer) -> GatedMLP | None:
+    """The decoder layer's MLP as a gated MLP, or None when it is not one."""
+    mlp = layer.mlp
+    parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")]
+    return None if any(p is None for p in parts) else GatedMLP(mlp, *parts)
+
+
+def cache_layer_kv(cache, index: int) -> tuple[Any, Any]:
+    """The (B, heads, slots, head_dim) key and value tensors a DynamicCache holds for one decoder layer."""
+    layer = cache.layers[index]
+    return layer.keys, layer.values
 
 
 class EncoderAttention(NamedTuple):

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 import torch
 
 from vtoken.adapters import _compat
+from vtoken.adapters._ffn import DecodeFFN
 from vtoken.kernels.attention import attention_received
-from vtoken.methods.base import LayerContext, VisualTokenMethod
+from vtoken.kernels.attention.naive import allowed_keys
+from vtoken.kernels.compaction import compact
+from vtoken.methods.base import SUBLAYER_KINDS, LayerContext, SublayerContext, VisualTokenMethod
 
 
 @dataclass
@@ -30,6 +33,7 @@ class VLMStats:
     visual_tokens_llm: list[int] = field(default_factory=list)
     tokens_per_layer: list[list[int]] = field(default_factory=list)
     visual_tokens_per_layer: list[list[int]] = field(default_factory=list)
+    tokens_per_frame: list[list[int]] = field(default_factory=list)  # per item: kept tokens per frame (videos)
     selection_time_s: float = 0.0
     scoring_time_s: float = 0.0
     records: dict[int, dict] = field(default_factory=dict)
@@ -169,6 +173,9 @@ class CacheLayout:
     method: str
     pruned: list | None = None  # in-LLM pruned prefill: per decoder layer (alive, live) or None
     pruned_slots: int = 0  # slots that prefill wrote (its LLM input length)
+    rope_deltas: torch.Tensor | None = None  # M-RoPE hosts: (B, 1) offset of text positions after the prompt
+    # per-row tensors (first dim = row) a method carries with the conversation, e.g. CoreMatching's decode neurons
+    row_state: dict | None = None
 
     @staticmethod
     def of(cache) -> CacheLayout | None:
@@ -202,9 +209,12 @@ class CacheLayout:
         n = batch // self.batch
         pruned = None if self.pruned is None else [
             None if rec is None else tuple(t.repeat_interleave(n, 0) for t in rec) for rec in self.pruned]
+        deltas = None if self.rope_deltas is None else self.rope_deltas.repeat_interleave(n, 0)
+        rows = None if self.row_state is None else {k: t.repeat_interleave(n, 0) for k, t in self.row_state.items()}
         return dataclasses.replace(
             self, source=self.source.repeat_interleave(n, 0), shift=self.shift.repeat_interleave(n, 0),
-            ids=None if self.ids is None else self.ids.repeat_interleave(n, 0), pruned=pruned)
+            ids=None if self.ids is None else self.ids.repeat_interleave(n, 0), pruned=pruned, rope_deltas=deltas,
+            row_state=rows)
 
     def extended(self, edit: PromptEdit | None, ids: torch.Tensor | None, length_in: int) -> CacheLayout:
         """The layout after a call that fed ``length_in`` new caller columns, shortened by ``edit`` if any."""
@@ -221,6 +231,10 @@ class CacheLayout:
 # ------------------------------------------------------------------------------------------------------------
 # In-LLM: drop tokens between decoder layers during prefill
 # ------------------------------------------------------------------------------------------------------------
+DECODE_NEURONS = "decode_neurons"  # CacheLayout.row_state key: (B, decode FFN layers, k) neurons per row
+DECODE_LAYERS = "decode_layers"  # ... and (B, decode FFN layers): the layers they were chosen for
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -274,18 +288,22 @@ class TokenState:
     valid: torch.Tensor  # (B, L0) real (non-padding) tokens
     alive: torch.Tensor | None = None  # (B, K) layer-0 positions at the current layer; None = all
     live: torch.Tensor | None = None  # (B, K) False for filler slots that only equalise row lengths
-    pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (sel, live) to apply at the next layer
+    pending: torch.Tensor | None = None  # (B, K) keep mask to apply at the next layer's input
     version: int = 0
     per_layer: list = field(default_factory=list)  # per layer: (alive, live) or None, reused by decode steps
     sliced: tuple | None = None  # (version, id(source), kwargs) cache of the sliced shared kwargs
+    scratch: dict = field(default_factory=dict)  # the method's own per-prefill state (``LayerContext.state``)
 
 
 class DecoderPruner:
     """Installs pre-hooks on every decoder layer of a Llama-like HF decoder and prunes visual tokens during
-    prefill according to ``method.score_layers`` / ``method.prune``.
+    prefill according to ``method.score_layers`` / ``method.prune``; forward hooks on the sub-layers named by
+    ``method.observed_sublayers`` show them to ``method.observe``; the MLPs of ``method.decode_ffn_layers`` run
+    the neurons ``method.after_prefill`` chose in later single-token steps.
 
     The host adapter calls :meth:`begin_prefill` (with the LLM input's visual and padding masks),
-    :meth:`begin_decode` (with the layout of the cache a call continues) or :meth:`idle` before each LLM call.
+    :meth:`begin_decode` (with the layout of the cache a call continues) or :meth:`idle` before each LLM call, and
+    :meth:`end_prefill` with the cache a prefill wrote.
     """
 
     def __init__(self, decoder, method: VisualTokenMethod, stats: VLMStats, handle):
@@ -293,7 +311,10 @@ class DecoderPruner:
         self.config = decoder.config
         self.method = method
         self.stats = stats
-        self.score_layers = set(method.score_layers(len(self.layers)))
+        n = len(self.layers)
+        self.score_layers = set(method.score_layers(n))
+        self.backend = getattr(method, "backend", "auto")  # kernels: compaction and attention-row scoring
+        self.observed = {kind: tuple(layers) for kind, layers in method.observed_sublayers(n).items() if layers}
         self.state: TokenState | None = None
         self.mode = "idle"
         self.decode_records: list = []
@@ -302,11 +323,22 @@ class DecoderPruner:
             handle.claim(layer, "vtoken.decoder_layer")
             hook = layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
             handle.add_hook(hook)
+        for kind, indices in self.observed.items():
+            if kind not in SUBLAYER_KINDS or any(not 0 <= i < n for i in indices):
+                raise RuntimeError(f"{method.method_name}: cannot observe {kind!r} in layers {indices} of a {n}-layer "
+                                   f"decoder (kinds: {', '.join(SUBLAYER_KINDS)})")
+            for i in indices:
+                module = _compat.decoder_sublayer(self.layers[i], kind)
+                handle.add_hook(module.register_forward_hook(self._make_observer(i, kind), with_kwargs=True))
+        ffn_layers = tuple(method.decode_ffn_layers(n))
+        self.ffn = DecodeFFN(self.layers, ffn_layers, handle, method.method_name) if ffn_layers else None
 
     # -- driven by the host ----------------------------------------------------------------------------------
     def begin_prefill(self, visual: torch.Tensor, valid: torch.Tensor) -> None:
         self.state = TokenState(visual=visual, valid=valid)
-        self.mode = "prefill" if self.score_layers else "idle"
+        self.mode = "prefill" if self.score_layers or self.observed else "idle"
+        if self.ffn is not None:
+            self.ffn.activate(None)
 
     def pruned_layers(self) -> list | None:
         """Per layer, the (alive, live) sets of the last prefill; None when it pruned nothing."""
@@ -314,14 +346,57 @@ class DecoderPruner:
         return records if any(rec is not None for rec in records) else None
 
     def begin_decode(self, layout) -> None:
-        """A call that continues a cache: layers that pruned its prefill hold fewer slots, so their masks shrink."""
+        """A call that continues a cache: layers that pruned its prefill hold fewer slots, so their masks shrink, and
+        the conversation's decode neurons (if its prefill chose any) drive the sliced FFNs."""
         if layout is not None and layout.pruned is not None:
             self.mode, self.decode_records, self.decode_slots = "decode", layout.pruned, layout.pruned_slots
         else:
             self.mode = "idle"
+        if self.ffn is not None:
+            rows = layout.row_state if layout is not None and layout.row_state is not None else {}
+            if DECODE_LAYERS in rows and tuple(rows[DECODE_LAYERS][0].tolist()) != self.ffn.indices:
+                raise ValueError(
+                    f"vtoken: this KV cache's decode neurons were chosen for layers {rows[DECODE_LAYERS][0].tolist()}"
+                    f", but {self.method.method_name} now converts layers {list(self.ffn.indices)}; continue it with "
+                    "the configuration that wrote it, or start the conversation again")
+            self.ffn.activate(rows.get(DECODE_NEURONS))
 
     def idle(self) -> None:
         self.mode = "idle"
+        if self.ffn is not None:
+            self.ffn.activate(None)
+
+    def end_prefill(self, cache) -> dict | None:
+        """After a prefill that wrote ``cache``: zero the cached K/V the method asks for, slice the decode FFNs, and
+        return the per-row state the cache's layout must carry (None: nothing)."""
+        if self.mode != "prefill":
+            return None
+        outcome = self.method.after_prefill(self.state.scratch)
+        if outcome is None:
+            return None
+        for index, zero in outcome.zero_kv.items():
+            self._zero_kv(cache, index, zero)
+        if not outcome.decode_neurons:
+            return None
+        if self.ffn is None or set(outcome.decode_neurons) != set(self.ffn.indices):
+            raise RuntimeError(f"{self.method.method_name}: decode neurons for layers {sorted(outcome.decode_neurons)}"
+                               f", declared decode FFN layers {self.ffn.indices if self.ffn else ()}")
+        neurons = torch.stack([outcome.decode_neurons[i] for i in self.ffn.indices], dim=1)  # (B, layers, k)
+        self.ffn.prepare(neurons)
+        layers = torch.tensor(self.ffn.indices, device=neurons.device).expand(neurons.shape[0], -1)
+        return {DECODE_NEURONS: neurons, DECODE_LAYERS: layers}
+
+    def _zero_kv(self, cache, index: int, zero: torch.Tensor) -> None:
+        """Zero this prefill's cached keys and values of layer ``index`` at LLM-input positions ``zero`` (B, L0)."""
+        record = self.state.per_layer[index]
+        if record is not None:  # the layer cached only the alive positions
+            alive, live = record
+            zero = gather_rows(zero, alive) & live
+        keys, values = _compat.cache_layer_kv(cache, index)
+        where = zero.to(keys.device)[:, None, :, None]
+        slots = where.shape[2]
+        keys[:, :, :slots].masked_fill_(where, 0)
+        values[:, :, :slots].masked_fill_(where, 0)
 
     # -- the hook ----------------------------------------------------------------------------------------------
     def _make_hook(self, index: int):
@@ -339,25 +414,33 @@ class DecoderPruner:
     def _prefill(self, index, layer, args, kwargs):
         st = self.state
         hidden = args[0] if args else kwargs.pop("hidden_states")
+        shared = kwargs  # as every layer receives them; sliced below for this layer
         if st.pending is not None:
-            sel, live = st.pending
-            st.pending = None
-            base = st.alive if st.alive is not None else torch.arange(hidden.shape[1], device=hidden.device)
-            st.alive = gather_rows(base.expand(sel.shape[0], -1) if base.dim() == 1 else base, sel)
-            st.live = live
-            st.version += 1
-            hidden = gather_rows(hidden, sel)
-        st.per_layer.append(None if st.alive is None else (st.alive, st.live))
+            hidden = self._apply_pending(hidden)
         if st.alive is not None:
-            kwargs = self._sliced_kwargs(kwargs, hidden.shape[0])
+            kwargs = self._sliced_kwargs(shared, hidden.shape[0])
         valid, visual = self._current_sets(hidden.shape[0])
-        self.stats.tokens_per_layer.append(valid.sum(1).tolist())
-        self.stats.visual_tokens_per_layer.append((visual & valid).sum(1).tolist())
         if index in self.score_layers and bool(visual.any()):
             with timed(hidden.device) as t:
                 self._score(index, layer, hidden, kwargs, valid, visual)
             self.stats.scoring_time_s += t.elapsed
+            if self.method.prune_at_scored_layer and st.pending is not None:  # this layer already runs without them
+                hidden = self._apply_pending(hidden)
+                kwargs = self._sliced_kwargs(shared, hidden.shape[0])
+                valid, visual = self._current_sets(hidden.shape[0])
+        st.per_layer.append(None if st.alive is None else (st.alive, st.live))
+        self.stats.tokens_per_layer.append(valid.sum(1).tolist())
+        self.stats.visual_tokens_per_layer.append((visual & valid).sum(1).tolist())
         return (hidden, *args[1:]), kwargs
+
+    def _apply_pending(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Move to the selection the last scoring made: the alive sets and the hidden states shrink together (one
+        ragged-compaction launch on CUDA)."""
+        st = self.state
+        keep, st.pending = st.pending, None
+        hidden, st.alive, st.live = compact(hidden, keep, st.alive, self.backend)
+        st.version += 1
+        return hidden
 
     def _current_sets(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         st = self.state
@@ -365,6 +448,29 @@ class DecoderPruner:
             return st.valid.expand(batch, -1), st.visual.expand(batch, -1)
         valid = gather_rows(st.valid, st.alive) & st.live
         return valid, gather_rows(st.visual, st.alive) & st.live
+
+    def _positions(self, batch: int, length: int) -> torch.Tensor:
+        """(B, L) LLM-input position of each row at the current layer."""
+        st = self.state
+        if st.alive is not None:
+            return st.alive
+        return torch.arange(length, device=st.valid.device).expand(batch, -1)
+
+    def _make_observer(self, index: int, kind: str):
+        def observe(module, args, kwargs, output):
+            if self.mode != "prefill":
+                return None
+            x, y = _compat.module_io(args, kwargs, output)
+            valid, visual = self._current_sets(x.shape[0])
+            with timed(x.device) as t:
+                self.method.observe(SublayerContext(
+                    layer=index, num_layers=len(self.layers), kind=kind, input=x, output=y, valid=valid, visual=visual,
+                    positions=self._positions(x.shape[0], x.shape[1]), n_positions=self.state.valid.shape[1],
+                    state=self.state.scratch))
+            self.stats.scoring_time_s += t.elapsed
+            return None
+
+        return observe
 
     def _score(self, index, layer, hidden, kwargs, valid, visual) -> None:
         st = self.state
@@ -377,6 +483,8 @@ class DecoderPruner:
             n_visual_input=st.visual.sum(1),
             attention=lambda rows: self._attention_rows(layer, hidden, kwargs, rows),
             received=lambda rows, weights: self._attention_received(layer, hidden, kwargs, rows, weights),
+            positions=self._positions(hidden.shape[0], hidden.shape[1]),
+            state=st.scratch,
         )
         keep = self.method.prune(ctx)
         if ctx.record:
@@ -386,15 +494,12 @@ class DecoderPruner:
         if bool(keep.all()):
             return
         alive = st.alive if st.alive is not None else torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
-        self.stats.visual_alive[index + 1] = [row[m].tolist() for row, m in zip(alive, keep & visual)]
-        counts = keep.sum(1)
-        width = int(counts.max())
-        pos = torch.arange(keep.shape[1], device=keep.device)
-        ordered = torch.where(keep, pos, keep.shape[1]).sort(dim=1).values
-        slot = torch.arange(width, device=keep.device) - (width - counts).unsqueeze(1)
-        # Rows that keep fewer tokens are left-filled with copies of their first kept token, masked out as keys,
-        # so every row has the same length and a batch gives the same tokens as single runs.
-        st.pending = (ordered.gather(1, slot.clamp(min=0)), slot >= 0)
+        first = index if self.method.prune_at_scored_layer else index + 1
+        self.stats.visual_alive[first] = [row[m].tolist() for row, m in zip(alive, keep & visual)]
+        # Compacted where it takes effect: rows that keep fewer tokens are left-filled with copies of their first
+        # kept token, masked out as keys, so every row has the same length and a batch gives the same tokens as
+        # single runs.
+        st.pending = keep
 
     def _sliced_kwargs(self, kwargs, batch):
         """Slice the kwargs every layer shares (mask, RoPE, position ids) to the alive positions, once per change."""
@@ -471,24 +576,25 @@ class DecoderPruner:
         for start in range(0, rows.shape[1], chunk):
             part = rows[:, start : start + chunk]
             q = self._attention_queries(layer, u, kwargs, part)
-            got = attention_received(q, k, self._allowed(mask, part, hidden.shape[1]),
-                                     weights[:, start : start + chunk], scale)
+            got = attention_received(q, k, weights[:, start : start + chunk], scale,
+                                     **self._scoring_masks(mask, part), backend=self.backend)
             out = got if out is None else out + got
         return out
 
     def _allowed(self, mask, rows, K) -> torch.Tensor:
         """(B, R, K) keys each query row may attend to, as the layer's own attention sees them."""
+        return allowed_keys(rows.shape[0], rows.shape[1], K, rows.device, **self._scoring_masks(mask, rows))
+
+    def _scoring_masks(self, mask, rows) -> dict:
+        """The keys query rows ``rows`` (B, R) may attend to, in the scoring kernel's terms: causal rows and valid
+        keys (no (B, R, K) mask needed), or the rows of a 4-D mask."""
         B = rows.shape[0]
         if mask is not None and mask.dim() == 4:
-            full = mask_allows(mask.expand(B, *mask.shape[1:])[:, 0])
-            return gather_rows(full, rows)
-        cols = torch.arange(K, device=rows.device)
-        allowed = cols.view(1, 1, K) <= rows.unsqueeze(2)
-        if mask is not None:  # 2-D padding mask (FlashAttention layouts)
-            allowed = allowed & mask.bool().unsqueeze(1)
+            return {"allowed": gather_rows(mask_allows(mask.expand(B, *mask.shape[1:])[:, 0]), rows)}
+        valid = None if mask is None else mask.bool().expand(B, -1)  # 2-D padding mask (FlashAttention layouts)
         if self.state.live is not None:
-            allowed = allowed & self.state.live.unsqueeze(1)
-        return allowed
+            valid = self.state.live if valid is None else valid & self.state.live
+        return {"causal_rows": rows, "key_valid": valid}
 
     def _decode(self, index, args, kwargs):
         """Decode step: this layer's cache holds only the alive prefill tokens, so its mask columns must match."""

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from vtoken.adapters import _compat
-from vtoken.adapters.llava import FeatureProvider, LlavaPatch, best_resolution, unpadded_grid
+from vtoken.adapters._vlm_host import FeatureProvider
+from vtoken.adapters.llava import LlavaPatch, best_resolution, unpadded_grid
 from vtoken.methods.tokenflex import TokenFlexConfig, TokenFlexProjector, pool_grid, resolve_num_tokens
 
 _UNSET = object()

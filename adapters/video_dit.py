@@ -396,7 +396,9 @@ def _hunyuan_layers(transformer):
     return list(enumerate(double + single))
 
 
-def _install(model, config: SVG2Config, handle, class_name: str, layers, processor_cls) -> None:
+def _install(model, config: SVG2Config, handle, host: str, class_name: str, layers, processor_cls) -> None:
+    config = config.for_model(host)  # the official scripts' cluster counts for this model, unless set
+    handle.config = config
     runtime = SVG2Runtime(config)
     handle.stats = runtime.stats
     handle.on_reset(runtime.new_generation)
@@ -422,7 +424,7 @@ def _install(model, config: SVG2Config, handle, class_name: str, layers, process
     matches=lambda model: bool(_transformers(model, WAN)),
 )
 def install_wan(model, config, handle) -> None:
-    _install(model, config, handle, WAN, _wan_layers, SVG2WanProcessor)
+    _install(model, config, handle, "wan", WAN, _wan_layers, SVG2WanProcessor)
 
 
 @register_host(
@@ -430,7 +432,7 @@ def install_wan(model, config, handle) -> None:
     matches=lambda model: bool(_transformers(model, HUNYUAN)),
 )
 def install_hunyuan(model, config, handle) -> None:
-    _install(model, config, handle, HUNYUAN, _hunyuan_layers, SVG2HunyuanProcessor)
+    _install(model, config, handle, "hunyuan_video", HUNYUAN, _hunyuan_layers, SVG2HunyuanProcessor)
 
 
 __all__ = ["SVG2CallStats", "SVG2Runtime", "SVG2Stats", "install_hunyuan", "install_wan"]

@@ -38,6 +38,13 @@ def _int_at_least(text: str, low: int, what: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
 def share(text: str) -> float:
     """A fraction in [0, 1]."""
     value = _float(text)

@@ -9,6 +9,7 @@ that a change of machine load hits every method alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -22,15 +23,28 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import vtoken
 from vtoken.cli import usage_errors
-from vtoken.evals.arguments import budget, device, llava_method, non_negative_int, positive_int
+from vtoken.evals.arguments import budget, device, llava_method, non_negative_int, positive_float, positive_int
 from vtoken.evals.flops import prefill_flops
 from vtoken.evals.literals import parse_literal
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
 from vtoken.evals.memory import PeakMemory
 from vtoken.evals.models import PRESETS, build_model, check_model, synthetic_inputs, views_per_sample
 from vtoken.evals.quality import budget_config
+from vtoken.evals.roofline import Peak, device_peak, ideal_ms
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SDPA_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def sdpa_kernel(name: str):
+    """Restrict PyTorch's SDPA to one backend (``auto``: PyTorch picks per call)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel as restrict
+
+    return restrict({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                     "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name])
 
 
 def parse_method(text: str) -> tuple[str, dict]:
@@ -72,8 +86,8 @@ class TowerTokens:
     makes the later blocks cheaper, and the FLOPs count has to know."""
 
     def __init__(self, model):
-        tower = model.model.vision_tower
-        blocks = getattr(tower, "vision_model", tower).encoder.layers
+        tower = getattr(model.model, "vision_tower", None)
+        blocks = [] if tower is None else getattr(tower, "vision_model", tower).encoder.layers  # Qwen-VL: none
         self.counts: list[int] = []
         self.hooks = [block.register_forward_pre_hook(self._seen, with_kwargs=True) for block in blocks]
         self.blocks = len(blocks)
@@ -110,6 +124,7 @@ class Row:
     method: str
     config: dict
     visual_tokens_llm: float = 0.0
+    visual_tokens_last: float = 0.0  # in the last decoder layer (in-LLM pruning leaves fewer there)
     ttft_ms: list[float] = field(default_factory=list)
     decode_tok_s: list[float] = field(default_factory=list)
     selection_ms: list[float] = field(default_factory=list)
@@ -117,6 +132,7 @@ class Row:
     peak_mem_mb: float = float("nan")
     flops: dict = field(default_factory=dict)
     records: dict = field(default_factory=dict)
+    ideal_ms: float = math.nan  # roofline ideal of one prefill (NaN: no peak figures for this device)
 
     def summary(self, dense: Row | None) -> dict:
         ttft = statistics.median(self.ttft_ms)
@@ -124,6 +140,7 @@ class Row:
             "method": self.method,
             "config": self.config,
             "visual_tokens_llm": self.visual_tokens_llm,
+            "visual_tokens_last_layer": self.visual_tokens_last,
             "ttft_ms": ttft,
             "ttft_ms_all": self.ttft_ms,
             "decode_tok_s": statistics.median(self.decode_tok_s) if self.decode_tok_s else float("nan"),
@@ -133,12 +150,16 @@ class Row:
             "selection_ms": statistics.median(self.selection_ms) if self.selection_ms else math.nan,
             "scoring_ms": statistics.median(self.scoring_ms) if self.scoring_ms else math.nan,
             "records": self.records,
+            "ideal_ms": self.ideal_ms,
         }
         out["overhead_pct_of_prefill"] = 100.0 * (out["selection_ms"] + out["scoring_ms"]) / ttft
         if dense is not None:
             out["speedup"] = statistics.median(dense.ttft_ms) / ttft
             out["flops_ratio"] = dense.flops["total"] / self.flops["total"]
             out["decode_speedup"] = out["decode_tok_s"] / statistics.median(dense.decode_tok_s)
+            out["ideal_speedup"] = dense.ideal_ms / self.ideal_ms  # NaN without peak figures
+            out["of_ideal"] = out["speedup"] / out["ideal_speedup"]
+            out["of_flops_ideal"] = out["speedup"] / out["flops_ratio"]  # compute-bound ideal (CPU)
         return out
 
 
@@ -157,7 +178,7 @@ def measure(model, inputs: dict, new_tokens: int, device: torch.device) -> tuple
 
 
 def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int = 5, warmup: int = 1,
-              new_tokens: int = 16, progress: bool = True) -> tuple[list[dict], Row]:
+              new_tokens: int = 16, progress: bool = True, peak: Peak | None = None) -> tuple[list[dict], Row]:
     device = model.device
     rows = [Row("dense", {})] + [Row(name, cfg) for name, cfg in methods]
     views = views_per_sample(inputs) * inputs["input_ids"].shape[0]
@@ -178,6 +199,11 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
             bar.update()
             row.peak_mem_mb = mem.peak_mb
             row.flops, row.visual_tokens_llm, row.records = flops_of(model, inputs, handle, views, tower.counts)
+            if peak is not None:
+                row.ideal_ms = ideal_ms(row.flops["parts"], peak, model.dtype.itemsize)
+            stats = llm_stats(handle)
+            row.visual_tokens_last = (statistics.mean(stats.visual_tokens_per_layer[-1]) if stats is not None
+                                      else row.visual_tokens_llm)
         finally:
             if handle is not None:
                 handle.remove()
@@ -212,16 +238,19 @@ def flops_of(model, inputs: dict, handle, views: int, tower_tokens: list[int]) -
     """Per-layer token counts of one prefill -> analytic FLOPs (the dense model counts its own prompt)."""
     mask = inputs["attention_mask"]
     stats = llm_stats(handle)
+    tokens = [getattr(model.config, key) for key in ("image_token_id", "video_token_id") if hasattr(model.config, key)]
     if stats is None:
         n = mask.sum(1).tolist()
-        visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+        visual = torch.isin(inputs["input_ids"], torch.tensor(tokens, device=mask.device)).sum(1).tolist()
         layers = model.config.text_config.num_hidden_layers
         per_layer, projected = [n] * layers, sum(visual)
     else:
         per_layer, visual = stats.tokens_per_layer, stats.visual_tokens_llm
         projected = sum(stats.visual_tokens_in) if stats.visual_tokens_in else sum(visual)
     records = {} if stats is None else {str(k): v for k, v in stats.records.items()}
-    flops = prefill_flops(model.config, per_layer, views, projected, tower_tokens)
+    grids = [g for key in ("image_grid_thw", "video_grid_thw") if inputs.get(key) is not None
+             for g in inputs[key].tolist()] or None
+    flops = prefill_flops(model.config, per_layer, views, projected, tower_tokens or None, grids)
     return flops, statistics.mean(visual), records
 
 
@@ -231,17 +260,28 @@ def row_label(result: dict) -> str:
     return f"{result['method']} {config}".strip()
 
 
+def visual_cell(result: dict) -> str:
+    """Visual tokens entering the LLM, and ``->`` those left in its last layer when in-LLM pruning removed some."""
+    first, last = result["visual_tokens_llm"], result.get("visual_tokens_last_layer", result["visual_tokens_llm"])
+    return f"{first:.0f}" if round(first) == round(last) else f"{first:.0f}->{last:.0f}"
+
+
 def format_table(results: list[dict]) -> str:
-    head = ("method", "visual->LLM", "prefill ms", "speed-up", "decode tok/s", "peak MB", "prefill GFLOPs",
-            "FLOPs ratio", "overhead ms (% prefill)")
+    head = ("method", "visual->LLM (->last layer)", "prefill ms", "speed-up", "ideal (measured/ideal)",
+            "decode tok/s", "decode speed-up", "peak MB", "prefill GFLOPs", "FLOPs ratio (measured/ratio)",
+            "overhead ms (% prefill)")
     lines = [head]
     for r in results:
         label = row_label(r)
         overhead = r["selection_ms"] + r["scoring_ms"]  # NaN: not measured
         lines.append((
-            label, f"{r['visual_tokens_llm']:.0f}", f"{r['ttft_ms']:.1f}", f"{r.get('speedup', 1.0):.2f}x",
-            f"{r['decode_tok_s']:.1f}", f"{r['peak_mem_mb']:.0f}", f"{r['prefill_gflops']:.1f}",
-            f"{r.get('flops_ratio', 1.0):.2f}x", "-" if math.isnan(overhead) else
+            label, visual_cell(r), f"{r['ttft_ms']:.1f}", f"{r.get('speedup', 1.0):.2f}x",
+            "-" if math.isnan(r.get("ideal_speedup", math.nan)) else
+            f"{r['ideal_speedup']:.2f}x ({r['of_ideal']:.2f})",
+            f"{r['decode_tok_s']:.1f}", f"{r.get('decode_speedup', 1.0):.2f}x", f"{r['peak_mem_mb']:.0f}",
+            f"{r['prefill_gflops']:.1f}",
+            f"{r['flops_ratio']:.2f}x ({r['of_flops_ideal']:.2f})" if "flops_ratio" in r else "1.00x",
+            "-" if math.isnan(overhead) else
             f"{overhead:.2f} ({r['overhead_pct_of_prefill']:.1f}%)",
         ))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
@@ -276,7 +316,7 @@ def plot(results: list[dict], title: str, path: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-llava-1.5",
-                        help=f"a preset ({', '.join(PRESETS)}) or an HF LLaVA / LLaVA-NeXT id or local path")
+                        help=f"a preset ({', '.join(PRESETS)}) or an HF LLaVA / LLaVA-NeXT / Qwen-VL id or local path")
     parser.add_argument("--random-weights", action="store_true", help="build --model from its config only")
     parser.add_argument("--method", action="append", default=None, metavar="NAME[:key=value,...]",
                         help="a LLaVA method to compare with dense (repeatable; `vtoken methods` lists them); "
@@ -284,6 +324,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=budget, default=64,
                         help="budget for every method: int tokens or fraction (token_clustering: clusters)")
     parser.add_argument("--batch", type=positive_int, default=1, help="images (prompts) per generate() call")
+    parser.add_argument("--video", action="store_true",
+                        help="Qwen-VL models: an 8-frame video per prompt instead of a 448x448 image")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per method (median reported)")
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per method first")
     parser.add_argument("--new-tokens", type=positive_int, default=16, help="tokens generated per run (decode speed)")
@@ -292,8 +334,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    parser.add_argument("--sdpa-kernel", choices=SDPA_KERNELS, default="auto",
+                        help="with --attn sdpa, run every attention call on this SDPA backend (flash: PyTorch's "
+                             "FlashAttention-2 kernels; a call it cannot take fails); auto: PyTorch picks")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
+    parser.add_argument("--peak-tflops", type=positive_float, default=None,
+                        help="peak FLOP/s (in TFLOP/s) of the device for the roofline ideal (default: the GPU's "
+                             "datasheet figure for the dtype; none on a CPU)")
+    parser.add_argument("--peak-gbs", type=positive_float, default=None,
+                        help="peak memory bandwidth (GB/s) for the roofline ideal, with --peak-tflops")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--plot", default=None, help="write a PNG here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -306,28 +356,34 @@ def run(args: argparse.Namespace) -> int:
     with usage_errors():  # fail before building a large model
         methods = [bench_method(text, args.keep) for text in args.method or ["todre"]]
         check_model(args.model)
+        peak, roofline = device_peak(device, dtype, args.peak_tflops, args.peak_gbs)
     model = build_model(args.model, dtype=dtype, device=str(device), attn=args.attn,
                         random_weights=args.random_weights)
     with usage_errors():
         check_installs(model, methods)
-    inputs = synthetic_inputs(model, batch=args.batch)
-    results, _ = run_bench(model, inputs, methods, repeats=args.repeats, warmup=args.warmup,
-                           new_tokens=args.new_tokens, progress=not args.quiet)
+    with usage_errors():
+        inputs = synthetic_inputs(model, batch=args.batch, video=args.video)
+    with sdpa_kernel(args.sdpa_kernel):
+        results, _ = run_bench(model, inputs, methods, repeats=args.repeats, warmup=args.warmup,
+                               new_tokens=args.new_tokens, progress=not args.quiet, peak=peak)
     machine = describe_machine(device, threads)
     preset = PRESETS.get(args.model)
-    title = (f"{args.model}: {preset.description if preset else 'checkpoint'}; batch {args.batch}, "
-             f"prompt {inputs['input_ids'].shape[1]} tokens, {args.dtype or str(dtype).split('.')[-1]}, {args.attn}")
+    title = (f"{args.model}: {preset.description if preset else 'checkpoint'}; batch {args.batch}"
+             f"{' (videos)' if args.video else ''}, "
+             f"prompt {inputs['input_ids'].shape[1]} tokens, {args.dtype or str(dtype).split('.')[-1]}, {args.attn}"
+             + (f" ({args.sdpa_kernel} backend only)" if args.sdpa_kernel != "auto" else ""))
     print(title)
     print(machine_line(machine))
     print(threads.line())
     print(f"peak MB: extra memory at the peak of one generate() call ({PeakMemory(device).source})")
+    print(roofline)
     print(format_table(results))
     if threads.warning:
         print(threads.warning, file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"title": title, "machine": machine, "memory_source": PeakMemory(device).source,
-                       "settings": vars(args) | {"dtype": str(dtype)},
+                       "settings": vars(args) | {"dtype": str(dtype)}, "roofline": roofline,
                        "results": results}, f, indent=2, default=str)
         print(f"wrote {args.json}")
     if args.plot:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from vtoken.evals.arguments import comma_list, config_field, device, positive_int
 from vtoken.evals.machine import Threads, cpu_model, load_line, set_threads
 from vtoken.methods.svg2 import (
+    MODEL_CLUSTERS,
     SVG2Config,
     allowed_pairs,
     kmeans,
@@ -59,7 +60,7 @@ class Shape:
 
 
 SHAPES = {
-    "gpu": Shape(12, 128, 21, 30, 52, "bfloat16", 100, 500),  # Wan 2.1 1.3B, 480x832, 81 frames: 32,760 tokens
+    "gpu": Shape(12, 128, 21, 30, 52, "bfloat16", *MODEL_CLUSTERS["wan"]),  # Wan 2.1 1.3B, 480x832, 81 frames
     "cpu": Shape(4, 64, 8, 16, 24, "float32", 24, 96),  # 3,072 tokens
     "tiny": Shape(2, 32, 3, 8, 12, "float32", 6, 24),  # 288 tokens, for tests
 }

@@ -19,7 +19,7 @@ from vtoken.evals.machine import describe_machine, machine_line, set_threads
 from vtoken.evals.quality import budget_config, check_methods, evaluate_method, relative
 from vtoken.methods.baselines import pooled_grid
 
-METHODS = ("todre", "random", "pool", "attn_topk")
+METHODS = ("todre", "random", "pool", "attn_topk", "transprune", "corematching")
 BUDGETS = (0.25, 0.1)
 
 
@@ -35,7 +35,7 @@ def prefill_ms(model, inputs: dict, method: str | None, budget: float, repeats: 
 
 
 def kept_patches(model, inputs: dict, method: str, budget: float) -> tuple[torch.Tensor | None, str]:
-    """Which patches of the first image reach the LLM's later layers: an (h, w) mask (None for pooling) + a note."""
+    """Which patches of the first image reach the LLM's last layers: an (h, w) mask (None for pooling) + a note."""
     vc = model.config.vision_config
     side = vc.image_size // vc.patch_size
     one = {k: v[:1] for k, v in inputs.items()}
@@ -44,8 +44,8 @@ def kept_patches(model, inputs: dict, method: str, budget: float) -> tuple[torch
         stats = handle.stats
         mask = torch.zeros(side * side, dtype=torch.bool)
         note = ""
-        if stats.visual_alive:  # in-LLM pruning: LLM-input positions of the survivors
-            layer = min(stats.visual_alive)
+        if stats.visual_alive:  # in-LLM pruning: LLM-input positions of the survivors of the last stage
+            layer = max(stats.visual_alive)
             ids = one["input_ids"][0]
             first = int((ids == model.config.image_token_id).nonzero()[0])
             mask[torch.tensor(stats.visual_alive[layer][0], dtype=torch.long) - first] = True

@@ -18,16 +18,81 @@ def decoder_layer_flops(n: int, cfg) -> float:
     return float(projections + attention + mlp)
 
 
-def vision_flops(views: int, vcfg, block_tokens: list[int] | None = None) -> float:
-    """A CLIP-like tower over ``views`` crops. ``block_tokens``: the tokens each block saw (a method that clusters
-    inside the tower shortens the later ones); None = every block sees every patch + [CLS] (HF runs the whole tower).
-    """
+def vision_parts(views: int, vcfg, block_tokens: list[int] | None = None) -> list[tuple[str, float, float]]:
+    """(name, FLOPs, weights) of the patch embedding and of every block of the tower, over ``views`` crops."""
     full = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
     block_tokens = block_tokens or [full] * vcfg.num_hidden_layers
     d, m = vcfg.hidden_size, vcfg.intermediate_size
-    blocks = sum(2 * n * d * 4 * d + 4 * n * n * d + 2 * n * d * m * 2 for n in block_tokens)
-    patch_embed = 2 * (full - 1) * 3 * vcfg.patch_size**2 * d
-    return float(views * (blocks + patch_embed))
+    patch_weights = 3 * vcfg.patch_size**2 * d + full * d  # convolution + position embedding
+    parts = [("vision embed", float(views * 2 * (full - 1) * 3 * vcfg.patch_size**2 * d), float(patch_weights))]
+    for i, n in enumerate(block_tokens):
+        flops = 2 * n * d * 4 * d + 4 * n * n * d + 2 * n * d * m * 2
+        parts.append((f"vision block {i}", float(views * flops), float(4 * d * d + 2 * d * m + 9 * d + m)))
+    return parts
+
+
+def qwen_vision_parts(vcfg, grids: list[list[int]]) -> list[tuple[str, float, float]]:
+    """(name, FLOPs, weights) of a Qwen-VL vision encoder over items of (t, h, w) patch grids: the 3-D patch
+    embedding, every block (Qwen2.5-VL: windowed attention over ``window_size`` px squares except the full-attention
+    blocks; every block attends within one temporal patch, as the encoder does), and the 2x2 merger(s) into the LLM
+    width (Qwen3-VL adds one merger per deepstack layer)."""
+    d = getattr(vcfg, "embed_dim", None) or vcfg.hidden_size  # Qwen2-VL names the ViT width embed_dim
+    out = getattr(vcfg, "out_hidden_size", None) or vcfg.hidden_size
+    gated = vcfg.model_type.startswith("qwen2_5")  # SwiGLU; Qwen2-VL and Qwen3-VL use a plain two-layer MLP
+    m = getattr(vcfg, "intermediate_size", None) or d * vcfg.mlp_ratio
+    merge = vcfg.spatial_merge_size
+    frames = [(t, h * w) for t, h, w in grids]  # per item: temporal patches, patches per temporal patch
+    n = sum(t * hw for t, hw in frames)
+    window = (vcfg.window_size // vcfg.patch_size) ** 2 if getattr(vcfg, "window_size", None) else None
+    full_blocks = set(getattr(vcfg, "fullatt_block_indexes", None) or range(vcfg.depth)) if window else None
+    patch = 3 * vcfg.temporal_patch_size * vcfg.patch_size**2
+    parts = [("vision embed", float(2 * n * patch * d), float(patch * d))]
+    mlp_weights = d * m * (3 if gated else 2)
+    for i in range(vcfg.depth):
+        if window is None or i in full_blocks:
+            attention = sum(4 * t * hw * hw * d for t, hw in frames)
+        else:
+            attention = 4 * n * min(window, max(hw for _, hw in frames)) * d
+        flops = 2 * n * d * 4 * d + attention + 2 * n * mlp_weights
+        parts.append((f"vision block {i}", float(flops), float(4 * d * d + mlp_weights + 4 * d)))
+    merged = n // merge**2
+    wide = d * merge**2
+    for j in range(1 + len(getattr(vcfg, "deepstack_visual_indexes", None) or [])):
+        parts.append((f"merger {j}", float(2 * merged * (wide * wide + wide * out)), float(wide * wide + wide * out)))
+    return parts
+
+
+def decoder_layer_weights(cfg) -> float:
+    """Weights of one decoder layer (projections, MLP, two norms): what a prefill reads from memory per layer."""
+    d = cfg.hidden_size
+    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    gated = getattr(cfg, "hidden_act", "silu") in ("silu", "swish", "gelu_pytorch_tanh") or hasattr(cfg, "mlp_bias")
+    return float(d * (2 * heads * head_dim + 2 * kv_heads * head_dim) + d * cfg.intermediate_size * (3 if gated else 2)
+                 + 2 * d)
+
+
+def prefill_parts(config, tokens_per_layer: list[list[int]], views: int, projected_tokens: int,
+                  tower_tokens: list[int] | None = None,
+                  grids: list[list[int]] | None = None) -> list[tuple[str, float, float]]:
+    """(name, FLOPs, weights) of every part of one prefill of a batch, in the order they run: the roofline's input
+    (each part does its FLOPs and reads its weights once per batch). ``grids``: a Qwen-VL model's (t, h, w) patch
+    grids, one per image or video (its merger is its projector)."""
+    text = config.text_config
+    d = text.hidden_size
+    if grids is not None:
+        parts = qwen_vision_parts(config.vision_config, grids)
+    else:
+        vision_dim = config.vision_config.hidden_size * (
+            len(config.vision_feature_layer) if isinstance(config.vision_feature_layer, (list, tuple)) else 1)
+        parts = vision_parts(views, config.vision_config, tower_tokens)
+        parts.append(("projector", projector_flops(projected_tokens, config), float(vision_dim * d + d * d + 2 * d)))
+    layer_weights = decoder_layer_weights(text)
+    for i, counts in enumerate(tokens_per_layer):
+        parts.append((f"decoder layer {i}", sum(decoder_layer_flops(n, text) for n in counts), layer_weights))
+    batch = len(tokens_per_layer[0])
+    parts.append(("lm head", float(2 * d * text.vocab_size * batch), float(d * text.vocab_size + d)))
+    return parts
 
 
 def projector_flops(n_tokens: int, config) -> float:
@@ -40,13 +105,10 @@ def projector_flops(n_tokens: int, config) -> float:
 
 
 def prefill_flops(config, tokens_per_layer: list[list[int]], views: int, projected_tokens: int,
-                  tower_tokens: list[int] | None = None) -> dict[str, float]:
-    """FLOPs of one prefill of a batch: vision tower (``tower_tokens`` per block, see ``vision_flops``), projector,
-    decoder (per-layer, per-sample counts)."""
-    text = config.text_config
-    decoder = sum(decoder_layer_flops(n, text) for layer in tokens_per_layer for n in layer)
-    head = 2 * text.hidden_size * text.vocab_size * len(tokens_per_layer[0])  # logits of the last token only
-    vision = vision_flops(views, config.vision_config, tower_tokens)
-    projector = projector_flops(projected_tokens, config)
-    return {"vision": vision, "projector": projector, "decoder": decoder + head,
-            "total": vision + projector + decoder + head}
+                  tower_tokens: list[int] | None = None, grids: list[list[int]] | None = None) -> dict[str, float]:
+    """FLOPs of one prefill of a batch: vision tower (``tower_tokens`` per block, see ``vision_flops``; Qwen-VL:
+    ``grids``, see ``qwen_vision_parts``), projector, decoder (per-layer, per-sample counts)."""
+    parts = prefill_parts(config, tokens_per_layer, views, projected_tokens, tower_tokens, grids)
+    total = lambda names: float(sum(f for name, f, _ in parts if name.startswith(names)))
+    return {"vision": total(("vision",)), "projector": total(("projector", "merger")),
+            "decoder": total(("decoder", "lm head")), "total": total(("",)), "parts": parts}

@@ -6,13 +6,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig
+from transformers import AutoConfig
 
 CLIP_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                   num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
 VICUNA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
                  pad_token_id=0, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+
+
+QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                     spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=3584,
+                     fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
+QWEN25_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                   num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                   rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                vision_end_token_id=151653)
 
 
 @dataclass(frozen=True)
@@ -44,9 +55,27 @@ PRESETS: dict[str, Preset] = {
              vision_feature_layer=-2, vision_feature_select_strategy="default",
              image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
     ),
+    # Qwen2.5-VL-7B proportions at a CPU-friendly size: the same 14 px patches, 2x2 merger and 112 px attention
+    # windows (full attention in every 4th block), a quarter of the width and depth in the tower and the LLM
+    # (the vision encoder stays about a quarter of prefill on a 448x448 image), GQA 7:1 as in the 7B.
+    "tiny-qwen2.5-vl": Preset(
+        "Qwen2.5-VL-7B-shaped: 448x448 image -> 256 merged tokens (or an 8-frame video), reduced width/depth "
+        "(random weights)",
+        dict(kind="qwen2_5_vl",
+             vision_config=dict(QWEN25_VISION, depth=8, hidden_size=320, intermediate_size=856, num_heads=4,
+                                out_hidden_size=896, fullatt_block_indexes=[1, 3, 5, 7]),
+             text_config=dict(QWEN25_TEXT, hidden_size=896, intermediate_size=4736, num_hidden_layers=7,
+                              num_attention_heads=7, num_key_value_heads=1, vocab_size=32000),
+             image_token_id=31995, video_token_id=31996, vision_start_token_id=31997, vision_end_token_id=31998),
+    ),
+    "qwen2.5-vl-7b": Preset(
+        "Qwen2.5-VL-7B shape: 448x448 image -> 256 merged tokens (or an 8-frame video) (random weights)",
+        dict(kind="qwen2_5_vl", vision_config=QWEN25_VISION, text_config=QWEN25_TEXT, **QWEN_IDS),
+    ),
 }
 # A LLaVA-1.5 conversation prompt: ~40 tokens of system prompt and "USER:" before the image, ~24 after.
 TEXT_BEFORE, TEXT_AFTER = 40, 24
+QWEN_IMAGE_SIDE, QWEN_VIDEO_FRAMES = 448, 8
 
 
 def check_model(name: str) -> None:
@@ -76,38 +105,78 @@ def check_model(name: str) -> None:
 
 def build_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", attn: str = "sdpa",
                 random_weights: bool = False):
-    """A preset name, or an HF id / local path (``random_weights`` builds it from its config alone)."""
+    """A preset name, or an HF id / local path (``random_weights`` builds it from its config alone).
+
+    Random weights are drawn on ``device`` itself: a 7B model initialised on the CPU and then moved takes minutes.
+    """
     torch.manual_seed(0)
     if name in PRESETS:
         spec = dict(PRESETS[name].config)
         kind = spec.pop("kind")
-        config = (LlavaConfig if kind == "llava" else LlavaNextConfig)(**spec)
+        config = AutoConfig.for_model(kind, **spec)
         cls = _model_class(config)
-        model = cls._from_config(config, attn_implementation=attn, dtype=dtype)
+        with torch.device(device):
+            model = cls._from_config(config, attn_implementation=attn, dtype=dtype)
     else:
         config = AutoConfig.from_pretrained(name)
         cls = _model_class(config)
         if random_weights:
-            model = cls._from_config(config, attn_implementation=attn, dtype=dtype)
+            with torch.device(device):
+                model = cls._from_config(config, attn_implementation=attn, dtype=dtype)
         else:
             model = cls.from_pretrained(name, attn_implementation=attn, dtype=dtype)
     return model.to(device).eval()
 
 
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                 "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+
+
 def _model_class(config):
-    from transformers import LlavaNextForConditionalGeneration
+    import transformers
 
-    if config.model_type == "llava":
-        return LlavaForConditionalGeneration
-    if config.model_type == "llava_next":
-        return LlavaNextForConditionalGeneration
-    raise ValueError(f"--model: {config.model_type!r} models are not supported by the benchmark; use a LLaVA or "
-                     f"LLaVA-NeXT checkpoint or one of the presets: {', '.join(PRESETS)}")
+    if config.model_type in MODEL_CLASSES:
+        return getattr(transformers, MODEL_CLASSES[config.model_type])
+    raise ValueError(f"--model: {config.model_type!r} models are not supported by the benchmark; use a LLaVA, "
+                     f"LLaVA-NeXT or Qwen-VL checkpoint or one of the presets: {', '.join(PRESETS)}")
 
 
-def synthetic_inputs(model, batch: int = 1, seed: int = 0) -> dict:
-    """Random image(s) and a LLaVA-length prompt with the right number of image placeholders."""
+def is_qwen(model) -> bool:
+    return model.config.model_type.startswith("qwen")
+
+
+def qwen_inputs(model, batch: int, video: bool, g: torch.Generator) -> dict:
+    """A 448x448 image (or an 8-frame video of 448x448 frames) and a chat-length prompt for a Qwen-VL model."""
+    cfg, vc = model.config, model.config.vision_config
+    side = QWEN_IMAGE_SIDE // vc.patch_size
+    t = QWEN_VIDEO_FRAMES // vc.temporal_patch_size if video else 1
+    grid = torch.tensor([[t, side, side]] * batch)
+    pixels = torch.randn(batch * t * side * side, 3 * vc.temporal_patch_size * vc.patch_size**2, generator=g)
+    token = cfg.video_token_id if video else cfg.image_token_id
+    n = t * side * side // vc.spatial_merge_size**2
+    text = torch.randint(3, min(cfg.text_config.vocab_size, 31000), (batch, TEXT_BEFORE + TEXT_AFTER), generator=g)
+    specials = torch.tensor([cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+                             cfg.vision_end_token_id])
+    text = torch.where(torch.isin(text, specials), 3, text)  # text never holds a vision token
+    ids = torch.cat([torch.full((batch, 1), cfg.text_config.bos_token_id or 1), text[:, :TEXT_BEFORE],
+                     torch.full((batch, 1), cfg.vision_start_token_id), torch.full((batch, n), token),
+                     torch.full((batch, 1), cfg.vision_end_token_id), text[:, TEXT_BEFORE:]], dim=1)
+    kind = "video" if video else "image"
+    device = model.device
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "mm_token_type_ids": ((ids == token).int() * (2 if video else 1)).to(device),
+            ("pixel_values_videos" if video else "pixel_values"): pixels.to(device, model.dtype),
+            f"{kind}_grid_thw": grid.to(device)}
+
+
+def synthetic_inputs(model, batch: int = 1, seed: int = 0, video: bool = False) -> dict:
+    """Random image(s) (Qwen-VL: or videos) and a chat-length prompt with the right number of placeholders."""
     g = torch.Generator().manual_seed(seed)
+    if is_qwen(model):
+        return qwen_inputs(model, batch, video, g)
+    if video:
+        raise ValueError("--video: only Qwen-VL models take videos")
     cfg = model.config
     size = cfg.vision_config.image_size
     device, dtype = model.device, model.dtype
@@ -137,5 +206,5 @@ def synthetic_inputs(model, batch: int = 1, seed: int = 0) -> dict:
 
 
 def views_per_sample(inputs: dict) -> int:
-    pixels = inputs["pixel_values"]
-    return pixels.shape[1] if pixels.dim() == 5 else 1
+    pixels = inputs.get("pixel_values")
+    return pixels.shape[1] if pixels is not None and pixels.dim() == 5 else 1

@@ -2,6 +2,8 @@
 
 Speed does not depend on weights, accuracy does: this is the project's real accuracy measure, small enough for a
 CPU. Each method runs through ``vtoken.patch`` and the model's own ``generate()``, exactly as a user would call it.
+A ``--method`` may carry its own arguments (``transprune:iga=false``); one that sets ``keep`` itself
+(``corematching:keep=none``, the adaptive threshold) runs once, in the "own budget" column.
 """
 
 from __future__ import annotations
@@ -19,10 +21,38 @@ from vtoken.evals.arguments import checkpoint_dir, fractions, llava_method, posi
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
 
 BUDGETS = (1.0, 0.5, 0.25, 0.1)
+# measured by default besides every method at every budget: TransPrune's TTV alone (which the paper reports as
+# competitive) and CoreMatching's adaptive threshold (its own budget)
+VARIANTS = ("transprune:iga=false", "corematching:keep=none")
 
 
 def llava_methods() -> list[str]:
     return sorted(name for name, info in vtoken.methods().items() if "llava" in info.hosts)
+
+
+def method_spec(text: str) -> tuple[str, dict]:
+    """``--method`` text -> (name, its own arguments), as ``vtoken bench`` reads it."""
+    from vtoken.evals.bench import parse_method  # bench imports this module
+
+    return parse_method(text)
+
+
+def spec_label(name: str, overrides: dict) -> str:
+    return " ".join([name, ",".join(f"{k}={v}" for k, v in overrides.items())]).strip()
+
+
+def quality_jobs(methods: list[str], budgets: list[float]) -> list[tuple[str, str, float | None, dict]]:
+    """(label, method, budget, config) per measurement: every budget, or once when the method's arguments set
+    ``keep`` themselves (budget None)."""
+    jobs = []
+    for text in methods:
+        name, overrides = method_spec(text)
+        label = spec_label(name, overrides)
+        if "keep" in overrides:
+            jobs.append((label, name, None, overrides))
+        else:
+            jobs += [(label, name, b, {**budget_config(name, b), **overrides}) for b in budgets]
+    return jobs
 
 
 def budget_config(method: str, budget: float) -> dict:
@@ -51,12 +81,16 @@ def relative(accuracy: float, dense: float) -> float:
 @dataclass
 class Row:
     method: str
-    budget: float
+    budget: float | None  # None: the method's own (its arguments set keep)
     config: dict
     accuracy: float
     per_type: dict
     visual_tokens: float  # visual tokens per sample, averaged over the decoder layers that see them
     n: int
+    label: str = ""  # the method and its own arguments
+
+    def __post_init__(self):
+        self.label = self.label or self.method
 
     def as_dict(self, dense: Row) -> dict:
         out = dict(self.__dict__)
@@ -84,42 +118,44 @@ class TokenMeter:
         return statistics.mean(self.values) if self.values else float("nan")
 
 
-def evaluate_method(model, processor, examples, method: str | None, budget: float, batch_size: int,
-                    progress: bool = True) -> Row:
+def evaluate_method(model, processor, examples, method: str | None, budget: float | None, batch_size: int,
+                    progress: bool = True, config: dict | None = None, label: str = "") -> Row:
+    """Accuracy of ``method`` at ``budget`` (``config``: its full arguments instead of the budget's)."""
     from vtoken.evals.shapes_vqa import evaluate, num_visual_tokens
 
-    desc = "dense" if method is None else f"{method} {budget:g}"
+    desc = "dense" if method is None else f"{label or method} {budget if budget is None else f'{budget:g}'}"
     if method is None:
         result = evaluate(model, processor, examples, batch_size=batch_size, progress=progress, desc=desc)
         return Row("dense", 1.0, {}, result.accuracy, result.per_type, float(num_visual_tokens(model)), result.n)
-    config = budget_config(method, budget)
+    config = budget_config(method, budget) if config is None else config
     with vtoken.patch(model, method, **config) as handle:
         meter = TokenMeter(model, handle)
         try:
             result = evaluate(model, processor, examples, batch_size=batch_size, progress=progress, desc=desc)
         finally:
             tokens = meter.close()
-    return Row(method, budget, config, result.accuracy, result.per_type, tokens, result.n)
+    return Row(method, budget, config, result.accuracy, result.per_type, tokens, result.n, label)
 
 
 def run_quality(model, processor, examples, methods: list[str], budgets: list[float], batch_size: int = 50,
                 progress: bool = True) -> tuple[Row, list[Row]]:
     dense = evaluate_method(model, processor, examples, None, 1.0, batch_size, progress=False)
     rows = []
-    jobs = [(m, b) for m in methods for b in budgets]
-    for method, budget in tqdm(jobs, desc="quality", disable=not progress):
-        rows.append(evaluate_method(model, processor, examples, method, budget, batch_size, progress=False))
+    for label, method, budget, config in tqdm(quality_jobs(methods, budgets), desc="quality", disable=not progress):
+        rows.append(evaluate_method(model, processor, examples, method, budget, batch_size, progress=False,
+                                    config=config, label=label))
     return dense, rows
 
 
 def format_table(dense: Row, rows: list[Row], budgets: list[float]) -> str:
     """Accuracy per method and budget: ``acc (% of dense, visual tokens per sample)``."""
-    head = ["method"] + [f"keep {100 * b:g}%" for b in budgets]
+    columns = list(budgets) + ([None] if any(r.budget is None for r in rows) else [])
+    head = ["method"] + [f"keep {100 * b:g}%" if b is not None else "own budget" for b in columns]
     lines = [head]
-    for method in dict.fromkeys(r.method for r in rows):
-        cells = [method]
-        for b in budgets:
-            r = next((r for r in rows if r.method == method and r.budget == b), None)
+    for label in dict.fromkeys(r.label for r in rows):
+        cells = [label]
+        for b in columns:
+            r = next((r for r in rows if r.label == label and r.budget == b), None)
             if r is not None:
                 share = 100 * relative(r.accuracy, dense.accuracy)
                 cells.append(f"{100 * r.accuracy:.1f} ({share:.0f}%, {r.visual_tokens:.0f} tok)")
@@ -139,9 +175,9 @@ def plot(dense: Row, rows: list[Row], title: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in dict.fromkeys(r.method for r in rows):
-        mine = sorted((r for r in rows if r.method == method), key=lambda r: r.visual_tokens)
-        ax.plot([r.visual_tokens for r in mine], [100 * r.accuracy for r in mine], marker="o", label=method)
+    for label in dict.fromkeys(r.label for r in rows):
+        mine = sorted((r for r in rows if r.label == label), key=lambda r: r.visual_tokens)
+        ax.plot([r.visual_tokens for r in mine], [100 * r.accuracy for r in mine], marker="o", label=label)
     ax.axhline(100 * dense.accuracy, color="k", ls="--", lw=1, label=f"dense ({dense.visual_tokens:.0f} tokens)")
     ax.set_xscale("log")
     ax.set_xlabel("visual tokens per sample (averaged over decoder layers)")
@@ -155,19 +191,25 @@ def plot(dense: Row, rows: list[Row], title: str, path: str) -> None:
 
 
 def check_methods(methods: list[str], budget: float) -> None:
-    """Every ``--method`` patches LLaVA and has a visual-token budget: refused before any work otherwise."""
+    """Every ``--method`` patches LLaVA, has a visual-token budget and accepts its own arguments: refused before any
+    work otherwise."""
     with usage_errors():
-        for method in methods:
-            llava_method(method)
-            budget_config(method, budget)
+        for text in methods:
+            name, overrides = method_spec(text)
+            info = llava_method(name)
+            config = {**budget_config(name, budget), **overrides}
+            try:
+                vtoken.make_config(info, config)
+            except ValueError as error:
+                raise ValueError(f"--method {text} (config {config}): {error}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=checkpoint_dir, default=None,
                         help="a ShapesVQA checkpoint directory (default: the shipped one)")
-    parser.add_argument("--method", action="append", default=None,
+    parser.add_argument("--method", action="append", default=None, metavar="NAME[:key=value,...]",
                         help="method to measure (repeatable); default: every LLaVA method "
-                             f"({', '.join(llava_methods())})")
+                             f"({', '.join(llava_methods())}) and {', '.join(VARIANTS)}")
     parser.add_argument("--budgets", type=fractions, default=",".join(map(str, BUDGETS)),
                         help="fractions of the visual tokens kept, comma-separated")
     parser.add_argument("--n", type=positive_int, default=400, help="test questions")
@@ -184,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
 
     threads = set_threads(args.threads)
     budgets = args.budgets
-    methods = args.method or llava_methods()
+    methods = args.method or [*llava_methods(), *VARIANTS]
     check_methods(methods, budgets[0])
     model, processor = load_shapes_model(args.model)
     examples = make_split("test", args.n)

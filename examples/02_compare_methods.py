@@ -36,6 +36,8 @@ configs = {
     "random": dict(keep=args.keep),
     "pool": dict(keep=args.keep),
     "attn_topk": dict(keep=args.keep),  # FastV: prunes inside the LLM, after layer K
+    "transprune": dict(keep=args.keep),  # inside the LLM, in stages: token transition + instruction attention
+    "corematching": dict(keep=args.keep),  # inside the LLM by FFN core neurons; decode runs only those neurons
     "token_clustering": dict(num_clusters=args.keep, reconstruct=False),  # fewer tokens out of the vision tower
 }
 

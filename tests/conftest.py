@@ -41,3 +41,23 @@ def tiny_shapes_checkpoint(tmp_path_factory):
     shapes_model.build_model(processor, vision=vision, text=text).save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# -- GPU tests (`pytest -m gpu`): run on CUDA; skipped without it, unless VTOKEN_GPU_TESTS_ON_CPU=1 dry-runs them on
+# the CPU (Triton through the interpreter, small shapes) so they cannot rot between GPU runs.
+GPU_DRY_RUN = os.environ.get("VTOKEN_GPU_TESTS_ON_CPU") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() or GPU_DRY_RUN:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (VTOKEN_GPU_TESTS_ON_CPU=1 dry-runs it on the CPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def gpu_device() -> torch.device:
+    """The device of a `gpu` test: CUDA, or the CPU in a dry run."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -69,3 +69,72 @@ def test_peak_memory_sees_a_live_cpu_allocation():
         x.add_(1)
         del x
     assert 60 < mem.peak_mb < 80, mem.peak_mb
+
+
+@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+def test_run_bench_on_a_qwen_model(video):
+    """A 448x448 image is 32x32 patches -> 256 merged tokens; an 8-frame video is 4 temporal patches of those."""
+    from tiny_models import tiny_qwen
+
+    model = tiny_qwen("qwen2_5_vl")
+    inputs = synthetic_inputs(model, video=video)
+    grid = inputs["video_grid_thw" if video else "image_grid_thw"].tolist()
+    assert grid == [[4 if video else 1, 32, 32]]
+    results, _ = run_bench(model, inputs, [("todre", {"keep": 0.25})], repeats=1, warmup=0, new_tokens=2,
+                           progress=False)
+    dense, todre = results
+    n = 1024 if video else 256
+    assert dense["visual_tokens_llm"] == n and todre["visual_tokens_llm"] == n // 4
+    assert todre["flops_ratio"] > 1.0 and todre["of_flops_ideal"] == todre["speedup"] / todre["flops_ratio"]
+    assert "0.25" in format_table(results)
+
+
+def test_qwen_vision_flops_by_hand():
+    """Qwen2.5-VL's encoder: windowed blocks attend within 56 px squares (4x4 = 16 patches), full blocks within a
+    temporal patch; SwiGLU MLP; one 2x2 merger into the LLM width."""
+    from transformers import Qwen2_5_VLConfig
+
+    from vtoken.evals.flops import qwen_vision_parts
+
+    vcfg = Qwen2_5_VLConfig(vision_config=dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2,
+                                               temporal_patch_size=2, hidden_size=32, out_hidden_size=64,
+                                               intermediate_size=48, window_size=56, fullatt_block_indexes=[1]),
+                            ).vision_config
+    parts = dict((name, flops) for name, flops, _ in qwen_vision_parts(vcfg, [[2, 8, 8]]))
+    n, d, m = 2 * 64, 32, 48
+    projections, mlp = 2 * n * d * 4 * d, 2 * n * d * m * 3
+    assert parts["vision embed"] == 2 * n * (3 * 2 * 14 * 14) * d
+    assert parts["vision block 0"] == projections + 4 * n * 16 * d + mlp
+    assert parts["vision block 1"] == projections + 2 * 4 * 64 * 64 * d + mlp  # two temporal patches of 64
+    assert parts["merger 0"] == 2 * (n // 4) * (4 * d * 4 * d + 4 * d * 64)
+
+
+def test_run_bench_measures_transprune_and_corematching():
+    model = tiny_llava()
+    inputs = synthetic_inputs(model)
+    methods = [("transprune", {"keep": 0.125}), ("corematching", {"keep": None})]
+    results, _ = run_bench(model, inputs, methods, repeats=1, warmup=0, new_tokens=3, progress=False)
+    dense, transprune, corematching = results
+    assert transprune["visual_tokens_llm"] == 64 and transprune["visual_tokens_last_layer"] == 8  # 12.5% of 64
+    assert dense["visual_tokens_last_layer"] == 64 and corematching["visual_tokens_last_layer"] < 64
+    assert transprune["flops_ratio"] > 1.0 and corematching["flops_ratio"] > 1.0
+    assert corematching["scoring_ms"] > 0 and corematching["decode_speedup"] > 0
+    table = format_table(results)
+    assert "64->8" in table and "decode speed-up" in table
+
+
+def test_corematching_sweep_writes_tables_json_and_plot(tmp_path, monkeypatch, capsys):
+    import vtoken.evals.sweep_corematching as sweep
+
+    monkeypatch.setattr(sweep, "build_model", lambda *a, **k: tiny_llava())
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    assert sweep.main(["--betas", "0.2,0.6", "--layer-sets", "none,all,1-2", "--repeats", "1", "--warmup", "0",
+                       "--new-tokens", "2", "--quiet", "--json", str(out), "--plot", str(png)]) == 0
+    data = json.loads(out.read_text())
+    configs = [(r["config"]["ffn_layers"], r["config"]["beta"]) for r in data["results"][1:]]
+    assert configs == [("none", 0.2), ("all", 0.2), ("all", 0.6), ("1-2", 0.2), ("1-2", 0.6)]
+    printed = capsys.readouterr().out
+    assert "decode tokens/s over dense" in printed and "prefill speed-up over dense" in printed
+    assert png.stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        sweep.main(["--betas", "1.5"])  # refused before any model is built

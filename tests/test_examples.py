@@ -45,18 +45,18 @@ def check_llava_generate(out: str) -> None:
 
 def check_compare_methods(out: str) -> None:
     registry, _, table = out.partition("ShapesVQA, 40 test questions in one batch, keep = 0.1 of 196 visual tokens")
-    for method in ("todre", "random", "pool", "attn_topk", "token_clustering", "svg2"):
+    for method in ("todre", "random", "pool", "attn_topk", "transprune", "corematching", "token_clustering", "svg2"):
         assert re.search(rf"^{method}\s+hosts: ", registry, re.MULTILINE), method
     assert "todre fields: {'keep': 0.25" in registry
     accuracy = {}
-    for name in ("dense", "todre", "random", "pool", "attn_topk", "token_clustering"):
+    for name in ("dense", "todre", "random", "pool", "attn_topk", "transprune", "corematching", "token_clustering"):
         acc, into_llm, *rest = table_row(name, table)
         accuracy[name] = float(acc.rstrip("%"))
         layers = [int(x) for x in re.findall(r"\d+", " ".join(rest[:-3]))]
         assert len(layers) == 4, (name, rest)
         if name == "dense":
             assert float(into_llm) == 196 and layers == [196] * 4
-        elif name == "attn_topk":  # in-LLM pruning: all 196 enter, fewer after layer K
+        elif name in ("attn_topk", "transprune", "corematching"):  # in-LLM pruning: all 196 enter, fewer later
             assert float(into_llm) == 196 and layers[0] == 196 and layers[-1] == 20
         elif name == "token_clustering":
             assert float(into_llm) == 16 and layers == [16] * 4  # a 4x4 cluster grid

@@ -21,7 +21,7 @@ def host(request):
 
 
 # copy.deepcopy ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["todre", "random", "attn_topk"])
+@pytest.mark.parametrize("name", ["todre", "random", "attn_topk", "corematching"])
 def test_deepcopy_of_a_patched_model_is_refused_at_copy_time(name):
     model = tiny_llava()
     handle = vtoken.patch(model, name, **PRUNING[name])
@@ -48,7 +48,7 @@ def test_the_copy_guard_stays_while_any_method_remains():
 
 # static caches -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ["todre", "random", "pool", "attn_topk"])
+@pytest.mark.parametrize("name", ["todre", "random", "pool", "attn_topk", "transprune", "corematching"])
 def test_a_static_cache_is_refused_with_one_message(host, name, attn):
     model = host.model
     model.model.language_model.set_attn_implementation(attn)
@@ -96,7 +96,7 @@ def clustered_llava():
     return model, dict(input_ids=ids, pixel_values=torch.randn(1, 3, 224, 224), attention_mask=torch.ones_like(ids))
 
 
-@pytest.mark.parametrize("name", ["todre", "random", "pool", "attn_topk"])
+@pytest.mark.parametrize("name", ["todre", "random", "pool", "attn_topk", "transprune", "corematching"])
 @pytest.mark.parametrize("order", ["clustering first", "method first"])
 def test_clustering_tokens_compose_with_llm_methods(name, order):
     model, inputs = clustered_llava()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
 from tiny_models import IMAGE_TOKEN, left_pad, prompt, tiny_llava, tiny_llava_next, visual_count
 
 import vtoken
+from vtoken.adapters._compat import find_cache
+from vtoken.adapters._vlm import CacheLayout
 from vtoken.methods.tokenflex import TokenFlexProjector
 
 
@@ -24,6 +28,8 @@ KEEP_ALL = {
     "random": dict(keep=1.0),
     "pool": dict(keep=1.0),
     "attn_topk": dict(keep=1.0),
+    "transprune": dict(keep=1.0),
+    "corematching": dict(keep=1.0, beta=1.0),  # beta=1: every neuron is a core neuron, decode stays dense
 }
 PRUNING = {
     "todre": dict(keep=0.25),
@@ -33,6 +39,10 @@ PRUNING = {
     "random": dict(keep=0.25),
     "pool": dict(keep=0.25),
     "attn_topk": dict(keep=0.3),
+    "transprune": dict(keep=0.25),
+    "transprune_ttv_paper": dict(keep=0.25, iga=False, direction="paper"),
+    "corematching": dict(),  # adaptive threshold, decode FFN sparsity in the default layers
+    "corematching_keep": dict(keep=0.3, ffn_layers="all"),
     # TokenFLEX takes a token count per view, not a keep budget: 9 = 3 x 3 pools both tiny grids (8 x 8 and
     # LLaVA-NeXT's 4 x 4 views); its keep-all case (N = the native grid) is in test_tokenflex.py
     "tokenflex": dict(num_tokens=9),
@@ -48,7 +58,9 @@ BOUNDARY_ONLY = {
 
 
 def method_of(name: str) -> str:
-    return name.split("_stage2")[0].split("_maxmin")[0].split("_trained")[0]
+    while name not in vtoken.methods():  # a variant's name: the method's, then "_what_differs"
+        name = name.rsplit("_", 1)[0]
+    return name
 
 
 class Host:
@@ -116,21 +128,30 @@ def test_keep_all_is_lossless(host, name):
 
 
 # 2. remove() restores ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["todre", "divprune", "attn_topk", "pool", "tokenflex_trained"])
+@pytest.mark.parametrize("name", ["todre", "divprune", "attn_topk", "pool", "transprune", "corematching",
+                                  "tokenflex_trained"])
 def test_remove_restores_and_repatch_repeats(host, name):
     inputs = host.single(1)
-    ref = logits(host.model, **inputs)
+    ref, ref_tokens = logits(host.model, **inputs), greedy(host.model, **inputs)
+    weights = {k: v.clone() for k, v in host.model.state_dict().items()}
     handle = vtoken.patch(host.model, method_of(name), **PRUNING[name])
-    first = logits(host.model, **inputs)
+    first, first_tokens = logits(host.model, **inputs), greedy(host.model, **inputs)  # decode steps included
     assert first.shape[1] < ref.shape[1]
     handle.remove()
     handle.remove()  # idempotent
     assert torch.equal(logits(host.model, **inputs), ref)
+    assert torch.equal(greedy(host.model, **inputs), ref_tokens)
     assert not host.model.model._forward_pre_hooks and not host.model.model._forward_hooks
-    assert all(not layer._forward_pre_hooks for layer in host.model.model.language_model.layers)
+    layers = host.model.model.language_model.layers
+    assert all(not layer._forward_pre_hooks for layer in layers)
+    assert all(not m._forward_hooks for layer in layers for m in layer.modules())  # sub-layer observers
+    assert all("forward" not in m.__dict__ for layer in layers for m in layer.modules())  # decode FFNs
     assert "get_image_features" not in host.model.model.__dict__
+    after = host.model.state_dict()
+    assert after.keys() == weights.keys() and all(torch.equal(after[k], v) for k, v in weights.items())  # bit-exact
     with vtoken.patch(host.model, method_of(name), **PRUNING[name]):
         assert torch.equal(logits(host.model, **inputs), first)
+        assert torch.equal(greedy(host.model, **inputs), first_tokens)
     assert torch.equal(logits(host.model, **inputs), ref)
 
 
@@ -210,26 +231,82 @@ def pin_decisions(config) -> None:
         return torch.cat([first, extra], dim=1)
 
     config.prune = pinned
+    # what a method asks for once prefill is over (CoreMatching's decode neurons) is pinned the same way
+    after, outcome = config.after_prefill, {}
+
+    def pinned_after(state):
+        if "first" not in outcome:
+            outcome["first"] = after(state)
+        return outcome["first"]
+
+    config.after_prefill = pinned_after
+
+
+def decode_ffn_layers(model, handle) -> tuple[int, ...]:
+    """Layers whose MLP runs only the prefill's core neurons in single-token steps (CoreMatching), else ()."""
+    layers = getattr(handle.config, "decode_ffn_layers", None)  # a feature provider (tokenflex) has none
+    return () if layers is None else layers(len(model.model.language_model.layers))
+
+
+@contextmanager
+def sparse_ffn_reference(model, layers: tuple[int, ...], neurons: torch.Tensor, columns):
+    """The meaning of decode FFN sparsity, written independently of vtoken's sliced weights, for a forward without
+    cache: in every layer of ``layers`` the MLP rows ``columns(length)`` (the tokens that a cached run fed as
+    single-token steps) keep only the ``neurons`` (B, len(layers), k) of their row; other neurons are zeroed."""
+
+    def hook(index):
+        def replace(mlp, args, out):
+            x = args[0]
+            cols = torch.as_tensor(columns(x.shape[1]), dtype=torch.long)
+            if x.shape[1] == 1 or cols.numel() == 0:
+                return None
+            hidden = mlp.act_fn(mlp.gate_proj(x[:, cols])) * mlp.up_proj(x[:, cols])
+            keep = torch.zeros(x.shape[0], hidden.shape[-1]).scatter_(1, neurons[:, index], 1.0)
+            out = out.clone()
+            down = mlp.down_proj  # its weights, not its call: vtoken observes that call during prefill
+            out[:, cols] = F.linear(hidden * keep.unsqueeze(1), down.weight, down.bias)
+            return out
+
+        return replace
+
+    mlps = model.model.language_model.layers
+    hooks = [mlps[i].mlp.register_forward_hook(hook(j)) for j, i in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @pytest.mark.parametrize("name", sorted(PRUNING))
 def test_cached_generate_equals_no_cache_loop(host, name):
+    """With decode FFN sparsity (CoreMatching), the cached run's single-token steps compute only the core neurons;
+    the loop without cache has no such steps, so its rows of generated tokens get the same neurons through an
+    independent zero-masking reference (``sparse_ffn_reference``), prompt rows stay dense in both."""
     model = host.model
     inputs = host.batch()
     with vtoken.patch(model, method_of(name), **PRUNING[name]) as handle:
         pin_decisions(handle.config)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                 suppress_tokens=[IMAGE_TOKEN], return_dict_in_generate=True)
+        cached = out.sequences[:, -5:]
+        ffn = decode_ffn_layers(model, handle)
+        layout = CacheLayout.of(find_cache(out))
+        assert bool(ffn) == (layout is not None and layout.row_state is not None)
+        neurons = layout.row_state["decode_neurons"] if ffn else None
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         steps = []
+        generated = lambda length: range(length - len(steps), length)  # noqa: E731  (rows of generated tokens)
         for _ in range(5):
-            with torch.no_grad():
+            with torch.no_grad(), sparse_ffn_reference(model, ffn, neurons, generated):
                 out = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
             out[:, IMAGE_TOKEN] = float("-inf")
             nxt = out.argmax(-1, keepdim=True)
             steps.append(nxt)
             ids = torch.cat([ids, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-        cached = greedy(model, n=5, **inputs)
     assert torch.equal(cached, torch.cat(steps, 1))
 
 

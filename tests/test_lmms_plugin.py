@@ -292,6 +292,60 @@ def test_llava_next(tmp_path):
     assert all(s[0] > 0 for s in scores)
 
 
+def save_tiny_qwen(path) -> str:
+    """A tiny Qwen2-VL (2x2 merger, 14 px patches, images of 4..16 merged tokens) with its processor, offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    vocab = {c: i for i, c in enumerate([chr(i) for i in range(32, 127)] + ["\n"])}
+    marks = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+             "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+    for special in ["<pad>", "<s>", "</s>", *marks.values()]:
+        vocab[special] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  extra_special_tokens=marks)
+    template = TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>")
+    sizes = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes),
+                                 video_processor=Qwen2VLVideoProcessor(**sizes), tokenizer=tok, chat_template=template)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    ids = {k.replace("_token", "_token_id"): tok.convert_tokens_to_ids(v) for k, v in marks.items()}
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=dict(
+        depth=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, embed_dim=32,
+        hidden_size=64, mlp_ratio=2), **ids))
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def test_a_qwen_vl_checkpoint(tmp_path):
+    """Qwen2-VL through the plugin: M-RoPE prompts from its processor, batched equals single, tokens counted."""
+    path = save_tiny_qwen(tmp_path / "qwen")
+    single = load(path, method="todre", keep=0.25)
+    batched = load(path, method="todre", keep=0.25, batch_size=3)
+    dense = load(path)
+    one, many, full = (m.generate_until(GENERATE[:3]) for m in (single, batched, dense))
+    assert [r.text for r in one] == [r.text for r in many]
+    stats = batched.handle.stats
+    assert len(set(stats.visual_tokens_in)) > 1  # native resolution: image sizes give different counts
+    assert stats.visual_tokens_kept == [int(n * 0.25 + 0.5) for n in stats.visual_tokens_in]
+    assert all(d.token_counts.input_tokens > p.token_counts.input_tokens for d, p in zip(full, many))
+
+
 # -- end to end: vtoken eval -> lmms-eval CLI -> entry point -> this class -----------------------------------
 def test_vtoken_eval_end_to_end(llava_dir, tmp_path):
     examples = [(square(name), QUESTION, name) for name in COLOURS]

@@ -1,6 +1,8 @@
 """Multi-turn chat on a reused KV cache: a follow-up turn gives the same tokens as recomputing the whole conversation
 with the same method and budget (in-LLM decisions pinned to the first prefill's, as in the cache = no-cache
-invariant), for text-only follow-ups and for follow-ups that bring a new image."""
+invariant), for text-only follow-ups and for follow-ups that bring a new image. With decode FFN sparsity
+(CoreMatching) the earlier answers' tokens that ran as single-token steps keep only the conversation's core neurons
+in the recomputation too (``sparse_ffn_reference``)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,27 @@ import warnings
 
 import pytest
 import torch
-from test_llava_invariants import PRUNING, Host, method_of, pin_decisions
+from test_llava_invariants import (
+    PRUNING,
+    Host,
+    decode_ffn_layers,
+    method_of,
+    pin_decisions,
+    sparse_ffn_reference,
+)
 from tiny_models import IMAGE_TOKEN, PAD, left_pad
 
 import vtoken
+from vtoken.adapters._compat import cache_keyword, find_cache
+from vtoken.adapters._vlm import CacheLayout
 
 GEN = dict(max_new_tokens=3, do_sample=False, pad_token_id=PAD, suppress_tokens=[IMAGE_TOKEN])
+
+
+def with_cache(model, cache) -> dict:
+    """The cache argument under this release's keyword (``cache`` from transformers 5.24, ``past_key_values``
+    before)."""
+    return {} if cache is None else {cache_keyword(model): cache}
 
 
 @pytest.fixture(scope="module", params=["llava", "llava_next"])
@@ -30,6 +47,7 @@ class Conversation:
         self.ids = host.rows[i].unsqueeze(0)
         self.images = [i]
         self.cache = None
+        self.stepped: list[int] = []  # columns of the tokens generate() fed one at a time (all answers but their last)
 
     def image_kwargs(self, images: list[int]) -> dict:
         out = {"pixel_values": torch.cat([self.host.pixels[j] for j in images])}
@@ -46,17 +64,24 @@ class Conversation:
             extra = self.image_kwargs([new_image])
         if self.cache is None:
             extra = self.image_kwargs(self.images)
-        out = model.generate(input_ids=self.ids, attention_mask=torch.ones_like(self.ids), cache=self.cache,
-                             return_dict_in_generate=True, **extra, **GEN)
-        self.cache = out.past_key_values
+        out = model.generate(input_ids=self.ids, attention_mask=torch.ones_like(self.ids),
+                             **with_cache(model, self.cache), return_dict_in_generate=True, **extra, **GEN)
+        start = self.ids.shape[1]
+        self.stepped += range(start, out.sequences.shape[1] - 1)
+        self.cache = find_cache(out)
         self.ids = out.sequences
         return out.sequences[:, -3:]
 
-    def recompute(self, model) -> torch.Tensor:
+    def recompute(self, model, handle) -> torch.Tensor:
         """The same last turn from scratch: the whole conversation, every image, no cache."""
         prompt = self.ids[:, :-3]
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **self.image_kwargs(self.images),
-                             **GEN)
+        length = prompt.shape[1]
+        stepped = [c for c in self.stepped if c < length]
+        ffn = decode_ffn_layers(model, handle)
+        neurons = CacheLayout.of(self.cache).row_state["decode_neurons"] if ffn else None
+        with sparse_ffn_reference(model, ffn, neurons, lambda rows: [rows - (length - c) for c in stepped]):
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                 **self.image_kwargs(self.images), **GEN)
         return out[:, -3:]
 
 
@@ -78,10 +103,10 @@ def test_follow_up_turns_equal_recomputing_the_conversation(host, name, follow_u
                 cached = chat.turn(model, torch.tensor([11, 12 + k, 13]))
             else:
                 cached = chat.turn(model, image_turn(host, 2), new_image=2)
-            assert torch.equal(cached, chat.recompute(model)), f"turn {k + 2} ({kind})"
+            assert torch.equal(cached, chat.recompute(model, handle)), f"turn {k + 2} ({kind})"
 
 
-@pytest.mark.parametrize("name", ["todre", "random", "attn_topk"])
+@pytest.mark.parametrize("name", ["todre", "random", "attn_topk", "transprune", "corematching"])
 def test_a_left_padded_batch_continues_like_its_rows(host, name):
     """Rows of different lengths keep different numbers of tokens: the batch's follow-up equals each row's own
     two-turn conversation run alone."""
@@ -93,7 +118,8 @@ def test_a_left_padded_batch_continues_like_its_rows(host, name):
                                **Conversation(host, 0).image_kwargs([0, 1]), **GEN)
         ids = torch.cat([first.sequences, follow], 1)
         mask = torch.cat([mask, torch.ones(2, ids.shape[1] - mask.shape[1], dtype=torch.long)], 1)
-        batched = model.generate(input_ids=ids, attention_mask=mask, cache=first.past_key_values, **GEN)[:, -3:]
+        batched = model.generate(input_ids=ids, attention_mask=mask, **with_cache(model, find_cache(first)),
+                                 **GEN)[:, -3:]
         for row in range(2):
             alone = Conversation(host, row)
             alone.turn(model, torch.tensor([], dtype=torch.long))
@@ -103,14 +129,14 @@ def test_a_left_padded_batch_continues_like_its_rows(host, name):
 def test_each_cache_remembers_its_own_layout(host):
     """Two conversations interleaved on one patched model, and a deep copy of a cache, continue correctly."""
     model = host.model
-    with vtoken.patch(model, "random", keep=0.25), torch.no_grad():
+    with vtoken.patch(model, "random", keep=0.25) as handle, torch.no_grad():
         a, b = Conversation(host, 0), Conversation(host, 1)
         a.turn(model, torch.tensor([], dtype=torch.long))
         b.turn(model, torch.tensor([], dtype=torch.long))
         branch = copy.copy(a)  # a second conversation from the same first turn, on a deep copy of its cache
         branch.cache, branch.images = copy.deepcopy(a.cache), list(a.images)
-        assert torch.equal(a.turn(model, torch.tensor([11, 12, 13])), a.recompute(model))
-        assert torch.equal(branch.turn(model, torch.tensor([11, 15, 13])), branch.recompute(model))
+        assert torch.equal(a.turn(model, torch.tensor([11, 12, 13])), a.recompute(model, handle))
+        assert torch.equal(branch.turn(model, torch.tensor([11, 15, 13])), branch.recompute(model, handle))
 
 
 def test_a_conversation_that_does_not_continue_the_cache_is_refused(host):
@@ -122,7 +148,7 @@ def test_a_conversation_that_does_not_continue_the_cache_is_refused(host):
         edited[0, 1] = 42  # an earlier turn changed, but the cache still holds the old one
         ids = torch.cat([edited, torch.tensor([[11, 12, 13]])], 1)
         with pytest.raises(ValueError, match="do not continue the conversation"):
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=chat.cache, **GEN)
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **with_cache(model, chat.cache), **GEN)
 
 
 def test_an_in_llm_pruned_cache_needs_its_method(host):

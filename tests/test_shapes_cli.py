@@ -37,14 +37,15 @@ def test_demo_prints_the_table_and_draws_the_kept_tokens(tiny_shapes_checkpoint,
     png, table = tmp_path / "demo.png", tmp_path / "demo.json"
     args = parse(demo, ["--model", str(tiny_shapes_checkpoint), "--n", "4", "--budgets", "0.25", "--batch-size", "4",
                         "--latency-batch", "2", "--repeats", "1", "--png", str(png), "--json", str(table),
-                        "--method", "todre", "--method", "pool", "--method", "attn_topk"])
+                        "--method", "todre", "--method", "pool", "--method", "attn_topk", "--method", "transprune",
+                        "--method", "corematching"])
     assert demo.run(args) == 0
     out = capsys.readouterr().out
-    for method in ("dense", "todre", "pool", "attn_topk"):
+    for method in ("dense", "todre", "pool", "attn_topk", "transprune", "corematching"):
         assert method in out
     assert "speed-up" in out and png.stat().st_size > 0
     rows = json.loads(table.read_text())["results"]
-    settings = [("dense", 1.0)] + [(m, 0.25) for m in ("todre", "pool", "attn_topk")]
+    settings = [("dense", 1.0)] + [(m, 0.25) for m in ("todre", "pool", "attn_topk", "transprune", "corematching")]
     assert [(r["method"], r["budget"]) for r in rows] == settings
     assert rows[0]["speedup"] == 1.0 and all(r["prefill_ms"] > 0 for r in rows)
 
@@ -52,3 +53,20 @@ def test_demo_prints_the_table_and_draws_the_kept_tokens(tiny_shapes_checkpoint,
 def test_methods_for_other_models_are_refused_before_any_work(tiny_shapes_checkpoint, tmp_path):
     with pytest.raises(UsageError, match="svg2 is not a LLaVA method.*use vtoken bench-dit"):
         quality.run(parse(quality, ["--model", str(tiny_shapes_checkpoint), "--method", "svg2"]))
+
+
+def test_quality_runs_method_variants_once_at_their_own_budget(tiny_shapes_checkpoint, tmp_path, capsys):
+    out = tmp_path / "q.json"
+    args = parse(quality, ["--model", str(tiny_shapes_checkpoint), "--n", "4", "--budgets", "0.5,0.25",
+                           "--batch-size", "4", "--method", "transprune", "--method", "transprune:iga=false",
+                           "--method", "corematching:keep=none", "--json", str(out), "--plot", str(tmp_path / "q.png"),
+                           "--quiet"])
+    assert quality.run(args) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["label"], r["budget"]) for r in rows] == [
+        ("transprune", 0.5), ("transprune", 0.25), ("transprune iga=False", 0.5), ("transprune iga=False", 0.25),
+        ("corematching keep=None", None)]
+    assert rows[2]["config"] == {"keep": 0.5, "iga": False}
+    assert "own budget" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="--method corematching:beta=2.*beta=2.0 is out of range"):
+        quality.run(parse(quality, ["--model", str(tiny_shapes_checkpoint), "--method", "corematching:beta=2"]))

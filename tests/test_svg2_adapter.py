@@ -229,3 +229,19 @@ def test_hunyuan_sparse_runs_and_counts_text_in_density():
         last = handle.stats.last
     assert torch.isfinite(out).all() and not torch.allclose(out, dense, atol=1e-3)
     assert last.tokens == 768 + 12 and 0 < last.density < 1
+
+
+@pytest.mark.parametrize("factory,counts", [(tiny_wan, (300, 1000)), (tiny_hunyuan, (400, 1000))])
+def test_cluster_counts_default_to_the_official_scripts_per_model(factory, counts):
+    model = factory()
+    with vtoken.patch(model, "svg2") as handle:
+        assert (handle.config.q_clusters, handle.config.k_clusters) == counts
+    with vtoken.patch(model, "svg2", k_clusters=24) as handle:  # a count the user sets stays
+        assert (handle.config.q_clusters, handle.config.k_clusters) == (counts[0], 24)
+
+
+def test_model_default_counts_larger_than_a_tiny_video_fail_naming_the_argument():
+    model, inputs = tiny_wan(), wan_inputs()
+    with vtoken.patch(model, "svg2", q_clusters=8), pytest.raises(
+            ValueError, match="k_clusters=1000 is larger than the 768 tokens"):
+        run(model, **inputs)

@@ -59,8 +59,27 @@ def test_config_is_registered_with_defaults():
     info = vtoken.methods()["svg2"]
     assert info.hosts == ("wan", "hunyuan_video")
     fields = info.fields()
-    assert fields["top_p"] == 0.9 and fields["q_clusters"] == 100 and fields["k_clusters"] == 500
-    assert SVG2Config().min_key_clusters == 50
+    assert fields["top_p"] == 0.9 and fields["q_clusters"] is None and fields["k_clusters"] is None
+    assert SVG2Config().min_key_clusters == 50  # the generic 500 key clusters
+
+
+@pytest.mark.parametrize("host,counts", [("wan", (300, 1000)), ("hunyuan_video", (400, 1000)), (None, (100, 500))])
+def test_cluster_counts_default_per_model_and_the_users_stay(host, counts):
+    """The official scripts' per-model counts, the paper's generic ones elsewhere; a count the user sets wins."""
+    resolved = SVG2Config(top_p=0.8).for_model(host)
+    assert (resolved.q_clusters, resolved.k_clusters) == counts and resolved.top_p == 0.8
+    assert resolved.min_key_clusters == counts[1] // 10
+    own = SVG2Config(q_clusters=7).for_model(host)
+    assert (own.q_clusters, own.k_clusters) == (7, counts[1])
+
+
+def test_unset_counts_mean_the_generic_ones_in_a_direct_call():
+    q = torch.randn(1, 120, 16)
+    with pytest.raises(ValueError, match="k_clusters=500 is larger than the 120 tokens"):
+        svg2_attention(q, q, q, SVG2Config(q_clusters=4))
+    out = svg2_attention(torch.randn(1, 600, 16), torch.randn(1, 600, 16), torch.randn(1, 600, 16),
+                         SVG2Config(kmeans_init_iters=1, backend="torch"))
+    assert out.q_clusters.centroids.shape[1] == 100 and out.k_clusters.centroids.shape[1] == 500
 
 
 def test_cluster_counts_larger_than_tokens_are_errors():

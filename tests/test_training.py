@@ -198,15 +198,20 @@ def test_the_proof_command_runs_end_to_end_and_reuses_its_projectors(tiny_shapes
     models = ("tokenflex", "fixed-36", "tokenflex (training-free)", "pool", "todre")
     assert cells == {(m, N) for m in models for N in (16, 36)}
     assert all(r["visual_tokens_llm"] <= r["num_tokens"] for r in report["results"])
-    assert report["training"]["tokenflex"]["counts"] == {"16": 1.0, "36": 1.0}
+    assert report["training"]["tokenflex"]["counts"] == {"16": 0.5, "36": 0.5}  # equal weights, normalised
     assert (tmp_path / "p.png").stat().st_size > 0 and "N=36" in capsys.readouterr().out
     saved = TokenFlexProjector.load(tmp_path / "proj" / "fixed-36")
     assert saved.vision_width == 32 and saved.llm_width == 32
-    assert cli.main(common + ["--reuse"]) == 0
+    weights = tmp_path / "proj" / "fixed-36" / "projector.pt"
+    written = weights.stat().st_mtime_ns
+    assert cli.main(common + train + ["--reuse"]) == 0
+    assert weights.stat().st_mtime_ns == written  # evaluated again, not trained again
     again = json.loads((tmp_path / "p.json").read_text())
     assert [r["accuracy"] for r in again["results"]] == [r["accuracy"] for r in report["results"]]
+    with pytest.raises(SystemExit):  # projectors trained with other settings are not taken
+        cli.main(common + ["--reuse"])
     with pytest.raises(SystemExit):  # a fixed count the evaluation does not visit is a usage error
-        cli.main(common + ["--reuse", "--fixed", "64"])
+        cli.main(common + train + ["--reuse", "--fixed", "64"])
 
 
 def test_the_alignment_stage_brings_the_projector_to_the_models_own():

@@ -64,3 +64,62 @@ def hooks_of(model) -> dict:
     """Every module's forward / pre-forward hook ids: remove() must bring this back exactly (transformers installs
     output-recording hooks of its own on first use, so compare with a snapshot rather than with nothing)."""
     return {name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()}
+
+
+# -- Qwen2-VL / Qwen2.5-VL / Qwen3-VL ------------------------------------------------------------------------------
+QWEN_IMAGE, QWEN_VIDEO, VISION_START, VISION_END = 91, 92, 93, 94
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def tiny_qwen(family: str = "qwen2_5_vl", attn: str = "sdpa", layers: int = 4):
+    """A tiny Qwen-VL from a config: 14 px patches (16 for Qwen3-VL), 2x2 merger, M-RoPE sections summing to
+    head_dim / 2 = 8."""
+    import transformers
+
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+                max_position_embeddings=512, rope_parameters=rope)
+    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=VISION_START,
+               vision_end_token_id=VISION_END)
+    common = dict(depth=2, num_heads=4, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        cfg = transformers.Qwen2VLConfig(text_config=text, vision_config=dict(
+            **common, patch_size=14, embed_dim=32, hidden_size=64, mlp_ratio=2), **ids)
+        cls = transformers.Qwen2VLForConditionalGeneration
+    elif family == "qwen2_5_vl":
+        cfg = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+            **common, patch_size=14, hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=56,
+            fullatt_block_indexes=[1]), **ids)
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        text = dict(text, head_dim=16, rope_parameters=dict(rope, mrope_interleaved=True))
+        cfg = transformers.Qwen3VLConfig(text_config=text, vision_config=dict(
+            **common, patch_size=16, hidden_size=32, out_hidden_size=64, intermediate_size=64,
+            num_position_embeddings=64, deepstack_visual_indexes=[0, 1]), **ids)
+        cls = transformers.Qwen3VLForConditionalGeneration
+    torch.manual_seed(0)
+    return cls._from_config(cfg, attn_implementation=attn).eval()
+
+
+def qwen_pixels(model, t: int, h: int, w: int) -> torch.Tensor:
+    """Flattened patches for a (t, h, w) patch grid (t counts temporal patches of 2 frames)."""
+    vc = model.config.vision_config
+    return torch.randn(t * h * w, 3 * vc.temporal_patch_size * vc.patch_size ** 2)
+
+
+def qwen_prompt(items: list[tuple[str, int]], before=(BOS, 5), after=(7, 8, 9), frames: int = 1) -> torch.Tensor:
+    """Text, then per item a vision-start, its placeholders and a vision-end, then more text. Qwen3-VL writes a
+    video as ``frames`` such groups, each after a timestamp token (pass its temporal patch count)."""
+    row = list(before)
+    for kind, n in items:
+        if kind == "image":
+            row += [VISION_START, *([QWEN_IMAGE] * n), VISION_END]
+            continue
+        for _ in range(frames):
+            row += ([6] if frames > 1 else []) + [VISION_START, *([QWEN_VIDEO] * (n // frames)), VISION_END]
+    return torch.tensor(row + list(after))
+
+
+def qwen_token_types(ids: torch.Tensor) -> torch.Tensor:
+    return (ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int()

@@ -27,7 +27,8 @@ def greedy_select(x: torch.Tensor, k: int, pivot: torch.Tensor, rule: str = "max
 
         xf = x.float()
         return greedy_from_gram_triton(torch.bmm(xf, xf.transpose(1, 2)), k, pivot, rule == "maxmin")
-    return naive.greedy_from_features(x, k, pivot, rule == "maxmin")
+    # fp32 similarities on both paths, so that half-precision features keep the same tokens either way
+    return naive.greedy_from_features(x.float(), k, pivot, rule == "maxmin")
 
 
 __all__ = ["RULES", "greedy_select"]

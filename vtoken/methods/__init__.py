@@ -7,7 +7,16 @@ subpackage rebinds the parent's attribute, so the package itself is made callabl
 import sys
 import types
 
-from vtoken.methods import baselines, clustering, divprune, svg2, todre, tokenflex  # noqa: F401  (registration side effects)
+from vtoken.methods import (  # noqa: F401  (registration side effects)
+    baselines,
+    clustering,
+    corematching,
+    divprune,
+    svg2,
+    todre,
+    tokenflex,
+    transprune,
+)
 
 
 class _RegistryModule(types.ModuleType):

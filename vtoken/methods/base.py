@@ -10,9 +10,14 @@ Two stages exist and a method may implement either or both:
   and returns fewer. The adapter shortens the placeholder run in the prompt to match, so the LLM sees a
   genuinely shorter, contiguous sequence (positions renumbered).
 * **in-LLM** (``score_layers`` + ``prune``): during prefill, at the input of a scoring layer. Gets the layer
-  input and an attention-row oracle and returns which tokens stay from the *next* layer on. Original RoPE
-  positions are kept, so cached decoding stays consistent. Only visual tokens can be dropped; the adapter
-  enforces it.
+  input and an attention-row oracle and returns which tokens stay from the *next* layer on (or from the scored
+  layer itself, with ``prune_at_scored_layer``). Original RoPE positions are kept, so cached decoding stays
+  consistent. Only visual tokens can be dropped; the adapter enforces it.
+
+An in-LLM method may also watch what decoder sub-layers do to each token during prefill (``observed_sublayers`` +
+``observe``, e.g. TransPrune's token transition variation), and, once prefill is over, ask for a cheaper decode
+(``after_prefill``: FFN neurons per row for ``decode_ffn_layers``, e.g. CoreMatching's core neurons) or for cached
+K/V entries to be zeroed (CoreMatching's released code).
 """
 
 from __future__ import annotations
@@ -59,15 +64,25 @@ class ImageContext:
     # [CLS]->patch attention of the vision encoder, lazily computed, (n,) with -inf where a token has none
     # (AnyRes high-resolution crops, newline separators). None when the encoder has no [CLS].
     pivot_scores: Callable[[], torch.Tensor | None] = lambda: None
+    modality: str = "image"  # "image" or "video"
+    # video: the frame (temporal position) of every token, (n,); its segments are one grid per frame, in order
+    frames: torch.Tensor | None = None
 
 
 @dataclass
 class Reduction:
-    """Result of a boundary reduction for one image. ``kept`` are indices into the image's tokens (sorted)
+    """Result of a boundary reduction for one image or video. ``kept`` are indices into its tokens (sorted)
     when the method selects tokens, or None when it synthesises new ones (pooling)."""
 
     features: torch.Tensor
     kept: torch.Tensor | None = None
+    frames: torch.Tensor | None = None  # video, synthesised tokens: the frame each output token belongs to
+    # synthesised tokens: the input token whose place (and position) each output token takes, ascending
+    anchors: torch.Tensor | None = None
+
+    def places(self) -> torch.Tensor | None:
+        """The input tokens whose placeholders the output tokens fill, ascending; None: the first ones."""
+        return self.kept if self.kept is not None else self.anchors
 
 
 @dataclass
@@ -87,6 +102,10 @@ class LayerContext:
     received: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # per-sample diagnostics a method wants in ``handle.stats`` (e.g. ToDRE's attention ratios)
     record: dict = field(default_factory=dict)
+    # (B, L) LLM-input position of each row: aligns this layer's rows with what ``observe`` saw at earlier layers
+    positions: torch.Tensor | None = None
+    # per-prefill scratch space of the method, shared with its ``observe`` calls
+    state: dict = field(default_factory=dict)
 
     @property
     def text(self) -> torch.Tensor:
@@ -97,6 +116,39 @@ class LayerContext:
         L = self.valid.shape[1]
         pos = torch.arange(L, device=self.valid.device).expand_as(self.valid)
         return torch.where(self.valid, pos, -1).amax(dim=1)
+
+
+# What ``SublayerContext.input`` / ``output`` hold, per kind of decoder sub-layer:
+#   "attention"  the attention block's normalised input (after input_layernorm) / its output before the residual add
+#   "mlp"        the MLP's normalised input (after post_attention_layernorm) / its output before the residual add
+#   "mlp_hidden" the MLP's hidden activation (SwiGLU: act(gate(x)) * up(x), the input of down_proj) / the MLP output
+SUBLAYER_KINDS = ("attention", "mlp", "mlp_hidden")
+
+
+@dataclass
+class SublayerContext:
+    """One decoder sub-layer call during prefill, as ``observe`` sees it: rows are the tokens alive at this layer."""
+
+    layer: int
+    num_layers: int
+    kind: str  # one of SUBLAYER_KINDS
+    input: torch.Tensor  # (B, L, D_in)
+    output: torch.Tensor  # (B, L, D_out)
+    valid: torch.Tensor  # (B, L) real tokens (not padding, not the filler slots of shorter rows)
+    visual: torch.Tensor  # (B, L) visual tokens
+    positions: torch.Tensor  # (B, L) LLM-input position of each row
+    n_positions: int  # LLM-input length: per-position buffers of a prefill have this many columns
+    state: dict  # per-prefill scratch space, shared with ``LayerContext.state``
+
+
+@dataclass
+class PrefillOutcome:
+    """What a method asks of the rest of a generation once its prefill is over (``after_prefill``)."""
+
+    # decoder layer -> (B, k) neurons each row's FFN computes in later single-token steps (every layer the same k)
+    decode_neurons: dict[int, torch.Tensor] = field(default_factory=dict)
+    # decoder layer -> (B, L0) LLM-input positions whose cached keys and values are set to zero in that layer
+    zero_kv: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,12 +173,32 @@ class VisualTokenMethod:
 
     # in-LLM stage ----------------------------------------------------------------------------------------------
     def score_layers(self, num_layers: int) -> tuple[int, ...]:
-        """Decoder layers whose input is scored; a decision made at layer l takes effect from layer l + 1."""
+        """Decoder layers whose input is scored; a decision made at layer l takes effect from layer l + 1 (from
+        layer l itself with ``prune_at_scored_layer``)."""
         return ()
 
     def prune(self, ctx: LayerContext) -> torch.Tensor:
-        """(B, L) bool: tokens that stay from the next layer on."""
+        """(B, L) bool: tokens that stay from the next layer on (with ``prune_at_scored_layer``: from this one)."""
         raise NotImplementedError
+
+    # True: a decision made at layer l's input removes the tokens before layer l runs (a method that scores the
+    # output of layer l-1, as TransPrune and CoreMatching do, acts where the paper acts instead of a layer late).
+    prune_at_scored_layer: ClassVar[bool] = False
+
+    def observed_sublayers(self, num_layers: int) -> dict[str, tuple[int, ...]]:
+        """Sub-layer kind (``SUBLAYER_KINDS``) -> decoder layers whose calls ``observe`` sees during prefill."""
+        return {}
+
+    def observe(self, ctx: SublayerContext) -> None:
+        raise NotImplementedError
+
+    def decode_ffn_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layers whose FFN may run only the neurons ``after_prefill`` names, in single-token steps."""
+        return ()
+
+    def after_prefill(self, state: dict) -> PrefillOutcome | None:
+        """Called once a prefill that wrote a KV cache is over, with the prefill's ``state``."""
+        return None
 
 
 def check_int(value, arg: str, low: int | None = None, high: int | None = None) -> int:
@@ -158,6 +230,7 @@ def check_float(value, arg: str, low: float, high: float, low_open: bool = False
 
 
 __all__ = [
-    "GridSegment", "ImageContext", "LayerContext", "Reduction", "VisualTokenMethod",
+    "SUBLAYER_KINDS", "GridSegment", "ImageContext", "LayerContext", "PrefillOutcome", "Reduction", "SublayerContext",
+    "VisualTokenMethod",
     "check_choice", "check_float", "check_int",
 ]

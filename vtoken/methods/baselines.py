@@ -14,17 +14,19 @@ import torch
 import torch.nn.functional as F
 
 from vtoken.budget import resolve_budget
+from vtoken.kernels.dispatch import BACKENDS
 from vtoken.methods.base import (
     GridSegment,
     ImageContext,
     LayerContext,
     Reduction,
     VisualTokenMethod,
+    check_choice,
     check_int,
 )
 from vtoken.registry import register_method
 
-VLM_HOSTS = ("llava", "llava_next")
+VLM_HOSTS = ("llava", "llava_next", "qwen_vl")
 
 
 @register_method("random", hosts=VLM_HOSTS)
@@ -85,6 +87,13 @@ def split_budget(k: int, sizes: list[int], minimums: list[int] | None = None) ->
     return out
 
 
+def window_centers(size: int, bins: int) -> torch.Tensor:
+    """The middle input index of each of adaptive pooling's ``bins`` windows over ``size`` inputs."""
+    i = torch.arange(bins)
+    start, end = (i * size) // bins, -((-(i + 1) * size) // bins)
+    return (start + end - 1) // 2
+
+
 @register_method("pool", hosts=VLM_HOSTS)
 @dataclass
 class PoolConfig(VisualTokenMethod):
@@ -94,6 +103,9 @@ class PoolConfig(VisualTokenMethod):
     ``handle.stats`` reports the exact count, which never exceeds ``keep``. LLaVA-NeXT's layout is preserved: the
     thumbnail and the high-resolution grid share the budget in proportion to their sizes, each pooled row of the
     high-resolution grid keeps its ``image_newline`` separator, and tokens outside any grid are kept as they are.
+    A video is one grid per frame, each pooled alone; ``temporal=True`` first averages consecutive frame pairs
+    (2x2x2 pooling where the budget allows 2x2). Each pooled token takes the place (and, on hosts that keep
+    original positions, the position) of the token in the middle of its window.
 
     Edge cases, so that the budget always holds and keep-all is the identity:
     * a budget that keeps every token returns the input unchanged;
@@ -104,7 +116,12 @@ class PoolConfig(VisualTokenMethod):
       kept only where the budget has room for them after the first grid's one token.
     """
 
+    temporal: bool = False
     boundary = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice(self.temporal, "temporal", (True, False))
 
     def reduce(self, features: torch.Tensor, ctx: ImageContext) -> Reduction:
         k = resolve_budget(self.keep, ctx.n)
@@ -114,22 +131,32 @@ class PoolConfig(VisualTokenMethod):
         for seg in ctx.segments:
             covered[seg.start : seg.start + seg.length] = True
         extras = (~covered).nonzero().squeeze(1).tolist()
-        grids: list[GridSegment] = [s for s in ctx.segments if s.rows and s.cols]
-        need = [1 + int(s.newline) for s in grids]  # one pooled token, and its separator
+        grids: list[list[GridSegment]] = [[s] for s in ctx.segments if s.rows and s.cols]
+        if self.temporal and ctx.frames is not None:  # frame pairs pooled together
+            grids = [sum(grids[i : i + 2], []) for i in range(0, len(grids), 2)]
+        need = [1 + int(g[0].newline) for g in grids]  # one pooled token, and its separator
         while len(grids) > 1 and sum(need) + len(extras) > k:
             grids, need = grids[:-1], need[:-1]
         extras = extras[: max(0, k - sum(need))]
-        budgets = split_budget(k - len(extras), [s.length for s in grids], need)
-        pieces = [(i, features[i : i + 1]) for i in extras]
-        for seg, budget in zip(grids, budgets):
-            grid = features[seg.patch_index().to(features.device)]  # (rows, cols, D)
+        budgets = split_budget(k - len(extras), [sum(s.length for s in g) for g in grids], need)
+        pieces = [(i, features[i : i + 1], torch.tensor([i])) for i in extras]
+        for group, budget in zip(grids, budgets):
+            seg = group[0]
+            index = seg.patch_index()
+            grid = torch.stack([features[s.patch_index().to(features.device)] for s in group]).float().mean(0)
             r, c = pooled_grid(seg.rows, seg.cols, budget, seg.newline)
-            out = F.adaptive_avg_pool2d(grid.permute(2, 0, 1).float(), (r, c)).permute(1, 2, 0).to(features.dtype)
+            out = F.adaptive_avg_pool2d(grid.permute(2, 0, 1), (r, c)).permute(1, 2, 0).to(features.dtype)
+            rows, cols = window_centers(seg.rows, r), window_centers(seg.cols, c)
+            anchors = index[rows][:, cols]
             if seg.newline:
                 separator = features[seg.start + seg.cols].expand(r, 1, -1)
                 out = torch.cat([out, separator], dim=1)
-            pieces.append((seg.start, out.reshape(-1, features.shape[-1])))
-        return Reduction(torch.cat([p for _, p in sorted(pieces, key=lambda item: item[0])]), None)
+                anchors = torch.cat([anchors, (index[rows, -1] + 1).unsqueeze(1)], dim=1)
+            pieces.append((seg.start, out.reshape(-1, features.shape[-1]), anchors.reshape(-1)))
+        pieces.sort(key=lambda piece: piece[0])
+        anchors = torch.cat([a for _, _, a in pieces])
+        frames = None if ctx.frames is None else ctx.frames[anchors]
+        return Reduction(torch.cat([p for _, p, _ in pieces]), None, frames=frames, anchors=anchors)
 
 
 @register_method("attn_topk", hosts=VLM_HOSTS)
@@ -138,14 +165,18 @@ class AttnTopKConfig(VisualTokenMethod):
     """FastV: after decoder layer K, keep the visual tokens the last prompt token attends to most.
 
     Attention is head-averaged and measured in layer K-1 (``layer`` = K); defaults are FastV's K=2, R=50%.
+    ``backend`` picks the kernels of the scoring and the compaction: ``"auto"`` = Triton on CUDA, PyTorch
+    elsewhere; ``"torch"`` / ``"triton"`` force one (both keep the same tokens).
     """
 
     keep: int | float = 0.5
     layer: int = 2
+    backend: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
         check_int(self.layer, "layer", 1)
+        check_choice(self.backend, "backend", BACKENDS)
 
     def score_layers(self, num_layers: int) -> tuple[int, ...]:
         check_int(self.layer, "layer", 1, num_layers - 1)
@@ -162,8 +193,14 @@ def keep_top_visual(scores: torch.Tensor, ctx: LayerContext, keep) -> torch.Tens
     budgets = torch.tensor(
         [resolve_budget(keep, int(n)) for n in ctx.n_visual_input.tolist()], device=scores.device
     )
-    masked = torch.where(ctx.visual, scores.float(), float("-inf"))
+    return keep_top_count(scores, ctx.visual, budgets)
+
+
+def keep_top_count(scores: torch.Tensor, visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, L) mask keeping every non-visual token plus the ``counts`` (B,) best-scoring visual tokens per sample;
+    among equal scores the earlier token wins, so a batch and its single runs agree."""
+    masked = torch.where(visual, scores.float(), float("-inf"))
     order = masked.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return ~ctx.visual | (rank < budgets.unsqueeze(1))
+    return ~visual | (rank < counts.to(rank.device).unsqueeze(1))

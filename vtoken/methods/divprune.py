@@ -14,6 +14,7 @@ import torch
 
 from vtoken.kernels.dispatch import BACKENDS
 from vtoken.methods.base import ImageContext, Reduction, VisualTokenMethod, check_choice
+from vtoken.methods.baselines import VLM_HOSTS
 from vtoken.methods.diverse import diverse_reductions
 from vtoken.registry import register_method
 
@@ -36,7 +37,7 @@ def most_isolated(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     return nearest.argmax(dim=1)  # first maximum: the lowest index wins a tie
 
 
-@register_method("divprune", hosts=("llava", "llava_next"))
+@register_method("divprune", hosts=VLM_HOSTS)
 @dataclass
 class DivPruneConfig(VisualTokenMethod):
     """DivPrune: greedy max-min cosine diversity selection after the projector, from the most isolated token.

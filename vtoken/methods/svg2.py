@@ -20,6 +20,7 @@ masses, cumulative sums and centroids are fp32; ``top_p = 1`` keeps every key cl
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -32,19 +33,26 @@ from vtoken.kernels.svg2 import BACKENDS, LabelGroups, kmeans_assign, kmeans_upd
 from vtoken.methods.base import check_choice, check_float, check_int
 from vtoken.registry import register_method
 
+# Cluster counts (query, key) per host when the user sets none: the official scripts' per-model counts; any other
+# caller of ``svg2_attention`` gets the paper's generic 100 / 500 (Table 1).
+MODEL_CLUSTERS = {"wan": (300, 1000), "hunyuan_video": (400, 1000)}
+GENERIC_CLUSTERS = (100, 500)
+
 
 @register_method("svg2", hosts=("wan", "hunyuan_video"))
 @dataclass
 class SVG2Config:
     """Sparse VideoGen2: k-means-clustered, top-p budgeted, variable-block sparse self-attention for video DiTs.
 
-    Defaults: the paper's cluster counts (100 query / 500 key clusters, Table 1) and the official scripts' top_p 0.9,
-    10 % minimum key-cluster budget, 50 / 2 k-means iterations, 10 dense warm-up steps (20 % of 50) and 1 dense layer.
+    Defaults: cluster counts per model as the official scripts set them (``q_clusters`` / ``k_clusters`` None: 300 /
+    1000 on Wan, 400 / 1000 on HunyuanVideo, the paper's generic 100 / 500 elsewhere; ``for_model``), and the
+    official scripts' top_p 0.9, 10 % minimum key-cluster budget, 50 / 2 k-means iterations, 10 dense warm-up steps
+    (20 % of 50) and 1 dense layer.
     """
 
     top_p: float = 0.9
-    q_clusters: int = 100
-    k_clusters: int = 500
+    q_clusters: int | None = None
+    k_clusters: int | None = None
     min_key_cluster_ratio: float = 0.1
     dense_steps: int = 10
     dense_layers: int = 1
@@ -57,8 +65,9 @@ class SVG2Config:
 
     def __post_init__(self):
         self.top_p = check_float(self.top_p, "top_p", 0.0, 1.0, low_open=True)
-        check_int(self.q_clusters, "q_clusters", 1)
-        check_int(self.k_clusters, "k_clusters", 1)
+        for name in ("q_clusters", "k_clusters"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), name, 1)
         self.min_key_cluster_ratio = check_float(self.min_key_cluster_ratio, "min_key_cluster_ratio", 0.0, 1.0)
         check_int(self.dense_steps, "dense_steps", 0)
         check_int(self.dense_layers, "dense_layers", 0)
@@ -69,9 +78,16 @@ class SVG2Config:
         check_choice(self.backend, "backend", BACKENDS)
         check_choice(self.record_stats, "record_stats", (True, False))
 
+    def for_model(self, host: str | None) -> SVG2Config:
+        """This config with the cluster counts left unset filled in for ``host`` (``MODEL_CLUSTERS``, else the
+        paper's generic counts); counts the user set stay."""
+        q, k = MODEL_CLUSTERS.get(host, GENERIC_CLUSTERS)
+        return dataclasses.replace(self, q_clusters=q if self.q_clusters is None else self.q_clusters,
+                                   k_clusters=k if self.k_clusters is None else self.k_clusters)
+
     @property
     def min_key_clusters(self) -> int:
-        return int(self.min_key_cluster_ratio * self.k_clusters)
+        return int(self.min_key_cluster_ratio * self.for_model(None).k_clusters)
 
 
 # -- k-means ------------------------------------------------------------------------------------------------------
@@ -358,6 +374,7 @@ def svg2_attention(
     the marks "kmeans", "plan", "attention".
     """
     n = q.shape[1]
+    config = config.for_model(None)  # counts left unset: the paper's generic ones
     check_cluster_count(config.q_clusters, n, "q_clusters")
     check_cluster_count(config.k_clusters, n, "k_clusters")
     scale = 1.0 / math.sqrt(q.shape[-1])

@@ -30,6 +30,7 @@ from vtoken.methods.base import (
     check_float,
     check_int,
 )
+from vtoken.methods.baselines import VLM_HOSTS
 from vtoken.methods.diverse import diverse_reductions
 from vtoken.registry import register_method
 
@@ -61,13 +62,14 @@ def mean_over(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(real, index, 0), weights
 
 
-@register_method("todre", hosts=("llava", "llava_next"))
+@register_method("todre", hosts=VLM_HOSTS)
 @dataclass
 class ToDREConfig(VisualTokenMethod):
     """ToDRE: [CLS]-pivoted greedy diversity selection after the projector + late task-relevance removal.
 
-    ``backend`` picks the stage-1 selection kernel: ``"auto"`` = the persistent Triton kernel on CUDA, the
-    matrix-vector loop elsewhere; ``"torch"`` / ``"triton"`` force one (both give the same tokens).
+    ``backend`` picks the kernels: stage-1 selection (``"auto"`` = the persistent Triton kernel on CUDA, the
+    matrix-vector loop elsewhere), stage-2 attention scoring and compaction (Triton on CUDA, PyTorch elsewhere);
+    ``"torch"`` / ``"triton"`` force one (both give the same tokens).
     """
 
     keep: int | float = 0.25

@@ -1,0 +1,190 @@
+"""Hugging Face Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``Qwen*VLForConditionalGeneration``), images and videos.
+
+The hooks are the shared :class:`~vtoken.adapters._vlm_host.VLMPatch`; this file says where Qwen keeps things:
+
+* two modalities, images (``get_image_features``) and videos (``get_video_features``), each item a merged
+  (t, h/m, w/m) grid of tokens, one grid per frame (t = 1 for an image; m = the 2x2 patch merger's side);
+* M-RoPE: every token keeps its original (t, h, w) position, so the full position ids are computed from the
+  unshortened prompt first (the model's own ``get_rope_index``) and then gathered for the kept tokens; the text row
+  generate() prepends (used for masks) follows the shorter prompt; decode steps continue from the model's rope deltas;
+* ``mm_token_type_ids`` (which tokens are image / video) follows the prompt's columns;
+* Qwen3-VL's deepstack features (added to the first decoder layers at the visual tokens) are reduced with their
+  tokens, and while an in-LLM method prunes, vtoken adds them itself at the tokens still alive.
+
+Qwen's encoder has no [CLS] token, so ToDRE's pivot is a seeded random token (the paper's ablation: <= 0.2 points).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from vtoken.adapters import _compat
+from vtoken.adapters._vlm import CacheLayout, PromptEdit, gather_rows
+from vtoken.adapters._vlm_host import Modality, VLMPatch, gather_positions, renumbered_positions
+from vtoken.methods.base import GridSegment, ImageContext
+from vtoken.registry import register_host
+
+
+def _is_qwen_vl(model) -> bool:
+    return isinstance(model, _compat.qwen_vl_classes())
+
+
+def grid_context(thw, merge: int, video: bool) -> ImageContext:
+    """An item's token layout: one merged grid per frame, frames in order."""
+    t, h, w = (int(v) for v in thw)
+    rows, cols = h // merge, w // merge
+    per_frame = rows * cols
+    segments = [GridSegment(f * per_frame, rows, cols) for f in range(t)]
+    frames = torch.arange(t).repeat_interleave(per_frame) if video else None
+    return ImageContext(n=t * per_frame, segments=segments, modality="video" if video else "image", frames=frames)
+
+
+class QwenVLPatch(VLMPatch):
+    """vtoken's hooks on one Qwen2-VL / Qwen2.5-VL / Qwen3-VL instance (see the module docstring)."""
+
+    host = "qwen_vl"
+    token_kwargs = ("mm_token_type_ids",)
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.merge = self.config.vision_config.spatial_merge_size
+        self.deepstack = "deepstack_visual_embeds" in inspect.signature(self.llm.forward).parameters
+
+    def modalities(self) -> list[Modality]:
+        return [Modality("image", "get_image_features", "pixel_values", self.config.image_token_id),
+                Modality("video", "get_video_features", "pixel_values_videos", self.config.video_token_id)]
+
+    def encoder_call(self, modality: Modality, kwargs: dict) -> dict:
+        grid = f"{modality.name}_grid_thw"
+        return {modality.pixels: kwargs[modality.pixels], grid: kwargs.get(grid), "return_dict": True}
+
+    def encode(self, modality: Modality, original, call: dict):
+        out = original(**call)
+        grids = call.get(f"{modality.name}_grid_thw")
+        if grids is None:
+            raise ValueError(f"vtoken: {modality.features} needs {modality.name}_grid_thw to lay out the tokens")
+        return out, [grid_context(thw, self.merge, modality.name == "video") for thw in grids]
+
+    def companions(self, out) -> list[list[torch.Tensor]]:
+        layers = getattr(out, "deepstack_features", None)
+        if not layers:
+            return []
+        return [list(per_item) for per_item in zip(*layers)]
+
+    def set_companions(self, out, companions: list[list[torch.Tensor]]) -> None:
+        out.deepstack_features = [list(per_layer) for per_layer in zip(*companions)]
+
+    # -- positions -------------------------------------------------------------------------------------------------
+    def complete_positions(self, module, kwargs: dict, layout: CacheLayout | None) -> None:
+        """The M-RoPE positions of the whole, unshortened call, as the model would compute them."""
+        if kwargs.get("position_ids") is not None:
+            return
+        if layout is not None or kwargs.get("input_ids") is None:
+            raise ValueError(
+                "vtoken: images or videos that continue a KV cache, or come as inputs_embeds, need position_ids on "
+                "Qwen-VL (generate() passes them); compute them with the model's get_rope_index on the full prompt"
+            )
+        mask = kwargs.get("attention_mask")
+        extra = {k: kwargs[k] for k in ("second_per_grid_ts",) if kwargs.get(k) is not None}
+        positions, deltas = module.get_rope_index(
+            kwargs["input_ids"], mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+            image_grid_thw=kwargs.get("image_grid_thw"), video_grid_thw=kwargs.get("video_grid_thw"),
+            attention_mask=mask if mask is not None and mask.dim() == 2 else None, **extra)
+        module.rope_deltas = deltas  # what the model's own forward records for later decode steps
+        kwargs["position_ids"] = positions
+
+    def record(self, layout: CacheLayout) -> None:
+        if self.base.rope_deltas is not None:
+            layout.rope_deltas = self.base.rope_deltas.clone()
+
+    def map_positions(self, kwargs: dict, layout: CacheLayout | None, edit: PromptEdit | None, length_in: int):
+        positions = kwargs.get("position_ids")
+        if layout is not None and edit is None:
+            # Text on a shortened cache. generate() looks for new images from the cache's slot count, which is short,
+            # so it finds the old ones, recomputes positions without them and zeroes the model's rope deltas: rebuild
+            # them from the text positions and the deltas the prefill recorded.
+            if positions is None:
+                positions = self.continued_positions(kwargs, layout, length_in)[1:]  # (t, h, w), as the model would
+            elif positions.dim() == 3 and positions.shape[0] == 4:
+                positions = self.continued_positions(kwargs, layout, length_in, positions[0])
+        if positions.dim() == 2:  # plain text positions
+            return renumbered_positions(positions, layout, edit, length_in)
+        text = None
+        if positions.shape[0] == 4:  # generate()'s [text, t, h, w]: the text row follows the shorter prompt
+            text, positions = positions[0], positions[1:]
+            text = renumbered_positions(text, layout, edit, length_in)
+            if text is None:
+                B = edit.col_map.shape[0]
+                text = torch.arange(edit.length_out, device=edit.col_map.device).expand(B, -1)
+        if edit is not None:
+            positions = gather_positions(positions, edit)
+        return positions if text is None else torch.cat([text.unsqueeze(0).to(positions.dtype), positions], 0)
+
+    def continued_positions(self, kwargs: dict, layout: CacheLayout, length_in: int,
+                            text: torch.Tensor | None = None) -> torch.Tensor:
+        """(4, B, q) [text, t, h, w] positions of new text tokens on a cache, as the unpatched model derives them:
+        the caller's text position (its column, padding skipped) plus the rope delta the prefill recorded."""
+        if text is None:
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.dim() == 2:
+                text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length_in:]
+            else:
+                device = layout.source.device
+                text = layout.columns + torch.arange(length_in, device=device).expand(layout.batch, -1)
+        deltas = layout.rope_deltas if layout.rope_deltas is not None else self.base.rope_deltas
+        rope = text if deltas is None else text + deltas.to(text.device)
+        if deltas is not None:
+            self.base.rope_deltas = deltas  # undo generate()'s reset, for callers that read it next
+        return torch.cat([text.unsqueeze(0), rope.unsqueeze(0).expand(3, -1, -1)], 0)
+
+    # -- Qwen3-VL deepstack under in-LLM pruning --------------------------------------------------------------------
+    def attach_method(self, method, handle) -> None:
+        super().attach_method(method, handle)
+        if self.decoder is not None and self.deepstack:
+            DeepstackInjector(self, handle)
+
+
+class DeepstackInjector:
+    """While a prefill is pruned inside the LLM, Qwen3-VL's own loop would add each deepstack layer's features at the
+    LLM input's visual positions, which no longer line up once tokens are gone. The features are taken out of the
+    text model's call and added after each of the first decoder layers at the visual tokens still alive there."""
+
+    def __init__(self, patch: QwenVLPatch, handle):
+        self.patch = patch
+        self.pending: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        handle.add_hook(patch.llm.register_forward_pre_hook(self.take, with_kwargs=True))
+        for i, layer in enumerate(patch.llm.layers):
+            handle.add_hook(layer.register_forward_hook(self.make_add(i)))
+
+    def take(self, module, args, kwargs):
+        self.pending = None
+        embeds = kwargs.get("deepstack_visual_embeds")
+        if embeds is None or self.patch.decoder.mode != "prefill":
+            return None
+        self.pending = (kwargs["visual_pos_masks"], embeds)
+        return args, {**kwargs, "deepstack_visual_embeds": None, "visual_pos_masks": None}
+
+    def make_add(self, index: int):
+        def add(module, args, output):
+            if self.pending is None or index >= len(self.pending[1]):
+                return None
+            masks, embeds = self.pending
+            hidden = output[0] if isinstance(output, tuple) else output
+            state = self.patch.decoder.state
+            rank = (masks.flatten().long().cumsum(0) - 1).view_as(masks)  # row of each visual token in `embeds`
+            if state is not None and state.alive is not None:
+                masks = gather_rows(masks, state.alive) & state.live
+                rank = gather_rows(rank, state.alive)
+            hidden = hidden.clone()
+            hidden[masks] = hidden[masks] + embeds[index][rank[masks]].to(hidden.device, hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return add
+
+
+@register_host("qwen_vl", "transformers Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration / "
+               "Qwen3VLForConditionalGeneration (images and videos)", matches=_is_qwen_vl)
+def install_qwen_vl(model, method, handle) -> None:
+    QwenVLPatch.of(model).attach_method(method, handle)
