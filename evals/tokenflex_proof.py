@@ -260,6 +260,7 @@ def plot(rows: list[dict], counts: list[int], dense: float, title: str, path: st
     ax.set_xscale("log")
     ax.set_xticks(counts)
     ax.set_xticklabels([str(N) for N in counts])
+    ax.minorticks_off()  # the log axis' own minor labels (2x10^1, ...) would overlap the counts
     ax.set_xlabel("visual tokens per image (N)")
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_title(title, fontsize=8)
@@ -305,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(checks))
     print(f"claim {'holds' if all(c.startswith('holds') for c in checks) else 'does not hold'} on every cell")
     with open(args.json, "w") as f:
-        json.dump({"title": title, "machine": machine, "n": args.n, "dense": dense, "training": reports,
+        training = {name: {k: v for k, v in r.items() if k != "path"} for name, r in reports.items()}  # no local paths
+        json.dump({"title": title, "machine": machine, "n": args.n, "dense": dense, "training": training,
                    "results": rows, "verdict": checks}, f, indent=2)
     plot(rows, args.eval_counts, dense, f"{title}\n{machine_line(machine)}", args.plot)
     print(f"wrote {args.json} and {args.plot}")
