@@ -163,6 +163,29 @@ def decoder_of(vlm_base):
     return vlm_base.language_model, tower if tower is not None else vlm_base.visual
 
 
+# What a LLaVA-like ``model.model.get_image_features`` calls after the vision tower, by attribute on the instance:
+# the projector (called on the selected features of every view, (views, L, C)) and, in LLaVA-NeXT, the AnyRes
+# packing ``pack_image_features(image_features, image_sizes, vision_feature_select_strategy=..., image_newline=...)``
+# that returns (per-image features, lengths). TokenFLEX shadows both on the instance.
+PROJECTOR_ATTR = "multi_modal_projector"
+PACK_FEATURES_ATTR = "pack_image_features"
+
+
+def projector_of(vlm_base):
+    return getattr(vlm_base, PROJECTOR_ATTR)
+
+
+def vision_features(vlm_base, pixel_values, feature_layer, strategy: str):
+    """(views, L, C) the features a LLaVA-like model's projector reads: the tower's hidden states at ``feature_layer``
+    (several layers are concatenated on the channels), [CLS] dropped unless ``strategy == "full"``."""
+    import torch
+
+    out = vlm_base.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    layers = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+    selected = torch.cat([out.hidden_states[layer] for layer in layers], dim=-1)
+    return selected if strategy == "full" else selected[:, 1:]
+
+
 class DecoderAttention(NamedTuple):
     """What recomputing one Llama-like decoder layer's attention rows needs."""
 

@@ -15,6 +15,7 @@ import functools
 import inspect
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -71,12 +72,25 @@ class _Call:
     prefill: bool  # a fresh prefill with images: in-LLM pruning ran
 
 
-class _TowerOutput(VisualTokenMethod):
-    """Boundary stage that keeps every token the vision tower returns: with a clustering tower the prompt only
-    needs its placeholders shortened to the tower's M tokens."""
+@dataclass
+class FeatureProvider:
+    """Something in the vision path that makes the encoder return fewer tokens per item than the prompt holds
+    placeholders for: a clustering tower (``token_clustering`` with ``reconstruct=False``), TokenFLEX's pooled
+    projector. The patch zero-pads its features to the placeholder count for ``generate()``'s bookkeeping and
+    shortens the prompt to the real count before the LLM runs."""
+
+    name: str
+    stats: Callable[[], object] = lambda: None  # what ``handle.stats.vision`` shows after a call
+    # side of each view's square grid, for LLaVA-NeXT's packing (None: the vision tower's own patch grid)
+    view_side: Callable[[], int] | None = None
+
+
+class _ProvidedTokens(VisualTokenMethod):
+    """Boundary stage that keeps every token a feature provider returns: the prompt only needs its placeholders
+    shortened to the provider's count."""
 
     boundary = True
-    method_name = "token_clustering"
+    method_name = "feature provider"
 
     def __init__(self):
         self.keep = 1.0
@@ -87,8 +101,8 @@ class _TowerOutput(VisualTokenMethod):
 
 class VLMPatch:
     """vtoken's hooks on one multimodal model instance, shared by at most one LLM-side method (``method``) and one
-    vision-tower user (``tower_handle``: token_clustering with ``reconstruct=False``), in either order; the hooks stay
-    while either is installed. With both, the method prunes the tower's tokens."""
+    feature provider (:class:`FeatureProvider`), in either order; the hooks stay while either is installed. With
+    both, the method prunes the provider's tokens."""
 
     host: ClassVar[str] = ""
     token_kwargs: ClassVar[tuple[str, ...]] = ()  # (B, L) forward arguments that follow the prompt's columns
@@ -114,7 +128,8 @@ class VLMPatch:
         """Run the encoder (``original(**call)``) and return (its output, one ImageContext per item)."""
         raise NotImplementedError
 
-    def placeholder_counts(self, modality: Modality, features: list[torch.Tensor]) -> list[int]:
+    def placeholder_counts(self, modality: Modality, features: list[torch.Tensor], call: dict) -> list[int]:
+        """Placeholders the prompt holds per item (``call``: the encoder's arguments)."""
         return [f.shape[0] for f in features]
 
     def encoder_call(self, modality: Modality, kwargs: dict) -> dict:
@@ -148,7 +163,7 @@ class VLMPatch:
         self.model, self.base, self.config = model, model.model, model.config
         self.llm, self.tower = _compat.decoder_of(self.base)
         self.method: VisualTokenMethod | None = None
-        self.tower_handle: Handle | None = None
+        self.provider: FeatureProvider | None = None
         self.decoder: DecoderPruner | None = None
         self.stats = VLMStats()
         self.items: dict[int, Item] = {}
@@ -176,10 +191,10 @@ class VLMPatch:
         if method.score_layers(layers) or method.observed_sublayers(layers):
             self.decoder = DecoderPruner(self.llm, method, self.stats, handle)
 
-    def attach_tower(self, tower_handle: Handle, handle: Handle) -> None:
+    def attach_provider(self, provider: FeatureProvider, handle: Handle) -> None:
         self.claim(handle, "vtoken.vlm_tower")
-        handle.on_remove(self.detach_tower)
-        self.tower_handle = tower_handle
+        handle.on_remove(self.detach_provider)
+        self.provider = provider
         handle.stats = self.stats
 
     def claim(self, handle: Handle, slot: str) -> None:
@@ -193,22 +208,22 @@ class VLMPatch:
         self.method, self.decoder = None, None
         self.release()
 
-    def detach_tower(self) -> None:
-        self.tower_handle = None
+    def detach_provider(self) -> None:
+        self.provider = None
         self.release()
 
     def release(self) -> None:
-        if self.method is None and self.tower_handle is None:
+        if self.method is None and self.provider is None:
             type(self)._patches.pop(self.base, None)
             self.hooks.remove()
 
     def boundary_method(self) -> VisualTokenMethod | None:
         if self.method is not None and self.method.boundary:
             return self.method
-        return _TowerOutput() if self.tower_handle is not None else None
+        return _ProvidedTokens() if self.provider is not None else None
 
     def method_names(self) -> str:
-        names = [m for m in (self.method and self.method.method_name, self.tower_handle and "token_clustering") if m]
+        names = [m for m in (self.method and self.method.method_name, self.provider and self.provider.name) if m]
         return " + ".join(map(repr, names))
 
     def reject_labels(self, module, args, kwargs):
@@ -237,7 +252,7 @@ class VLMPatch:
     def features(self, modality: Modality, original, *args, **kwargs):
         """The original encoder call plus what the boundary stage needs later, per item.
 
-        Features come back at full placeholder length (a clustering tower's shorter output is zero-padded), so
+        Features come back at full placeholder length (a feature provider's shorter output is zero-padded), so
         ``generate()``'s own bookkeeping, which splits and repeats features per sample by matching them to
         placeholder counts (beam search, ``num_return_sequences``), still holds; the reduction happens where the
         prompt is shortened, in :meth:`before_llm`. Repeated entries are the same tensors, found again by identity.
@@ -250,7 +265,7 @@ class VLMPatch:
         companions = self.companions(out) or [[] for _ in features]
         self.items = {k: v for k, v in self.items.items() if v.context.modality != modality.name}
         full = []
-        for f, ctx, m, extra in zip(features, contexts, self.placeholder_counts(modality, features), companions):
+        for f, ctx, m, extra in zip(features, contexts, self.placeholder_counts(modality, features, call), companions):
             ctx.modality = modality.name
             entry = f if f.shape[0] >= m else torch.cat([f, f.new_zeros(m - f.shape[0], f.shape[1])])
             self.items[id(entry)] = Item(entry, ctx, f.shape[0], extra)
@@ -372,8 +387,8 @@ class VLMPatch:
             for modality in present:
                 if outputs.get(modality.name) is None:
                     outputs[modality.name] = getattr(module, modality.features)(**self.encoder_call(modality, kwargs))
-                if self.tower_handle is not None:
-                    self.stats.vision = self.tower_handle.stats
+                if self.provider is not None:
+                    self.stats.vision = self.provider.stats()
                 outputs[modality.name], kept[modality.name] = self.reduce_items(modality, outputs[modality.name])
                 kwargs[modality.pixels] = None
             kwargs[_compat.ENCODER_OUTPUTS] = outputs

@@ -16,7 +16,7 @@ import math
 import torch
 
 from vtoken.adapters import _compat
-from vtoken.adapters._vlm_host import Modality, VLMPatch
+from vtoken.adapters._vlm_host import FeatureProvider, Modality, VLMPatch
 from vtoken.budget import resolve_budget
 from vtoken.handle import Handle
 from vtoken.methods.base import GridSegment, ImageContext
@@ -101,13 +101,17 @@ class LlavaPatch(VLMPatch):
         return n + int(self.config.vision_feature_select_strategy == "full")
 
     def check_budget(self) -> None:
-        if self.method.boundary and isinstance(self.method.keep, int) and not self.next and self.tower_handle is None:
+        if self.method.boundary and isinstance(self.method.keep, int) and not self.next and self.provider is None:
             resolve_budget(self.method.keep, self.tokens_per_view(), what="visual tokens per image")
 
-    def placeholder_counts(self, modality: Modality, features: list[torch.Tensor]) -> list[int]:
-        # LLaVA-1.5 prompts hold the processor's fixed count per image, even when the tower itself already
-        # shortened the image (token clustering); LLaVA-NeXT's count is the packed feature count.
-        return [f.shape[0] for f in features] if self.next else [self.tokens_per_view()] * len(features)
+    def placeholder_counts(self, modality: Modality, features: list[torch.Tensor], call: dict) -> list[int]:
+        # LLaVA-1.5 prompts hold the processor's fixed count per image, even when a feature provider already
+        # shortened the image; LLaVA-NeXT's count is the packed feature count of the full patch grid.
+        if not self.next:
+            return [self.tokens_per_view()] * len(features)
+        if self.provider is None:
+            return [f.shape[0] for f in features]
+        return [self.packed_length(size, self.grid_side()) for size in call.get("image_sizes")]
 
     def encoder_call(self, modality: Modality, kwargs: dict) -> dict:
         return dict(pixel_values=kwargs.get("pixel_values"), image_sizes=kwargs.get("image_sizes"),
@@ -148,9 +152,27 @@ class LlavaPatch(VLMPatch):
                                        layers[pivot_index] if hook else None, call.get("image_sizes"))
         return out, contexts
 
+    def grid_side(self) -> int:
+        vc = self.config.vision_config
+        return vc.image_size // vc.patch_size
+
+    def view_side(self) -> int:
+        """Side of each view's square grid in the features the LLM gets (a provider may pool the tower's grid)."""
+        if self.provider is not None and self.provider.view_side is not None:
+            return self.provider.view_side()
+        return self.grid_side()
+
+    def packed_length(self, image_size, side: int) -> int:
+        """LLaVA-NeXT's token count for one image whose views are ``side x side`` grids: the thumbnail, then the
+        unpadded high-resolution grid (at least one tile) with one ``image_newline`` per row."""
+        size = image_size.tolist() if torch.is_tensor(image_size) else image_size
+        full = int(self.config.vision_feature_select_strategy == "full")
+        rows, cols = unpadded_grid(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size, side)
+        return full + side * side + rows * (cols + 1)
+
     def image_contexts(self, features, cls_input, cls_layer, image_sizes) -> list[ImageContext]:
         vc = self.config.vision_config
-        grid = vc.image_size // vc.patch_size
+        grid = self.view_side()
         full = int(self.config.vision_feature_select_strategy == "full")
         views = self.views_per_image(image_sizes, len(features))
         first_view = torch.tensor([0] + views[:-1]).cumsum(0).tolist()
@@ -245,13 +267,17 @@ def install_clustered_tower(model, config, handle) -> None:
     tower_handle = Handle(tower, handle.method, config, "hf_clip_vision")
     handle.on_remove(tower_handle.remove)
     install_hf_clip(tower, config, tower_handle)
-    LlavaPatch.of(model).attach_tower(tower_handle, handle)
+    LlavaPatch.of(model).attach_provider(FeatureProvider("token_clustering", stats=lambda: tower_handle.stats), handle)
 
 
 @register_host("llava", "transformers LlavaForConditionalGeneration (LLaVA-1.5)", matches=_is_llava)
 def install_llava(model, method, handle) -> None:
     if method.method_name == "token_clustering":
         install_clustered_tower(model, method, handle)
+    elif method.method_name == "tokenflex":
+        from vtoken.adapters.llava_tokenflex import install_tokenflex
+
+        install_tokenflex(model, method, handle)
     else:
         LlavaPatch.of(model).attach_method(method, handle)
 
@@ -259,4 +285,9 @@ def install_llava(model, method, handle) -> None:
 @register_host("llava_next", "transformers LlavaNextForConditionalGeneration (LLaVA-NeXT / 1.6)",
                matches=_is_llava_next)
 def install_llava_next(model, method, handle) -> None:
-    LlavaPatch.of(model).attach_method(method, handle)
+    if method.method_name == "tokenflex":
+        from vtoken.adapters.llava_tokenflex import install_tokenflex
+
+        install_tokenflex(model, method, handle)
+    else:
+        LlavaPatch.of(model).attach_method(method, handle)

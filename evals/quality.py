@@ -59,11 +59,14 @@ def budget_config(method: str, budget: float) -> dict:
     """The config that gives ``method`` about ``budget`` of the visual tokens.
 
     Token-pruning methods take it as ``keep``; token clustering as the fraction of the patch grid it clusters to,
-    handed to the LLM without reconstruction (fewer visual tokens, like the others).
+    handed to the LLM without reconstruction (fewer visual tokens, like the others); TokenFLEX (training-free) as its
+    share of the patch grid, rounded down to a square grid.
     """
     fields = vtoken.methods()[method].fields()
     if "keep" in fields:
         return {"keep": budget}
+    if "num_tokens" in fields:
+        return {"num_tokens": budget}
     if method == "token_clustering":
         return {"num_clusters": budget, "reconstruct": False}
     raise ValueError(f"--method {method!r} has no visual-token budget to set; methods with one: "

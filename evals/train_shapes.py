@@ -57,6 +57,7 @@ from vtoken.evals.shapes_data import (
     scene_questions,
 )
 from vtoken.evals.shapes_model import build_model, build_processor, load_shapes_model
+from vtoken.training import optimizer_for, packed_inputs, param_groups
 
 # Classes per patch target (see shapes_data.patch_targets): colour/shape + background, cell, colour count 0-6,
 # neighbouring shape + empty, per side.
@@ -198,47 +199,6 @@ def answer_attention_targets(qas, samples, kept, targets, length: int, tokenizer
     return torch.tensor(rows_b), torch.tensor(rows_q), torch.stack(lookup), torch.stack(relation), torch.stack(gather)
 
 
-def batch_inputs(model, samples: list, features: list[torch.Tensor]):
-    """Packed, right-padded training batch: ``inputs_embeds``, a 4-D additive attention mask, ``position_ids``
-    and answer ``labels``.
-
-    Row i is ``prefix + image features + turn 1 + turn 2 + ...``. Every turn sees the prefix and the image and,
-    causally, itself, but no other turn, and its positions restart right after the image.
-    """
-    embed = model.get_input_embeddings()
-    rows = []
-    for (prefix, turns), feats in zip(samples, features):
-        device = feats.device
-        parts = [embed(torch.tensor(prefix, device=device)), feats]
-        parts += [embed(torch.tensor(ids, device=device)) for ids, _ in turns]
-        head = len(prefix) + len(feats)
-        segments = [(0, head)]
-        for ids, _ in turns:
-            segments.append((segments[-1][0] + segments[-1][1], len(ids)))
-        labels = [-100] * head + [lab for _, labs in turns for lab in labs]
-        rows.append((torch.cat(parts), segments, labels))
-    length = max(len(r[0]) for r in rows)
-    B = len(rows)
-    embeds = rows[0][0].new_zeros(B, length, rows[0][0].shape[1])
-    allowed = torch.eye(length, dtype=torch.bool).repeat(B, 1, 1)  # padding rows see themselves: no NaN
-    positions = torch.zeros(B, length, dtype=torch.long)
-    labels = torch.full((B, length), -100, dtype=torch.long)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    for i, (row, segments, labs) in enumerate(rows):
-        embeds[i, : len(row)] = row
-        labels[i, : len(labs)] = torch.tensor(labs)
-        head = segments[0][1]
-        allowed[i, :head, :head] = causal[:head, :head]
-        positions[i, :head] = torch.arange(head)
-        for start, n in segments[1:]:
-            allowed[i, start : start + n, :head] = True
-            allowed[i, start : start + n, start : start + n] = causal[:n, :n]
-            positions[i, start : start + n] = torch.arange(head, head + n)
-    mask = torch.zeros(B, 1, length, length, dtype=embeds.dtype)
-    mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(embeds.dtype).min)
-    return embeds, mask.to(embeds.device), positions.to(embeds.device), labels.to(embeds.device)
-
-
 class PatchHeads(torch.nn.Module):
     """Linear read-outs of every projected visual token's patch targets (training only, not saved)."""
 
@@ -261,19 +221,6 @@ class PatchHeads(torch.nn.Module):
 
 def ema(old, new, decay=0.95):
     return new if old is None else decay * old + (1 - decay) * new
-
-
-def optimizer_for(modules, lr: float, weight_decay: float, warmup: int, steps: int):
-    from transformers import get_cosine_schedule_with_warmup
-
-    named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.98),
-    )
-    return optimizer, get_cosine_schedule_with_warmup(optimizer, min(warmup, steps // 2), steps)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -300,8 +247,8 @@ def train_vision(args, accelerator, model, heads, processor) -> dict:
     the tower did not find that in 1000 steps, so one head's attention is supervised directly (eager attention
     here, for the weights)."""
     tower, projector = model.model.vision_tower, model.model.multi_modal_projector
-    optimizer, scheduler = accelerator.prepare(*optimizer_for([tower, projector, heads], args.vision_lr,
-                                                              args.weight_decay, args.warmup, args.vision_steps))
+    groups = param_groups([tower, projector, heads], args.vision_lr, args.weight_decay)
+    optimizer, scheduler = accelerator.prepare(*optimizer_for(groups, args.warmup, args.vision_steps))
     layer = model.config.vision_feature_layer
     model.set_attn_implementation("eager")
     loss_avg = acc_avg = count_avg = None
@@ -352,8 +299,8 @@ def train_language(args, accelerator, model, heads, processor, cache, val, histo
     """Stage 2: projector + decoder (+ heads) on packed questions over the cached tower outputs."""
     hidden, scenes, targets = cache
     projector = model.model.multi_modal_projector
-    optimizer, scheduler = accelerator.prepare(*optimizer_for([projector, model.model.language_model, heads],
-                                                              args.lr, args.weight_decay, args.warmup, args.steps))
+    groups = param_groups([projector, model.model.language_model, heads], args.lr, args.weight_decay)
+    optimizer, scheduler = accelerator.prepare(*optimizer_for(groups, args.warmup, args.steps))
     eos = model.config.text_config.eos_token_id
     if args.lookup_loss:
         model.set_attn_implementation("eager")
@@ -378,7 +325,7 @@ def train_language(args, accelerator, model, heads, processor, cache, val, histo
             full = projector(hidden[index].float())
             patch_loss, _ = heads(full, targets[index].long().to(accelerator.device))
             features = [f[k.to(f.device)] for f, k in zip(full, kept)]
-            embeds, mask, positions, labels = batch_inputs(model, samples, features)
+            embeds, mask, positions, labels = packed_inputs(model, samples, features)
             outputs = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels,
                             output_attentions=bool(args.lookup_loss))
             loss = outputs.loss + args.patch_loss * patch_loss

@@ -12,6 +12,15 @@ from tiny_models import IMAGE_TOKEN, left_pad, prompt, tiny_llava, tiny_llava_ne
 import vtoken
 from vtoken.adapters._compat import find_cache
 from vtoken.adapters._vlm import CacheLayout
+from vtoken.methods.tokenflex import TokenFlexProjector
+
+
+def seeded_projector() -> TokenFlexProjector:
+    """A TokenFLEX projector for the tiny models (32-wide vision, 64-wide LLM), the same in every run."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return TokenFlexProjector(32, 64)
+
 
 KEEP_ALL = {
     "todre": dict(keep=1.0, tau=0.0),  # tau=0: stage 2 scores but never fires
@@ -34,6 +43,10 @@ PRUNING = {
     "transprune_ttv_paper": dict(keep=0.25, iga=False, direction="paper"),
     "corematching": dict(),  # adaptive threshold, decode FFN sparsity in the default layers
     "corematching_keep": dict(keep=0.3, ffn_layers="all"),
+    # TokenFLEX takes a token count per view, not a keep budget: 9 = 3 x 3 pools both tiny grids (8 x 8 and
+    # LLaVA-NeXT's 4 x 4 views); its keep-all case (N = the native grid) is in test_tokenflex.py
+    "tokenflex": dict(num_tokens=9),
+    "tokenflex_trained": dict(num_tokens=9, projector=seeded_projector()),
 }
 BOUNDARY_ONLY = {
     "todre": dict(keep=0.25, stage2=False),
@@ -115,7 +128,8 @@ def test_keep_all_is_lossless(host, name):
 
 
 # 2. remove() restores ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["todre", "divprune", "attn_topk", "pool", "transprune", "corematching"])
+@pytest.mark.parametrize("name", ["todre", "divprune", "attn_topk", "pool", "transprune", "corematching",
+                                  "tokenflex_trained"])
 def test_remove_restores_and_repatch_repeats(host, name):
     inputs = host.single(1)
     ref, ref_tokens = logits(host.model, **inputs), greedy(host.model, **inputs)
@@ -207,6 +221,8 @@ def pin_decisions(config) -> None:
     Without a cache every step re-runs prefill on prompt + generated tokens, and score-based rules would see a
     different last token. Pinning isolates what this test is about: the pruned sequence and its cache.
     """
+    if not hasattr(config, "prune"):  # no in-LLM decisions to pin (TokenFLEX)
+        return
     decide, memo = config.prune, {}
 
     def pinned(ctx):
@@ -228,7 +244,8 @@ def pin_decisions(config) -> None:
 
 def decode_ffn_layers(model, handle) -> tuple[int, ...]:
     """Layers whose MLP runs only the prefill's core neurons in single-token steps (CoreMatching), else ()."""
-    return handle.config.decode_ffn_layers(len(model.model.language_model.layers))
+    layers = getattr(handle.config, "decode_ffn_layers", None)  # a feature provider (tokenflex) has none
+    return () if layers is None else layers(len(model.model.language_model.layers))
 
 
 @contextmanager

@@ -33,8 +33,11 @@ import vtoken
 from vtoken.adapters._compat import cache_keyword, find_cache
 from vtoken.adapters._vlm import CacheLayout
 
-# pruning from layer 1 runs inside Qwen3-VL's deepstack span (features added after layers 0 and 1)
-QWEN_PRUNING = dict(PRUNING, attn_topk_layer1=dict(keep=0.3, layer=1))
+# every LLaVA-side method Qwen-VL takes (TokenFLEX is LLaVA-only); pruning from layer 1 runs inside Qwen3-VL's
+# deepstack span (features added after layers 0 and 1)
+QWEN_PRUNING = {name: config for name, config in PRUNING.items()
+                if "qwen_vl" in vtoken.methods()[method_of(name)].hosts}
+QWEN_PRUNING["attn_topk_layer1"] = dict(keep=0.3, layer=1)
 
 
 def method(name: str) -> str:

@@ -78,7 +78,7 @@ def test_packed_batch_equals_single_question_forwards(processor, attn):
     with torch.no_grad():
         feats = list(model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output)
         feats[1] = feats[1][::3]  # a reduced sample (token-drop augmentation) in the same batch
-        embeds, mask, positions, labels = ts.batch_inputs(model, samples, feats)
+        embeds, mask, positions, labels = ts.packed_inputs(model, samples, feats)
         packed = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
         for i, (prefix, turns) in enumerate(samples):
             start = len(prefix) + len(feats[i])

@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-kernels": ("vtoken.evals.bench_kernels", "each fused Triton kernel vs its PyTorch reference (GPU timings)"),
     "train-shapes": ("vtoken.evals.train_shapes", "train the ShapesVQA LLaVA (the shipped accuracy model) on CPU"),
     "eval": ("vtoken.evals.eval_cli", "lmms-eval tasks with --model vtoken; fails unless every task has metrics"),
+    "train-tokenflex": ("vtoken.training", "train a TokenFLEX projector (any visual-token count) for a LLaVA on JSONL"),
+    "tokenflex-proof": ("vtoken.evals.tokenflex_proof", "TokenFLEX vs fixed-N projectors on ShapesVQA: train, "
+                                                        "evaluate, table and plot"),
 }
 DEBUG_HELP = "on a usage error, show the full traceback instead of the one-line message"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,7 @@ class Handle:
         self.stats: Any = None
         self._undo: list[Callable[[], None]] = []
         self._resets: list[Callable[[], None]] = []
+        self._updater: Callable[[Any], None] | None = None
         self._active = True
 
     # -- building the patch (adapters call these) ------------------------------------------------------------
@@ -93,6 +95,10 @@ class Handle:
         """Register how to clear state the method keeps between calls (see ``reset``)."""
         self._resets.append(fn)
 
+    def on_update(self, fn: Callable[[Any], None]) -> None:
+        """Register how the installed method takes a new config (see ``update``); ``fn`` raises to refuse it."""
+        self._updater = fn
+
     # -- using it ----------------------------------------------------------------------------------------------
     @property
     def active(self) -> bool:
@@ -102,6 +108,26 @@ class Handle:
         """Forget state kept between calls (e.g. caches carried across denoising steps); the patch stays installed."""
         for fn in self._resets:
             fn()
+
+    def update(self, **changes: Any) -> None:
+        """Change config fields between calls without re-patching, e.g. ``handle.update(num_tokens=64)``.
+
+        The new config is validated like ``vtoken.patch``'s and checked against the model before anything changes;
+        methods whose adapter cannot take a new config in place refuse (remove the patch and patch again).
+        """
+        if not self._active:
+            raise RuntimeError(f"this {self.method!r} handle was removed; patch the model again instead")
+        valid = [f.name for f in dataclasses.fields(self.config) if f.init]
+        unknown = sorted(set(changes) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown argument(s) {', '.join(map(repr, unknown))} for method {self.method!r}; "
+                             f"valid arguments: {', '.join(valid)}")
+        if self._updater is None:
+            raise ValueError(f"method {self.method!r} cannot change its config while installed; call .remove() and "
+                             f"vtoken.patch(model, {self.method!r}, ...) again")
+        config = dataclasses.replace(self.config, **changes)
+        self._updater(config)
+        self.config = config
 
     def remove(self) -> None:
         """Restore the model exactly as it was before ``patch``; safe to call twice."""
@@ -113,6 +139,7 @@ class Handle:
             except Exception as exc:  # keep undoing: a half-restored model is worse than a reported error
                 errors.append(exc)
         self._resets.clear()
+        self._updater = None
         self._active = False
         if errors:
             raise RuntimeError(f"vtoken: {len(errors)} step(s) failed while removing {self.method!r}: {errors[0]!r}")

@@ -14,6 +14,7 @@ from vtoken.methods import (  # noqa: F401  (registration side effects)
     divprune,
     svg2,
     todre,
+    tokenflex,
     transprune,
 )
 
