@@ -134,6 +134,7 @@ def shape_polygon(s: ShapeSpec) -> list[tuple[float, float]]:
 
 
 def draw_shapes(image: Image.Image, scene: Scene, fills) -> Image.Image:
+    """Draw ``scene.shapes`` (anything with ``shape``, ``cx``, ``cy`` and ``size``; ShapesVQA-Hard's too)."""
     draw = ImageDraw.Draw(image)
     for s, fill in zip(scene.shapes, fills):
         if s.shape == "circle":
@@ -206,11 +207,16 @@ def ask_count(scene: Scene, answer: str, rng: np.random.Generator):
 
 def ask_presence(scene: Scene, answer: str, rng: np.random.Generator):
     pairs = [(c, s) for c in COLORS for s in SHAPES if (scene.count(c, s) > 0) == (answer == "yes")]
-    if answer == "no":
-        # Prefer near misses (the colour or the shape is in the scene, just not together) so that
-        # spotting one attribute is not enough.
-        near = [(c, s) for c, s in pairs if scene.count(c) > 0 or any(x.shape == s for x in scene.shapes)]
-        pairs = near if near and rng.random() < NEAR_MISS else pairs
+    # "no": prefer near misses (the colour or the shape is in the scene, just not together) so that spotting one
+    # attribute is not enough
+    near = [(c, s) for c, s in pairs if scene.count(c) > 0 or any(x.shape == s for x in scene.shapes)]
+    return presence_question(pairs, near if answer == "no" else [], rng)
+
+
+def presence_question(pairs: list[tuple[str, str]], near: list[tuple[str, str]], rng: np.random.Generator):
+    """"is there a <colour> <shape>?" about one of ``pairs``, one of the ``near`` misses with probability
+    ``NEAR_MISS`` (when there are any)."""
+    pairs = near if near and rng.random() < NEAR_MISS else pairs
     c, s = pairs[int(rng.integers(len(pairs)))]
     article = "an" if c[0] in "aeiou" else "a"
     return f"is there {article} {c} {s}?", {"color": c, "shape": s}
@@ -254,15 +260,21 @@ def make_split(split: str, n: int) -> list[Example]:
 
 def split_example(split: str, index: int) -> Example:
     rng = split_rng(split, index)
-    t = index % len(QUESTION_TYPES)
-    answers = ANSWERS[QUESTION_TYPES[t]]
-    turn = index // len(QUESTION_TYPES)
-    # a fresh seeded permutation every full cycle, so the order of answers carries no signal
-    cycle_rng = np.random.default_rng([SPLIT_SEEDS[split], 1, t, turn // len(answers)])
-    answer = answers[int(cycle_rng.permutation(len(answers))[turn % len(answers)])]
-    example = make_example(rng, QUESTION_TYPES[t], answer)
+    qtype, answer = cycled_answer(SPLIT_SEEDS[split], index, ANSWERS)
+    example = make_example(rng, qtype, answer)
     example.index, example.split = index, split
     return example
+
+
+def cycled_answer(seed: int, index: int, answers: dict[str, tuple[str, ...]]) -> tuple[str, str]:
+    """(type, answer) of example ``index``: types cycle in ``answers``' order, and within a type the answers cycle
+    through a fresh seeded permutation every full cycle, so the order of answers carries no signal."""
+    types = list(answers)
+    t = index % len(types)
+    choices = answers[types[t]]
+    turn = index // len(types)
+    cycle_rng = np.random.default_rng([seed, 1, t, turn // len(choices)])
+    return types[t], choices[int(cycle_rng.permutation(len(choices))[turn % len(choices)])]
 
 
 def scene_questions(scene: Scene, rng: np.random.Generator, turns: int) -> list[tuple[str, str, str, dict]]:
