@@ -11,6 +11,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run, so a CI failure can be reproduced; explore new examples with
+# `pytest --hypothesis-profile=explore` (or --hypothesis-seed=N).
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("repeatable")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -31,7 +31,10 @@ def at_angles(degrees, norms=None) -> torch.Tensor:
 def brute_force_first_pick(x: torch.Tensor) -> int:
     n = len(x)
     isolation = [min(1 - float(x[i] @ x[j]) for j in range(n) if j != i) for i in range(n)]
-    return max(range(n), key=lambda i: (isolation[i], -i))  # largest; the lowest index on a tie
+    # largest; the lowest index on a tie, up to float64 rounding (two tokens are exactly as isolated as each other,
+    # yet x[0] @ x[1] and x[1] @ x[0] may differ in the last bit)
+    best = max(isolation)
+    return min(i for i in range(n) if isolation[i] >= best - 1e-12)
 
 
 def brute_force_divprune(features: torch.Tensor, k: int) -> list[int]:
