@@ -91,7 +91,7 @@ def draw_overlay(example_image, panels: list[tuple[str, torch.Tensor | None, str
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # two-line panel titles stay inside the image
     plt.close(fig)
 
 
