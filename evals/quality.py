@@ -173,18 +173,24 @@ def plot(dense: Row, rows: list[Row], title: str, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for label in dict.fromkeys(r.label for r in rows):
+    fig, ax = plt.subplots(figsize=(8.5, 4.4))
+    colors, markers = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2], "osD^v<>ph*"
+    for i, label in enumerate(dict.fromkeys(r.label for r in rows)):  # every method its own colour and marker
         mine = sorted((r for r in rows if r.label == label), key=lambda r: r.visual_tokens)
-        ax.plot([r.visual_tokens for r in mine], [100 * r.accuracy for r in mine], marker="o", label=label)
+        ax.plot([r.visual_tokens for r in mine], [100 * r.accuracy for r in mine], marker=markers[i % len(markers)],
+                color=colors[i % len(colors)], label=label)
     ax.axhline(100 * dense.accuracy, color="k", ls="--", lw=1, label=f"dense ({dense.visual_tokens:.0f} tokens)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 10, 20, 50, 100, 200 as plain numbers
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.minorticks_off()
     ax.set_xlabel("visual tokens per sample (averaged over decoder layers)")
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, not over the curves
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
