@@ -20,6 +20,12 @@ BENCH_FOR_HOST = {"wan": "bench-dit", "hunyuan_video": "bench-dit", "timm_vit": 
                   "hf_clip_vision": "bench-vit", "open_clip_vit": "bench-vit"}
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` as every measuring command takes it (``machine.set_threads`` resolves the default)."""
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
+
+
 def positive_int(text: str) -> int:
     return _int_at_least(text, 1, "a positive integer")
 

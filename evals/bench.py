@@ -23,7 +23,15 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import vtoken
 from vtoken.cli import usage_errors
-from vtoken.evals.arguments import budget, device, llava_method, non_negative_int, positive_float, positive_int
+from vtoken.evals.arguments import (
+    add_threads_argument,
+    budget,
+    device,
+    llava_method,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from vtoken.evals.flops import prefill_flops
 from vtoken.evals.literals import parse_literal
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
@@ -337,8 +345,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sdpa-kernel", choices=SDPA_KERNELS, default="auto",
                         help="with --attn sdpa, run every attention call on this SDPA backend (flash: PyTorch's "
                              "FlashAttention-2 kernels; a call it cannot take fails); auto: PyTorch picks")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
+    add_threads_argument(parser)
     parser.add_argument("--peak-tflops", type=positive_float, default=None,
                         help="peak FLOP/s (in TFLOP/s) of the device for the roofline ideal (default: the GPU's "
                              "datasheet figure for the dtype; none on a CPU)")

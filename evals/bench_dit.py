@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vtoken.evals.arguments import comma_list, config_field, device, positive_int
+from vtoken.evals.arguments import add_threads_argument, comma_list, config_field, device, positive_int
 from vtoken.evals.machine import Threads, cpu_model, load_line, set_threads
 from vtoken.methods.svg2 import (
     MODEL_CLUSTERS,
@@ -309,8 +309,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-key-cluster-ratio", type=config_field(SVG2Config, "min_key_cluster_ratio", float),
                         default=SVG2Config.min_key_cluster_ratio,
                         help="least share of key clusters each query cluster keeps")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
+    add_threads_argument(parser)
     parser.add_argument("--out", default="bench_dit_out", help="folder for bench_dit.json and bench_dit.png")
 
 

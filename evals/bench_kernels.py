@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from vtoken.cli import UsageError
-from vtoken.evals.arguments import comma_list, device, positive_int
+from vtoken.evals.arguments import add_threads_argument, comma_list, device, positive_int
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
 
 TEXT_TOKENS = 65  # a LLaVA conversation prompt around the image
@@ -191,8 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=positive_int, default=20, help="timed calls per measurement (median)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes; on a CPU also run the Triton kernels in the interpreter (a check, no speed)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
+    add_threads_argument(parser)
     parser.add_argument("--out", default=None, help="folder for bench_kernels.json and bench_kernels.md")
 
 

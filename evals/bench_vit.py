@@ -23,7 +23,14 @@ import torch.nn.functional as F
 
 import vtoken
 from vtoken.cli import UsageError, usage_errors
-from vtoken.evals.arguments import checkpoint_dir, config_field, device, non_negative_int, positive_int
+from vtoken.evals.arguments import (
+    add_threads_argument,
+    checkpoint_dir,
+    config_field,
+    device,
+    non_negative_int,
+    positive_int,
+)
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
 from vtoken.methods.clustering import Grid, TokenClusteringConfig, cluster_grid
 
@@ -108,8 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local k-means iterations")
     parser.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights and activations")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
+    add_threads_argument(parser)
     parser.add_argument("--out", default="bench_vit", help="output folder for JSON + PNG")
 
 

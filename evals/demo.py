@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 import vtoken
-from vtoken.evals.arguments import checkpoint_dir, fractions, positive_int
+from vtoken.evals.arguments import add_threads_argument, checkpoint_dir, fractions, positive_int
 from vtoken.evals.bench import measure
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
 from vtoken.evals.quality import budget_config, check_methods, evaluate_method, relative
@@ -104,8 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-batch", type=positive_int, default=16,
                         help="questions in the batch timed for prefill")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed prefills per setting (median)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
+    add_threads_argument(parser)
     parser.add_argument("--model", type=checkpoint_dir, default=None,
                         help="a ShapesVQA checkpoint directory (default: the shipped one)")
     parser.add_argument("--png", default="vtoken_demo.png", help="kept-token overlay")

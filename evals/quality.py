@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 import vtoken
 from vtoken.cli import usage_errors
-from vtoken.evals.arguments import checkpoint_dir, fractions, llava_method, positive_int
+from vtoken.evals.arguments import add_threads_argument, checkpoint_dir, fractions, llava_method, positive_int
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
 
 BUDGETS = (1.0, 0.5, 0.25, 0.1)
@@ -220,8 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fractions of the visual tokens kept, comma-separated")
     parser.add_argument("--n", type=positive_int, default=400, help="test questions")
     parser.add_argument("--batch-size", type=positive_int, default=50, help="questions per generate() call")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
+    add_threads_argument(parser)
     parser.add_argument("--json", default="quality.json", help="write the results here")
     parser.add_argument("--plot", default="quality.png", help="write the accuracy-vs-tokens plot here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

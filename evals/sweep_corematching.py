@@ -16,7 +16,7 @@ import sys
 import torch
 
 from vtoken.cli import UsageError, usage_errors
-from vtoken.evals.arguments import comma_list, device, non_negative_int, positive_int
+from vtoken.evals.arguments import add_threads_argument, comma_list, device, non_negative_int, positive_int
 from vtoken.evals.bench import DTYPES, check_installs, run_bench
 from vtoken.evals.literals import parse_literal
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
@@ -102,8 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on CUDA, else fp32")
     parser.add_argument("--attn", default="sdpa", help="attention implementation")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
+    add_threads_argument(parser)
     parser.add_argument("--json", default="corematching_sweep.json", help="write the results here")
     parser.add_argument("--plot", default="corematching_sweep.png", help="write the PNG here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

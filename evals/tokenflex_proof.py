@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import vtoken
 from vtoken.adapters.llava_tokenflex import feature_widths
-from vtoken.evals.arguments import checkpoint_dir, comma_list, non_negative_int, positive_int
+from vtoken.evals.arguments import add_threads_argument, checkpoint_dir, comma_list, non_negative_int, positive_int
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
 from vtoken.evals.shapes_model import num_visual_tokens
 from vtoken.methods.tokenflex import TokenFlexProjector
@@ -80,8 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "training them again; train only the missing ones")
     parser.add_argument("--model", type=checkpoint_dir, default=None,
                         help="a ShapesVQA checkpoint directory (default: the shipped one)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: the cores the current load leaves free, at least 1)")
+    add_threads_argument(parser)
     parser.add_argument("--json", default="tokenflex_proof.json", help="write the results here")
     parser.add_argument("--plot", default="tokenflex_proof.png", help="write the accuracy-vs-N plot here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
