@@ -27,7 +27,6 @@ from vtoken.evals.arguments import (
     add_threads_argument,
     budget,
     device,
-    llava_method,
     non_negative_int,
     positive_float,
     positive_int,
@@ -37,7 +36,7 @@ from vtoken.evals.literals import parse_literal
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
 from vtoken.evals.memory import PeakMemory
 from vtoken.evals.models import PRESETS, build_model, check_model, synthetic_inputs, views_per_sample
-from vtoken.evals.quality import budget_config
+from vtoken.evals.quality import method_config
 from vtoken.evals.roofline import Peak, device_peak, ideal_ms
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,19 +64,6 @@ def parse_method(text: str) -> tuple[str, dict]:
             raise ValueError(f"--method {text!r}: expected key=value after ':', got {item!r}")
         overrides[key.strip()] = parse_literal(value.strip())
     return name.strip(), overrides
-
-
-def bench_method(text: str, keep: int | float) -> tuple[str, dict]:
-    """``--method`` text -> (name, config): the ``--keep`` budget as ``vtoken quality`` sets it for this method
-    (token clustering: that many clusters, handed to the LLM), then the method's own ``key=value`` arguments."""
-    name, overrides = parse_method(text)
-    info = llava_method(name)
-    config = {**budget_config(name, keep), **overrides}
-    try:
-        vtoken.make_config(info, config)
-    except ValueError as error:
-        raise ValueError(f"--method {text} (config {config}): {error}") from None
-    return name, config
 
 
 def check_installs(model, methods: list[tuple[str, dict]]) -> None:
@@ -361,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     with usage_errors():  # fail before building a large model
-        methods = [bench_method(text, args.keep) for text in args.method or ["todre"]]
+        methods = [method_config(text, args.keep) for text in args.method or ["todre"]]
         check_model(args.model)
         peak, roofline = device_peak(device, dtype, args.peak_tflops, args.peak_gbs)
     model = build_model(args.model, dtype=dtype, device=str(device), attn=args.attn,

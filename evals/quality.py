@@ -196,18 +196,24 @@ def plot(dense: Row, rows: list[Row], title: str, path: str) -> None:
     plt.close(fig)
 
 
+def method_config(text: str, budget: float) -> tuple[str, dict]:
+    """``--method`` text -> (name, config): ``budget`` as this method takes it, then the method's own ``key=value``
+    arguments; a method that does not patch LLaVA, has no budget or refuses its arguments raises ValueError."""
+    name, overrides = method_spec(text)
+    info = llava_method(name)
+    config = {**budget_config(name, budget), **overrides}
+    try:
+        vtoken.make_config(info, config)
+    except ValueError as error:
+        raise ValueError(f"--method {text} (config {config}): {error}") from None
+    return name, config
+
+
 def check_methods(methods: list[str], budget: float) -> None:
-    """Every ``--method`` patches LLaVA, has a visual-token budget and accepts its own arguments: refused before any
-    work otherwise."""
+    """Every ``--method`` is refused before any work unless :func:`method_config` takes it."""
     with usage_errors():
         for text in methods:
-            name, overrides = method_spec(text)
-            info = llava_method(name)
-            config = {**budget_config(name, budget), **overrides}
-            try:
-                vtoken.make_config(info, config)
-            except ValueError as error:
-                raise ValueError(f"--method {text} (config {config}): {error}") from None
+            method_config(text, budget)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
