@@ -313,8 +313,12 @@ def test_cached_generate_equals_no_cache_loop(host, name):
 # 6. SDPA and eager agree -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(PRUNING))
 def test_sdpa_and_eager_agree(host, name):
-    model, inputs = host.model, host.batch()
-    with vtoken.patch(model, method_of(name), **PRUNING[name]) as handle:
+    assert_sdpa_equals_eager(host.model, host.batch(), method_of(name), PRUNING[name])
+
+
+def assert_sdpa_equals_eager(model, inputs: dict, method: str, config: dict) -> None:
+    """The patched model's logits with the LLM on SDPA equal those on eager attention, on every real token."""
+    with vtoken.patch(model, method, **config) as handle:
         sdpa = logits(model, **inputs)
         # only the LLM switches: the vision tower's ~1e-7 differences could flip a greedy selection at a near-tie
         model.model.language_model.set_attn_implementation("eager")

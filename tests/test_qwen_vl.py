@@ -10,7 +10,9 @@ import torch
 from test_llava_invariants import (
     KEEP_ALL,
     PRUNING,
+    assert_sdpa_equals_eager,
     decode_ffn_layers,
+    logits,
     method_of,
     pin_decisions,
     sparse_ffn_reference,
@@ -86,11 +88,6 @@ class QwenHost:
 @pytest.fixture(scope="module", params=QWEN_FAMILIES)
 def host(request):
     return QwenHost(request.param)
-
-
-def logits(model, **inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def greedy(model, n: int = 4, **inputs):
@@ -215,17 +212,7 @@ def test_cached_generate_equals_the_no_cache_loop(host, name):
 
 @pytest.mark.parametrize("name", sorted(QWEN_PRUNING))
 def test_sdpa_and_eager_agree(host, name):
-    model, inputs = host.model, host.batch()
-    with vtoken.patch(model, method(name), **QWEN_PRUNING[name]) as handle:
-        sdpa = logits(model, **inputs)
-        model.model.language_model.set_attn_implementation("eager")
-        try:
-            eager = logits(model, **inputs)
-        finally:
-            model.model.language_model.set_attn_implementation("sdpa")
-        real = handle.stats.tokens_per_layer[-1]
-    for row, n in enumerate(real):
-        torch.testing.assert_close(sdpa[row, -n:], eager[row, -n:], atol=1e-4, rtol=1e-4)
+    assert_sdpa_equals_eager(host.model, host.batch(), method(name), QWEN_PRUNING[name])
 
 
 def test_video_tokens_per_frame(host):
