@@ -13,10 +13,12 @@ import torch
 from tqdm.auto import tqdm
 
 import vtoken
-from vtoken.evals.arguments import add_threads_argument, checkpoint_dir, fractions, positive_int
+from vtoken.cli import usage_errors
+from vtoken.evals.arguments import add_threads_argument, fractions, positive_int
 from vtoken.evals.bench import measure
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
-from vtoken.evals.quality import budget_config, check_methods, evaluate_method, relative
+from vtoken.evals.quality import add_task_arguments, budget_config, check_methods, evaluate_method, relative
+from vtoken.evals.shapes_model import TASKS, load_task_model
 from vtoken.methods.baselines import pooled_grid
 
 METHODS = ("todre", "random", "pool", "attn_topk", "transprune", "corematching")
@@ -105,22 +107,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="questions in the batch timed for prefill")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed prefills per setting (median)")
     add_threads_argument(parser)
-    parser.add_argument("--model", type=checkpoint_dir, default=None,
-                        help="a ShapesVQA checkpoint directory (default: the shipped one)")
+    add_task_arguments(parser)
     parser.add_argument("--png", default="vtoken_demo.png", help="kept-token overlay")
     parser.add_argument("--json", default=None, help="also write the table (and the machine) to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:
-    from vtoken.evals.shapes_vqa import load_shapes_model, make_split, prompt_inputs
+    from vtoken.evals.shapes_vqa import prompt_inputs
 
     start = time.perf_counter()
     threads = set_threads(args.threads)
     methods = args.method or list(METHODS)
     budgets = args.budgets
     check_methods(methods, budgets[0])
-    model, processor = load_shapes_model(args.model)
-    examples = make_split("test", args.n)
+    task = TASKS[args.task]
+    with usage_errors():
+        model, processor = load_task_model(args.task, args.model)
+    examples = task.data.make_split("test", args.n)
     timed = prompt_inputs(processor, examples[: args.latency_batch], model.device, model.dtype)
     settings = [(None, 1.0)] + [(m, b) for b in budgets for m in methods]
     rows = []
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append((row, prefill_ms(model, timed, method, budget, args.repeats)))
     dense, dense_ms = rows[0]
 
-    print(f"ShapesVQA test, n={args.n}; prefill = time to first token of a batch of {args.latency_batch} "
+    print(f"{task.title} test, n={args.n}; prefill = time to first token of a batch of {args.latency_batch} "
           f"(vision included), median of {args.repeats}")
     machine = describe_machine(model.device, threads)
     print(machine_line(machine))
@@ -156,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.png} (kept tokens for: {example.question} -> {example.answer})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"n": args.n, "machine": machine, "latency_batch": args.latency_batch,
+            json.dump({"task": args.task, "n": args.n, "machine": machine, "latency_batch": args.latency_batch,
                        "repeats": args.repeats,
                        "results": [{**row.as_dict(dense), "prefill_ms": ms, "speedup": dense_ms / ms}
                                    for row, ms in rows]}, f, indent=2)

@@ -1,4 +1,5 @@
-"""``vtoken quality``: accuracy against visual-token budget for every LLaVA method, on the shipped ShapesVQA model.
+"""``vtoken quality``: accuracy against visual-token budget for every LLaVA method, on a shipped ShapesVQA model
+(``--task shapes``, or ``--task hard``: ShapesVQA-Hard, whose model learned its attention from the answers alone).
 
 Speed does not depend on weights, accuracy does: this is the project's real accuracy measure, small enough for a
 CPU. Each method runs through ``vtoken.patch`` and the model's own ``generate()``, exactly as a user would call it.
@@ -19,8 +20,9 @@ import vtoken
 from vtoken.cli import usage_errors
 from vtoken.evals.arguments import add_threads_argument, checkpoint_dir, fractions, llava_method, positive_int
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
+from vtoken.evals.shapes_model import TASKS, load_task_model
 
-BUDGETS = (1.0, 0.5, 0.25, 0.1)
+BUDGETS = (1.0, 0.5, 0.25, 0.1, 0.05)
 # measured by default besides every method at every budget: TransPrune's TTV alone (which the paper reports as
 # competitive) and CoreMatching's adaptive threshold (its own budget)
 VARIANTS = ("transprune:iga=false", "corematching:keep=none")
@@ -216,9 +218,16 @@ def check_methods(methods: list[str], budget: float) -> None:
             method_config(text, budget)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--task`` and ``--model``, shared with ``vtoken demo``."""
+    parser.add_argument("--task", choices=tuple(TASKS), default="shapes",
+                        help="; ".join(f"{k}: {t.title}" for k, t in TASKS.items()))
     parser.add_argument("--model", type=checkpoint_dir, default=None,
-                        help="a ShapesVQA checkpoint directory (default: the shipped one)")
+                        help="a checkpoint directory trained on --task (default: the one shipped for it)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_task_arguments(parser)
     parser.add_argument("--method", action="append", default=None, metavar="NAME[:key=value,...]",
                         help="method to measure (repeatable); default: every LLaVA method "
                              f"({', '.join(llava_methods())}) and {', '.join(VARIANTS)}")
@@ -233,23 +242,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vtoken.evals.shapes_vqa import load_shapes_model, make_split
-
     threads = set_threads(args.threads)
     budgets = args.budgets
     methods = args.method or [*llava_methods(), *VARIANTS]
     check_methods(methods, budgets[0])
-    model, processor = load_shapes_model(args.model)
-    examples = make_split("test", args.n)
+    task = TASKS[args.task]
+    with usage_errors():
+        model, processor = load_task_model(args.task, args.model)
+    examples = task.data.make_split("test", args.n)
     dense, rows = run_quality(model, processor, examples, methods, budgets, args.batch_size, not args.quiet)
     machine = describe_machine("cpu", threads)
-    title = f"ShapesVQA test (n={args.n}): accuracy (% of dense, visual tokens per sample)"
+    title = f"{task.title} test (n={args.n}): accuracy (% of dense, visual tokens per sample)"
     print(title)
     print(machine_line(machine))
     print(threads.line())
     print(format_table(dense, rows, budgets))
     with open(args.json, "w") as f:
-        json.dump({"title": title, "machine": machine, "n": args.n, "dense": dense.as_dict(dense),
+        json.dump({"title": title, "task": args.task, "machine": machine, "n": args.n, "dense": dense.as_dict(dense),
                    "results": [r.as_dict(dense) for r in rows]}, f, indent=2)
     plot(dense, rows, f"{title}\n{machine_line(machine)}", args.plot)
     print(f"wrote {args.json} and {args.plot}")

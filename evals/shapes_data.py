@@ -277,38 +277,44 @@ def cycled_answer(seed: int, index: int, answers: dict[str, tuple[str, ...]]) ->
     return types[t], choices[int(cycle_rng.permutation(len(choices))[turn % len(choices)])]
 
 
-def scene_questions(scene: Scene, rng: np.random.Generator, turns: int) -> list[tuple[str, str, str, dict]]:
+def scene_questions(scene, rng: np.random.Generator, turns: int, asks=None) -> list[tuple[str, str, str, dict]]:
     """Up to ``turns`` distinct ``(qtype, question, answer, meta)`` about ``scene`` (training data: each
     question draws a type uniformly, then an answer uniformly among those this scene can ask for, which keeps the
-    answer mix close to balanced)."""
+    answer mix close to balanced). ``asks`` maps each type to ``(answers, ask(scene, answer, rng))``; the default
+    is ShapesVQA's."""
+    asks = asks or {t: (ANSWERS[t], ASK[t]) for t in QUESTION_TYPES}
+    types = list(asks)
     qa: list[tuple[str, str, str, dict]] = []
     seen = set()
     for _ in range(4 * turns):
         if len(qa) == turns:
             break
-        qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
-        for a in rng.permutation(len(ANSWERS[qtype])):
-            asked = ask(scene, qtype, ANSWERS[qtype][a], rng)
+        qtype = types[int(rng.integers(len(types)))]
+        answers, ask_one = asks[qtype]
+        for a in rng.permutation(len(answers)):
+            asked = ask_one(scene, answers[a], rng)
             if asked is not None:
                 if asked[0] not in seen:
                     seen.add(asked[0])
-                    qa.append((qtype, asked[0], ANSWERS[qtype][a], asked[1]))
+                    qa.append((qtype, asked[0], answers[a], asked[1]))
                 break
     return qa
 
 
 PATCH_TARGETS = ("color", "shape", "cell", "color_count") + tuple(f"shape {r}" for r in RELATIONS)
+# classes per target: colour/shape + background, cell, colour count 0-6, neighbouring shape + empty, per side
+TARGET_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, GRID * GRID, 7) + (len(SHAPES) + 1,) * len(RELATIONS)
 IGNORE = -100
 
 
-def patch_owners(scene: Scene, patch_size: int) -> np.ndarray:
+def patch_owners(scene: Scene, patch_size: int, min_cover: float = 0.25) -> np.ndarray:
     """(patches,) raster order: the index in ``scene.shapes`` of the shape covering most of each patch, if it
-    covers at least a quarter of it, else -1 (background)."""
+    covers at least ``min_cover`` of it, else -1 (background)."""
     side = IMAGE_SIZE // patch_size
     pixels = shape_map(scene).astype(np.int64)
     patches = pixels.reshape(side, patch_size, side, patch_size).transpose(0, 2, 1, 3).reshape(side * side, -1)
     counts = np.stack([(patches == i + 1).sum(1) for i in range(len(scene.shapes))], axis=1)
-    return np.where(counts.max(1) * 4 >= patch_size * patch_size, counts.argmax(1), -1)
+    return np.where(counts.max(1) >= min_cover * patch_size * patch_size, counts.argmax(1), -1)
 
 
 def patch_targets(scene: Scene, patch_size: int) -> np.ndarray:

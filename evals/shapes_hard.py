@@ -29,13 +29,16 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vtoken.evals import shapes_data
 from vtoken.evals.shapes_data import (
     COLORS,
     COUNT_WORDS,
+    IGNORE,
     IMAGE_SIZE,
     PROMPT,
     SHAPES,
     Example,
+    centre_patch,
     cycled_answer,
     draw_shapes,
     presence_question,
@@ -232,6 +235,12 @@ def ask_nearest(scene: HardScene, answer: str, rng: np.random.Generator):
 ASK = {"digit": ask_digit, "count": ask_count, "presence": ask_presence, "nearest": ask_nearest}
 
 
+def scene_questions(scene: HardScene, rng: np.random.Generator, turns: int) -> list[tuple[str, str, str, dict]]:
+    """Up to ``turns`` distinct training questions about ``scene`` (``shapes_data.scene_questions`` with these
+    types)."""
+    return shapes_data.scene_questions(scene, rng, turns, {t: (ANSWERS[t], ASK[t]) for t in QUESTION_TYPES})
+
+
 def make_example(rng: np.random.Generator, qtype: str, answer: str, max_tries: int = 2000) -> Example:
     for _ in range(max_tries):
         scene = random_scene(rng)
@@ -257,6 +266,42 @@ def make_split(split: str, n: int) -> list[Example]:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an int >= 0; got {n!r}")
     return [split_example(split, i) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------- patch labels
+PATCH_TARGETS = ("color", "shape", "digit", "pair_count", "nearest_color")
+TARGET_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, len(DIGITS) + 1, len(COUNT_WORDS), len(COLORS))
+
+
+def patch_owners(scene: HardScene, patch_size: int) -> np.ndarray:
+    """(patches,) raster order: the shape covering most of each patch if it covers at least a quarter of it
+    (``shapes_data.patch_owners``), else -1; a small shape that owns no patch that way owns the patch under its
+    centre, so every shape has at least one token."""
+    owner = shapes_data.patch_owners(scene, patch_size)
+    for i, s in enumerate(scene.shapes):
+        if not (owner == i).any():
+            owner[centre_patch(s, patch_size)] = i
+    return owner
+
+
+def patch_targets(scene: HardScene, patch_size: int) -> np.ndarray:
+    """(len(PATCH_TARGETS), patches) per-patch labels for the tower's auxiliary loss: colour and shape
+    (``index + 1``, 0 = background), and on a shape's patches (``IGNORE`` on the background) its digit
+    (``digit + 1``, 0 = none), how many shapes of its colour and shape the scene holds (4 = four or more; count
+    questions stop at four), and the colour of
+    its clearly nearest shape (``IGNORE`` where none is clearly nearest). What the questions ask about a shape is
+    then on that shape's tokens; finding the shape the question names is left to the decoder's own attention."""
+    owner = patch_owners(scene, patch_size)
+    colors = list(COLORS)
+    per_shape = []
+    for s in scene.shapes:
+        other = nearest(scene, s)
+        per_shape.append([colors.index(s.color) + 1, SHAPES.index(s.shape) + 1,
+                          0 if s.digit is None else int(s.digit) + 1, min(scene.count(s.color, s.shape), 4),
+                          IGNORE if other is None else colors.index(other.color)])
+    table = np.asarray(per_shape, dtype=np.int64)[np.maximum(owner, 0)].T  # (targets, patches)
+    background = np.array([0, 0] + [IGNORE] * (len(PATCH_TARGETS) - 2))[:, None]
+    return np.where(owner[None] >= 0, table, background)
 
 
 def vocabulary() -> list[str]:

@@ -7,10 +7,13 @@ tokenizer and a LlavaProcessor, all built offline from configs and saved with ``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
+from vtoken.evals import shapes_data, shapes_hard
 from vtoken.evals.shapes_data import IMAGE_SIZE, vocabulary
 
 ASSET_DIR = Path(__file__).parent / "assets" / "shapes_llava"
@@ -35,13 +38,38 @@ TEXT = dict(
 )
 
 
-def build_tokenizer():
-    """Word-level tokenizer over the ShapesVQA vocabulary; BOS is prepended, unknown words map to <unk>."""
+@dataclass(frozen=True)
+class Task:
+    """A ShapesVQA task and the model shipped for it.
+
+    ``data`` is the task's data module (``random_scene``, ``render``, ``patch_targets``, ``PATCH_TARGETS``,
+    ``TARGET_CLASSES``, ``scene_questions``, ``make_split``, ``vocabulary``, ``SPLIT_SEEDS``). ``attention_targets``:
+    the model was taught where to look (ShapesVQA: a tower head that counts, the decoder's lookup heads); the hard
+    task's model learned every attention map from its losses alone. ``text``: decoder sizes over ``TEXT``."""
+
+    title: str
+    data: ModuleType
+    checkpoint: Path
+    attention_targets: bool
+    text: dict
+
+
+TASKS = {
+    "shapes": Task("ShapesVQA", shapes_data, ASSET_DIR, True, {}),
+    # wider, with more heads: with no attention targets the decoder must find the named shape's tokens itself
+    "hard": Task("ShapesVQA-Hard", shapes_hard, ASSET_DIR.with_name("shapes_hard_llava"), False,
+                 dict(hidden_size=192, intermediate_size=512, num_attention_heads=6, num_key_value_heads=6)),
+}
+
+
+def build_tokenizer(words: list[str] | None = None):
+    """Word-level tokenizer over ``words`` (default: the ShapesVQA vocabulary); BOS is prepended, unknown words map
+    to <unk>."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    for word in vocabulary():
+    for word in words or vocabulary():
         vocab.setdefault(word, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs; "\n" is plain whitespace
@@ -54,15 +82,16 @@ def build_tokenizer():
     )
 
 
-def build_processor():
-    """LlavaProcessor that expands ``<image>`` into one placeholder per patch (224/16 squared = 196)."""
+def build_processor(words: list[str] | None = None):
+    """LlavaProcessor that expands ``<image>`` into one placeholder per patch (224/16 squared = 196); ``words`` is
+    the tokenizer's vocabulary (default: ShapesVQA's)."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=VISION["patch_size"],
+        image_processor=image_processor, tokenizer=build_tokenizer(words), patch_size=VISION["patch_size"],
         vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
@@ -143,3 +172,19 @@ def load_shapes_model(path: str | Path | None = None, dtype: torch.dtype = torch
     processor = LlavaProcessor.from_pretrained(path)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return model.eval(), processor
+
+
+def load_task_model(task: str, path: str | Path | None = None):
+    """``(model, processor)`` for ``TASKS[task]``: the checkpoint shipped for it, or one at ``path`` whose tokenizer
+    knows every word of the task (a model trained on the other task would read the unknown words as <unk>)."""
+    model, processor = load_shapes_model(TASKS[task].checkpoint if path is None else path)
+    check_vocabulary(processor, task, f"the checkpoint at {path}")
+    return model, processor
+
+
+def check_vocabulary(processor, task: str, what: str) -> None:
+    known = processor.tokenizer.get_vocab()
+    missing = [w for w in TASKS[task].data.vocabulary() if w not in known]
+    if missing:
+        raise ValueError(f"{what} was not trained on the {TASKS[task].title} task (--task {task}): its tokenizer "
+                         f"lacks {', '.join(missing[:4])}")

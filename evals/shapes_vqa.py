@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from vtoken.adapters._compat import clip_parts
 from vtoken.adapters.llava import cls_attention as llava_cls_attention
-from vtoken.evals.shapes_data import QUESTION_TYPES, Example, make_split
+from vtoken.evals.shapes_data import Example, make_split
 from vtoken.evals.shapes_model import load_shapes_model, num_visual_tokens
 from vtoken.methods.base import GridSegment, ImageContext, Reduction
 
@@ -65,7 +65,7 @@ def normalize_answer(text: str) -> str:
 def score(examples: Sequence[Example], predictions: list[str], visual_tokens: float | None = None) -> ShapesResult:
     correct = [normalize_answer(p) == e.answer for p, e in zip(predictions, examples)]
     per_type = {}
-    for t in QUESTION_TYPES:
+    for t in dict.fromkeys(e.type for e in examples):  # the task's types, in order of appearance
         hits = [c for c, e in zip(correct, examples) if e.type == t]
         if hits:
             per_type[t] = sum(hits) / len(hits)

@@ -95,7 +95,7 @@ def shapes_data(model, processor, scenes: int, seed: int, turns: int):
     from vtoken.evals.train_shapes import cache_tower, packed_ids
     from vtoken.training import Sample
 
-    cache_args = argparse.Namespace(scenes=scenes, seed=seed)
+    cache_args = argparse.Namespace(scenes=scenes, seed=seed, task="shapes")
     hidden, cached, _ = cache_tower(cache_args, Accelerator(cpu=True), model, processor)
 
     def draw(rng, batch_size: int):

@@ -32,6 +32,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -40,33 +41,15 @@ from tqdm.auto import tqdm
 
 from vtoken.cli import HelpFormatter
 from vtoken.evals.arguments import checkpoint_dir, kept_share, non_negative_int, positive_int, share
-from vtoken.evals.shapes_data import (
-    COLORS,
-    GRID,
-    IGNORE,
-    PATCH_TARGETS,
-    RELATIONS,
-    SHAPES,
-    SPLIT_SEEDS,
-    count_attention,
-    evidence_patches,
-    make_split,
-    patch_targets,
-    random_scene,
-    render,
-    scene_questions,
-)
-from vtoken.evals.shapes_model import build_model, build_processor, load_shapes_model
+from vtoken.evals.shapes_data import COLORS, IGNORE, RELATIONS, SHAPES, count_attention, evidence_patches
+from vtoken.evals.shapes_model import TASKS, build_model, build_processor, check_vocabulary, load_shapes_model
 from vtoken.training import optimizer_for, packed_inputs, param_groups
-
-# Classes per patch target (see shapes_data.patch_targets): colour/shape + background, cell, colour count 0-6,
-# neighbouring shape + empty, per side.
-TARGET_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, GRID * GRID, 7) + (len(SHAPES) + 1,) * 4
-assert len(TARGET_CLASSES) == len(PATCH_TARGETS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for the trained model, processor and report")
+    parser.add_argument("--task", choices=tuple(TASKS), default="shapes",
+                        help="ShapesVQA, or ShapesVQA-Hard (trained with no attention targets)")
     parser.add_argument("--vision-steps", type=non_negative_int, default=2500,
                         help="optimizer steps of stage 1 (vision)")
     parser.add_argument("--vision-batch-size", type=positive_int, default=32, help="images per stage-1 step")
@@ -83,10 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="linear warm-up steps before cosine decay")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (both stages)")
     parser.add_argument("--patch-loss", type=float, default=0.5, help="weight of the patch loss in stage 2")
-    parser.add_argument("--lookup-loss", type=float, default=1.0,
-                        help="weight of the decoder lookup head's attention target (0 = off; on needs eager attention)")
+    parser.add_argument("--lookup-loss", type=float, default=None,
+                        help="weight of the decoder lookup heads' attention targets (ShapesVQA only; default 1, "
+                             "0 = off; on needs eager attention)")
     parser.add_argument("--token-drop", type=share, default=0.3,
                         help="fraction of stage-2 samples trained on a random subset of their visual tokens")
+    parser.add_argument("--focus-steps", type=non_negative_int, default=0,
+                        help="curriculum: the first N stage-2 steps show the shapes' tokens only, then ever more of "
+                             "the background (see focused_tokens)")
     parser.add_argument("--min-keep", type=kept_share, default=0.1, help="smallest kept share under --token-drop")
     parser.add_argument("--position-scale", type=float, default=1.0,
                         help="amplitude of the sine-cosine initialisation of the tower's position embeddings")
@@ -107,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------------------- samples
 def step_rng(args, stage: int, step: int) -> np.random.Generator:
-    return np.random.default_rng([SPLIT_SEEDS["train"], args.seed, stage, step])
+    return np.random.default_rng([TASKS[args.task].data.SPLIT_SEEDS["train"], args.seed, stage, step])
 
 
 # The decoder heads taught where to look (see answer_attention_targets): layer 0's heads gather the question's
@@ -122,12 +109,12 @@ GATHER_WORDS = (set(COLORS), set(SHAPES), POSITION_WORDS)  # then the first two 
 COUNT_LAYER, COUNT_HEAD = 2, 0
 
 
-def render_scenes(processor, rng: np.random.Generator, n: int):
-    """``n`` fresh training scenes: (pixel values, scenes, (n, targets, patches) patch targets)."""
-    scenes = [random_scene(rng) for _ in range(n)]
-    pixels = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"]
+def render_scenes(data: ModuleType, processor, rng: np.random.Generator, n: int):
+    """``n`` fresh training scenes of task ``data``: (pixel values, scenes, (n, targets, patches) patch targets)."""
+    scenes = [data.random_scene(rng) for _ in range(n)]
+    pixels = processor.image_processor([data.render(s) for s in scenes], return_tensors="pt")["pixel_values"]
     patch_size = processor.patch_size
-    targets = torch.from_numpy(np.stack([patch_targets(s, patch_size) for s in scenes]))
+    targets = torch.from_numpy(np.stack([data.patch_targets(s, patch_size) for s in scenes]))
     return pixels, scenes, targets
 
 
@@ -151,6 +138,21 @@ def word_positions(tokens: list[str]) -> list[list[int]]:
     """Per layer-0 gather head, the positions (within a turn) of the prompt words it should read."""
     picks = [[j for j, t in enumerate(tokens) if t in words] for words in GATHER_WORDS]
     return picks + [[0, 1]]
+
+
+def focused_tokens(on_shape: torch.Tensor, progress: float, gen: torch.Generator) -> torch.Tensor:
+    """The curriculum's kept visual tokens at ``progress`` (0 to 1) through ``--focus-steps``: every token of a shape
+    (``on_shape``, from the patch labels), and none of the background for the first half, then a random share of it
+    that grows linearly to all of it.
+
+    With no attention target, the decoder must find the tokens a question names from the answer loss alone. Among
+    196 tokens a uniform first guess gives the right ones about 1/196 of the weight each, and the run without this
+    stayed at chance for 500 steps; among the 20-30 tokens of the shapes, the answer's gradient reaches them 7-10x
+    as strongly. This only chooses which tokens a sample shows; no loss reads an attention map."""
+    background = (~on_shape).nonzero().flatten()
+    share = min(1.0, max(0.0, 2 * progress - 1))
+    picked = background[torch.randperm(len(background), generator=gen)[: round(share * len(background))]]
+    return torch.cat([on_shape.nonzero().flatten(), picked]).sort().values
 
 
 def answer_attention_targets(qas, samples, kept, targets, length: int, tokenizer):
@@ -200,18 +202,19 @@ def answer_attention_targets(qas, samples, kept, targets, length: int, tokenizer
 
 
 class PatchHeads(torch.nn.Module):
-    """Linear read-outs of every projected visual token's patch targets (training only, not saved)."""
+    """Linear read-outs of every projected visual token's patch targets (training only, not saved);
+    ``classes`` per target, the first target being the colour (0 = background) in every task."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, classes: tuple[int, ...]):
         super().__init__()
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in TARGET_CLASSES)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in classes)
 
     def forward(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy over targets and (per target) accuracy on the patches of shapes; ``feats`` (B, P, D),
         ``targets`` (B, T, P). Background patches are most of the image and trivially colour/shape 0, so counting
         them in the accuracy would hide a tower that cannot tell the shapes apart."""
         losses, accuracy = [], []
-        on_shape = (targets[:, PATCH_TARGETS.index("cell")] != IGNORE).flatten()
+        on_shape = (targets[:, 0] > 0).flatten()
         for i, head in enumerate(self.heads):
             logits, target = head(feats).flatten(0, 1), targets[:, i].flatten()
             losses.append(F.cross_entropy(logits, target, ignore_index=IGNORE))
@@ -241,39 +244,45 @@ def heads_loss(attentions, rows_b, rows_q, layer: int, first_head: int, target: 
 
 
 def train_vision(args, accelerator, model, heads, processor) -> dict:
-    """Stage 1: tower + projector + heads on the patch targets, plus the counting head's attention target.
+    """Stage 1: tower + projector + heads on the patch targets (and, on ShapesVQA, the counting head's attention).
 
-    Counting needs every shape's tokens to aggregate over the whole image; from per-patch count labels alone
-    the tower did not find that in 1000 steps, so one head's attention is supervised directly (eager attention
-    here, for the weights)."""
+    Counting needs every shape's tokens to aggregate over the whole image; on ShapesVQA, from per-patch count
+    labels alone the tower did not find that in 1000 steps, so one head's attention is supervised there (eager
+    attention, for the weights). The hard task's tower learns its counts from the per-patch labels alone."""
+    task = TASKS[args.task]
     tower, projector = model.model.vision_tower, model.model.multi_modal_projector
     groups = param_groups([tower, projector, heads], args.vision_lr, args.weight_decay)
     optimizer, scheduler = accelerator.prepare(*optimizer_for(groups, args.warmup, args.vision_steps))
     layer = model.config.vision_feature_layer
-    model.set_attn_implementation("eager")
+    counting = task.attention_targets
+    model.set_attn_implementation("eager" if counting else "sdpa")
     loss_avg = acc_avg = count_avg = None
     bar = tqdm(range(args.vision_steps), desc="stage 1: vision", unit="step")
     for step in bar:
-        pixels, scenes, targets = render_scenes(processor, step_rng(args, 1, step), args.vision_batch_size)
-        counting = torch.from_numpy(np.stack([count_attention(s, processor.patch_size) for s in scenes]))
-        pixels, targets, counting = (t.to(accelerator.device) for t in (pixels, targets, counting))
+        pixels, scenes, targets = render_scenes(task.data, processor, step_rng(args, 1, step), args.vision_batch_size)
+        pixels, targets = pixels.to(accelerator.device), targets.to(accelerator.device)
         with accelerator.autocast():
-            out = tower(pixels, output_hidden_states=True, output_attentions=True)
+            out = tower(pixels, output_hidden_states=True, output_attentions=counting)
             feats = projector(out.hidden_states[layer][:, 1:])
             loss, accuracy = heads(feats, targets)
-            block = min(COUNT_LAYER, len(out.attentions) - 1)  # tiny smoke-test towers have fewer
-            count_loss = attention_cross_entropy(out.attentions[block][:, COUNT_HEAD, 1:].float(), counting)
-        accelerator.backward(loss + count_loss)
+            total = loss
+            if counting:
+                target = torch.from_numpy(np.stack([count_attention(s, processor.patch_size) for s in scenes]))
+                block = min(COUNT_LAYER, len(out.attentions) - 1)  # tiny smoke-test towers have fewer
+                count_loss = attention_cross_entropy(out.attentions[block][:, COUNT_HEAD, 1:].float(),
+                                                     target.to(accelerator.device))
+                count_avg = ema(count_avg, count_loss.item())
+                total = loss + count_loss
+        accelerator.backward(total)
         accelerator.clip_grad_norm_(list(tower.parameters()) + list(projector.parameters()), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss_avg, acc_avg = ema(loss_avg, loss.item()), ema(acc_avg, accuracy.cpu())
-        count_avg = ema(count_avg, count_loss.item())
-        bar.set_postfix(loss=f"{loss_avg:.3f}", count_attn=f"{count_avg:.2f}",
+        bar.set_postfix(loss=f"{loss_avg:.3f}", **({"count_attn": f"{count_avg:.2f}"} if counting else {}),
                         acc=" ".join(f"{a:.2f}" for a in acc_avg.tolist()))
     model.set_attn_implementation("sdpa")
-    accuracy = dict(zip(PATCH_TARGETS, acc_avg.tolist())) if acc_avg is not None else {}
+    accuracy = dict(zip(task.data.PATCH_TARGETS, acc_avg.tolist())) if acc_avg is not None else {}
     return {"loss": loss_avg, "count_attention_loss": count_avg, "patch_accuracy": accuracy}
 
 
@@ -285,7 +294,8 @@ def cache_tower(args, accelerator, model, processor, chunk: int = 64):
     hidden, scenes, targets = [], [], []
     rng = step_rng(args, 3, 0)
     for start in tqdm(range(0, args.scenes, chunk), desc="stage 2: caching tower outputs", unit="chunk"):
-        pixels, batch_scenes, batch_targets = render_scenes(processor, rng, min(chunk, args.scenes - start))
+        pixels, batch_scenes, batch_targets = render_scenes(TASKS[args.task].data, processor, rng,
+                                                            min(chunk, args.scenes - start))
         with accelerator.autocast():
             states = model.model.vision_tower(pixels.to(accelerator.device),
                                               output_hidden_states=True).hidden_states[layer][:, 1:]
@@ -312,12 +322,14 @@ def train_language(args, accelerator, model, heads, processor, cache, val, histo
         rng = step_rng(args, 2, step)
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         index = rng.choice(len(scenes), size=args.batch_size, replace=False)
-        qas = [scene_questions(scenes[i], rng, args.turns) for i in index]
+        qas = [TASKS[args.task].data.scene_questions(scenes[i], rng, args.turns) for i in index]
         samples = [packed_ids(processor.tokenizer, qa) for qa in qas]
         kept = []
-        for _ in index:
+        for i in index:
             keep = torch.arange(len(hidden[0]))
-            if rng.random() < args.token_drop:
+            if step < args.focus_steps:
+                keep = focused_tokens(targets[i, 0] > 0, step / args.focus_steps, gen)
+            elif rng.random() < args.token_drop:
                 k = max(1, round(float(rng.uniform(args.min_keep, 1.0)) * len(keep)))
                 keep = torch.randperm(len(keep), generator=gen)[:k].sort().values
             kept.append(keep)
@@ -360,6 +372,28 @@ def train_language(args, accelerator, model, heads, processor, cache, val, histo
             tqdm.write(f"step {step + 1}: loss {loss_avg:.3f}  val {res.summary()}")
 
 
+def loss_terms(args: argparse.Namespace, vision_only: bool = False) -> list[dict]:
+    """The loss terms this run optimises, for its training report: stage, name, what it reads, and whether it reads
+    an attention map."""
+    terms = []
+    if args.vision_steps:
+        terms.append({"stage": 1, "name": "patch", "reads": "projected visual tokens (per-patch labels)",
+                      "attention": False})
+        if TASKS[args.task].attention_targets:
+            terms.append({"stage": 1, "name": "tower_count_attention",
+                          "reads": f"tower block {COUNT_LAYER} head {COUNT_HEAD} attention", "attention": True})
+    if not vision_only:
+        terms.append({"stage": 2, "name": "answer", "reads": "LM logits on the answer words and EOS",
+                      "attention": False})
+        if args.patch_loss:
+            terms.append({"stage": 2, "name": "patch", "reads": "projected visual tokens (per-patch labels)",
+                          "attention": False})
+        if args.lookup_loss:
+            terms.append({"stage": 2, "name": "decoder_lookup_attention",
+                          "reads": f"decoder layers {GATHER_LAYER}-{LOOKUP_LAYER} attention", "attention": True})
+    return terms
+
+
 def train(args: argparse.Namespace) -> dict:
     """Both stages in one process, placed and (optionally) autocast by accelerate: the model has 2 M parameters,
     so data parallelism would only add synchronisation; a GPU or ``--mixed-precision`` is what speeds it up."""
@@ -369,18 +403,25 @@ def train(args: argparse.Namespace) -> dict:
     if accelerator.num_processes > 1:
         raise ValueError(f"train-shapes runs in one process; got {accelerator.num_processes} (run it without "
                          "`accelerate launch --num_processes`)")
+    task = TASKS[args.task]
+    if args.lookup_loss is None:
+        args.lookup_loss = 1.0 if task.attention_targets else 0.0
+    if args.lookup_loss and not task.attention_targets:
+        raise ValueError(f"--lookup-loss must be 0 with --task {args.task}: its model learns attention from the answer "
+                         f"loss alone; got {args.lookup_loss}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.init:
         model, processor = load_shapes_model(args.init)
+        check_vocabulary(processor, args.task, f"--init {args.init}")
     else:
-        processor = build_processor()
-        sizes = TINY if args.tiny else {}
-        model = build_model(processor, seed=args.seed, position_scale=args.position_scale, **sizes)
+        processor = build_processor(task.data.vocabulary())
+        vision, text = (TINY["vision"], TINY["text"]) if args.tiny else ({}, task.text)
+        model = build_model(processor, vision, text, seed=args.seed, position_scale=args.position_scale)
     n_params = sum(p.numel() for p in model.parameters())
-    heads = PatchHeads(model.config.text_config.hidden_size)
+    heads = PatchHeads(model.config.text_config.hidden_size, task.data.TARGET_CLASSES)
     model.to(accelerator.device)
     heads.to(accelerator.device)
     start = time.perf_counter()
@@ -390,9 +431,9 @@ def train(args: argparse.Namespace) -> dict:
     if args.vision_only:
         model.save_pretrained(out)
         processor.save_pretrained(out)
-        return {"parameters": n_params, "vision_stage": vision}
+        return {"parameters": n_params, "vision_stage": vision, "loss_terms": loss_terms(args, vision_only=True)}
     cache = cache_tower(args, accelerator, model, processor)
-    val = make_split("val", args.val_size) if args.eval_every and args.val_size else []
+    val = task.data.make_split("val", args.val_size) if args.eval_every and args.val_size else []
     history: list[dict] = []
     train_language(args, accelerator, model, heads, processor, cache, val, history)
     train_minutes = (time.perf_counter() - start) / 60
@@ -401,7 +442,7 @@ def train(args: argparse.Namespace) -> dict:
     processor.save_pretrained(out)
     report = {
         "args": vars(args), "parameters": n_params, "train_minutes": train_minutes, "vision_stage": vision,
-        "history": history,
+        "loss_terms": loss_terms(args), "history": history,
         "machine": f"{platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads, {accelerator.device}".strip(),
     }
@@ -414,7 +455,7 @@ def test_report(args: argparse.Namespace, report: dict) -> dict:
     from vtoken.evals.shapes_vqa import evaluate
 
     model, processor = load_shapes_model(args.out)
-    result = evaluate(model, processor, make_split("test", args.test_size), desc="test")
+    result = evaluate(model, processor, TASKS[args.task].data.make_split("test", args.test_size), desc="test")
     report["test"] = {"accuracy": result.accuracy, "per_type": result.per_type, "n": result.n}
     report["disk_mb"] = sum(p.stat().st_size for p in Path(args.out).iterdir() if p.is_file()) / 2**20
     (Path(args.out) / "training_report.json").write_text(json.dumps(report, indent=1))

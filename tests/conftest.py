@@ -68,3 +68,17 @@ def pytest_collection_modifyitems(config, items):
 def gpu_device() -> torch.device:
     """The device of a `gpu` test: CUDA, or the CPU in a dry run."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_hard_checkpoint(tmp_path_factory):
+    """The same, with ShapesVQA-Hard's vocabulary and decoder shape."""
+    from vtoken.evals import shapes_hard, shapes_model, train_shapes
+
+    path = tmp_path_factory.mktemp("tiny_hard")
+    processor = shapes_model.build_processor(shapes_hard.vocabulary())
+    vision = {**train_shapes.TINY["vision"], "num_hidden_layers": 2}
+    text = {**train_shapes.TINY["text"], "num_hidden_layers": 4}
+    shapes_model.build_model(processor, vision=vision, text=text).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -70,3 +70,24 @@ def test_quality_runs_method_variants_once_at_their_own_budget(tiny_shapes_check
     assert "own budget" in capsys.readouterr().out
     with pytest.raises(UsageError, match="--method corematching:beta=2.*beta=2.0 is out of range"):
         quality.run(parse(quality, ["--model", str(tiny_shapes_checkpoint), "--method", "corematching:beta=2"]))
+
+
+def test_quality_and_demo_run_the_hard_task(tiny_hard_checkpoint, tiny_shapes_checkpoint, tmp_path, capsys):
+    out = tmp_path / "q.json"
+    args = parse(quality, ["--task", "hard", "--model", str(tiny_hard_checkpoint), "--n", "8", "--budgets", "0.05",
+                           "--batch-size", "8", "--method", "divprune", "--json", str(out),
+                           "--plot", str(tmp_path / "q.png"), "--quiet"])
+    assert quality.run(args) == 0
+    report = json.loads(out.read_text())
+    assert report["task"] == "hard" and report["title"].startswith("ShapesVQA-Hard test (n=8)")
+    assert set(report["dense"]["per_type"]) == {"digit", "count", "presence", "nearest"}
+    assert [(r["method"], r["visual_tokens"]) for r in report["results"]] == [("divprune", 10)]  # 5% of 196
+    table = tmp_path / "demo.json"
+    args = parse(demo, ["--task", "hard", "--model", str(tiny_hard_checkpoint), "--n", "4", "--budgets", "0.1",
+                        "--batch-size", "4", "--latency-batch", "2", "--repeats", "1", "--png", str(tmp_path / "d.png"),
+                        "--json", str(table), "--method", "random"])
+    assert demo.run(args) == 0
+    assert json.loads(table.read_text())["task"] == "hard" and "ShapesVQA-Hard test" in capsys.readouterr().out
+    for wrong, task in ((tiny_shapes_checkpoint, "hard"), (tiny_hard_checkpoint, "shapes")):
+        with pytest.raises(UsageError, match=f"was not trained on the .* task \\(--task {task}\\)"):
+            quality.run(parse(quality, ["--task", task, "--model", str(wrong), "--n", "2"]))

@@ -149,3 +149,36 @@ def test_export_to_lmms_eval(examples, tmp_path):
     rows = [json.loads(line) for line in (task / "test.jsonl").read_text().splitlines()]
     assert [(r["question"], r["answer"]) for r in rows] == [(e.question, e.answer) for e in examples[:4]]
     assert all((task / r["image"]).is_file() for r in rows) and (task / "shapes_hard.yaml").is_file()
+
+
+def test_patch_targets_follow_from_the_geometry(examples):
+    """Every shape owns at least one patch (small ones the patch under their centre); a shape's patches carry its
+    colour, shape, digit, how many shapes share its colour and shape (4 standing for 4 or more: count questions go up
+    to 4), and its clearly nearest shape's colour; the
+    background carries colour and shape 0 and nothing else."""
+    colours = list(COLORS)
+    for e in examples[:40]:
+        scene = e.scene
+        owner = hard.patch_owners(scene, 16)
+        targets = hard.patch_targets(scene, 16)
+        assert targets.shape == (len(hard.PATCH_TARGETS), 196)
+        assert set(owner.tolist()) == set(range(len(scene.shapes))) | ({-1} if (owner < 0).any() else set())
+        named = dict(zip(hard.PATCH_TARGETS, targets))
+        for i, s in enumerate(scene.shapes):
+            mine = owner == i
+            centres = np.array([(o.cx, o.cy) for o in scene.shapes])
+            distance = np.linalg.norm(centres - (s.cx, s.cy), axis=1)
+            distance[i] = np.inf
+            first, second = np.sort(distance)[:2]
+            nearest = colours.index(scene.shapes[int(np.argmin(distance))].color) \
+                if first <= hard.NEAREST_MARGIN * second else -100
+            expected = {"color": colours.index(s.color) + 1, "shape": hard.SHAPES.index(s.shape) + 1,
+                        "digit": 0 if s.digit is None else int(s.digit) + 1,
+                        "pair_count": min(4, sum((o.color, o.shape) == (s.color, s.shape) for o in scene.shapes)),
+                        "nearest_color": nearest}
+            for name, value in expected.items():
+                assert (named[name][mine] == value).all(), (e.index, name, s)
+        background = owner < 0
+        assert (targets[:2, background] == 0).all() and (targets[2:, background] == -100).all()
+        for a, b in zip(hard.TARGET_CLASSES, targets):
+            assert b.max() < a

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from vtoken.evals import shapes_data as sd
 from vtoken.evals import shapes_model as sm
 from vtoken.evals import shapes_vqa as sv
 from vtoken.evals import train_shapes as ts
@@ -129,13 +130,13 @@ def test_lookup_targets_point_from_the_last_prompt_token_to_the_evidence(process
 
 def test_tower_cache_is_what_the_projector_receives(processor):
     model = sm.build_model(processor, **ts.TINY).eval()
-    args = argparse.Namespace(seed=0, scenes=5)
+    args = argparse.Namespace(seed=0, scenes=5, task="shapes")
     from accelerate import Accelerator
 
     accelerator = Accelerator()
     model.to(accelerator.device)
     hidden, scenes, targets = ts.cache_tower(args, accelerator, model, processor, chunk=2)
-    assert hidden.shape[:2] == (5, 196) and targets.shape == (5, len(ts.PATCH_TARGETS), 196) and len(scenes) == 5
+    assert hidden.shape[:2] == (5, 196) and targets.shape == (5, len(sd.PATCH_TARGETS), 196) and len(scenes) == 5
     pixels = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"]
     pixels = pixels.to(accelerator.device)
     with torch.no_grad():
@@ -153,7 +154,7 @@ def test_training_smoke_run(tmp_path, capsys):
     report = ts.train(args)
     assert [h["step"] for h in report["history"]] == [2, 3]
     assert all(h["loss"] == h["loss"] for h in report["history"])  # finite, not NaN
-    assert set(report["vision_stage"]["patch_accuracy"]) == set(ts.PATCH_TARGETS)
+    assert set(report["vision_stage"]["patch_accuracy"]) == set(sd.PATCH_TARGETS)
     assert json.loads((tmp_path / "training_report.json").read_text())["args"]["steps"] == 3
     model, processor = sm.load_shapes_model(tmp_path)
     assert model.dtype == torch.float32  # saved as float16, loaded back for the CPU
@@ -226,3 +227,63 @@ def test_export_split_writes_jsonl_and_pngs(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["answer"] for r in rows] == [e.answer for e in make_split("test", 3)]
     assert all((tmp_path / "images" / f"test_{i:05d}.png").is_file() for i in range(3))
+
+
+def test_the_hard_task_trains_without_any_attention_target(tmp_path, monkeypatch):
+    """ShapesVQA-Hard's model learns its attention from the answers alone: no forward pass asks for attention
+    weights, none of the attention-target code runs, and the report's loss terms read no attention map."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an attention target was computed")
+
+    for name in ("attention_cross_entropy", "heads_loss", "count_attention", "answer_attention_targets"):
+        monkeypatch.setattr(ts, name, forbidden)
+    asked = []
+
+    def spy(module, args, kwargs):
+        asked.append((bool(kwargs.get("output_attentions")), module.config._attn_implementation))
+
+    real_build = ts.build_model
+
+    def build_spied(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.register_forward_pre_hook(spy, with_kwargs=True)
+        model.model.vision_tower.register_forward_pre_hook(spy, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(ts, "build_model", build_spied)
+    parser = argparse.ArgumentParser()
+    ts.add_arguments(parser)
+    args = parser.parse_args(["--task", "hard", "--out", str(tmp_path), "--tiny", "--vision-steps", "2",
+                              "--vision-batch-size", "2", "--scenes", "6", "--steps", "3", "--batch-size", "2",
+                              "--turns", "3", "--focus-steps", "2", "--eval-every", "0", "--test-size", "0"])
+    report = ts.train(args)
+    assert len(asked) >= 5 and not any(wants for wants, _ in asked)
+    assert {impl for _, impl in asked} == {"sdpa"}  # eager attention is only needed to read the weights
+    assert [(t["stage"], t["name"]) for t in report["loss_terms"]] == [(1, "patch"), (2, "answer"), (2, "patch")]
+    assert not any(t["attention"] for t in report["loss_terms"])
+    model, processor = sm.load_shapes_model(tmp_path)
+    assert "nearest" in processor.tokenizer.get_vocab()  # the hard task's words
+    with pytest.raises(ValueError, match="--lookup-loss must be 0 with --task hard"):
+        ts.train(parser.parse_args(["--task", "hard", "--out", str(tmp_path), "--lookup-loss", "1"]))
+
+
+def test_shapes_vqa_reports_its_attention_targets(tmp_path):
+    parser = argparse.ArgumentParser()
+    ts.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path)])
+    args.lookup_loss = 1.0
+    names = [t["name"] for t in ts.loss_terms(args) if t["attention"]]
+    assert names == ["tower_count_attention", "decoder_lookup_attention"]
+
+
+def test_the_focus_curriculum_shows_the_shapes_then_ever_more_background():
+    on_shape = torch.zeros(196, dtype=torch.bool)
+    on_shape[[3, 50, 51, 180]] = True
+    gen = torch.Generator().manual_seed(0)
+    sizes = []
+    for progress in (0.0, 0.3, 0.5, 0.75, 1.0):
+        keep = ts.focused_tokens(on_shape, progress, gen)
+        assert set(on_shape.nonzero().flatten().tolist()) <= set(keep.tolist())
+        assert torch.equal(keep, keep.sort().values) and len(set(keep.tolist())) == len(keep)
+        sizes.append(len(keep))
+    assert sizes == [4, 4, 4, 4 + 96, 196]
