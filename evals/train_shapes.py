@@ -394,6 +394,11 @@ def loss_terms(args: argparse.Namespace, vision_only: bool = False) -> list[dict
     return terms
 
 
+def chain_loss_terms(report: dict | None) -> list[dict]:
+    """Every loss term of the runs that made a checkpoint: its report's, then (recursively) its ``--init``'s."""
+    return [] if report is None else report["loss_terms"] + chain_loss_terms(report.get("init"))
+
+
 def train(args: argparse.Namespace) -> dict:
     """Both stages in one process, placed and (optionally) autocast by accelerate: the model has 2 M parameters,
     so data parallelism would only add synchronisation; a GPU or ``--mixed-precision`` is what speeds it up."""
@@ -428,25 +433,33 @@ def train(args: argparse.Namespace) -> dict:
     model.train()
     vision = train_vision(args, accelerator, model, heads, processor) if args.vision_steps else {}
     model.model.vision_tower.requires_grad_(False).eval()
-    if args.vision_only:
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        return {"parameters": n_params, "vision_stage": vision, "loss_terms": loss_terms(args, vision_only=True)}
-    cache = cache_tower(args, accelerator, model, processor)
-    val = task.data.make_split("val", args.val_size) if args.eval_every and args.val_size else []
     history: list[dict] = []
-    train_language(args, accelerator, model, heads, processor, cache, val, history)
-    train_minutes = (time.perf_counter() - start) / 60
-    model.requires_grad_(True).eval().set_attn_implementation("sdpa")
-    model.to(getattr(torch, args.save_dtype)).save_pretrained(out)
+    if not args.vision_only:
+        cache = cache_tower(args, accelerator, model, processor)
+        val = task.data.make_split("val", args.val_size) if args.eval_every and args.val_size else []
+        train_language(args, accelerator, model, heads, processor, cache, val, history)
+        model.requires_grad_(True).eval().set_attn_implementation("sdpa")
+        model.to(getattr(torch, args.save_dtype))
+    model.save_pretrained(out)
     processor.save_pretrained(out)
+    report = write_report(args, {"parameters": n_params, "train_minutes": (time.perf_counter() - start) / 60,
+                                 "vision_stage": vision, "history": history}, str(accelerator.device))
+    return report
+
+
+def write_report(args: argparse.Namespace, results: dict, device: str) -> dict:
+    """Write ``--out``/training_report.json: the arguments, ``results``, the loss terms, the machine, and the report
+    of the ``--init`` checkpoint this run continued (so a chain of runs keeps every run's loss terms)."""
+    init = None
+    if args.init and (Path(args.init) / "training_report.json").is_file():
+        init = json.loads((Path(args.init) / "training_report.json").read_text())
     report = {
-        "args": vars(args), "parameters": n_params, "train_minutes": train_minutes, "vision_stage": vision,
-        "loss_terms": loss_terms(args), "history": history,
+        "args": vars(args), **results, "loss_terms": loss_terms(args, args.vision_only),
         "machine": f"{platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads, {accelerator.device}".strip(),
+                   f"{torch.get_num_threads()} threads, {device}".strip(),
+        "init": init,
     }
-    (out / "training_report.json").write_text(json.dumps(report, indent=1))
+    (Path(args.out) / "training_report.json").write_text(json.dumps(report, indent=1))
     return report
 
 

@@ -287,3 +287,20 @@ def test_the_focus_curriculum_shows_the_shapes_then_ever_more_background():
         assert torch.equal(keep, keep.sort().values) and len(set(keep.tolist())) == len(keep)
         sizes.append(len(keep))
     assert sizes == [4, 4, 4, 4 + 96, 196]
+
+
+def test_a_chain_of_runs_keeps_every_runs_loss_terms(tmp_path):
+    """Stage 1 alone (--vision-only), then stage 2 from its checkpoint (--init): the second report holds the
+    first, so the shipped checkpoint's report lists every loss term that shaped it."""
+    parser = argparse.ArgumentParser()
+    ts.add_arguments(parser)
+    common = ["--task", "hard", "--tiny", "--vision-batch-size", "2", "--scenes", "4", "--batch-size", "2",
+              "--turns", "2", "--eval-every", "0", "--test-size", "0"]
+    first = ts.train(parser.parse_args(["--out", str(tmp_path / "v"), "--vision-only", "--vision-steps", "2",
+                                        *common]))
+    assert json.loads((tmp_path / "v" / "training_report.json").read_text())["loss_terms"] == first["loss_terms"]
+    second = ts.train(parser.parse_args(["--out", str(tmp_path / "l"), "--init", str(tmp_path / "v"),
+                                         "--vision-steps", "0", "--steps", "2", *common]))
+    terms = ts.chain_loss_terms(second)
+    assert [(t["stage"], t["name"]) for t in terms] == [(2, "answer"), (2, "patch"), (1, "patch")]
+    assert second["init"]["args"]["vision_only"] and not any(t["attention"] for t in terms)
