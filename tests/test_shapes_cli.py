@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vtoken.cli import UsageError
-from vtoken.evals import demo, quality
+from vtoken.evals import demo, quality, shapes_model
 
 
 def parse(module, argv):
@@ -88,6 +88,9 @@ def test_quality_and_demo_run_the_hard_task(tiny_hard_checkpoint, tiny_shapes_ch
                         "--json", str(table), "--method", "random"])
     assert demo.run(args) == 0
     assert json.loads(table.read_text())["task"] == "hard" and "ShapesVQA-Hard test" in capsys.readouterr().out
+    if not (shapes_model.TASKS["hard"].checkpoint / "config.json").is_file():
+        with pytest.raises(UsageError, match="no ShapesVQA-Hard checkpoint ships with vtoken yet"):
+            quality.run(parse(quality, ["--task", "hard", "--n", "2"]))
     for wrong, task in ((tiny_shapes_checkpoint, "hard"), (tiny_hard_checkpoint, "shapes")):
         with pytest.raises(UsageError, match=f"was not trained on the .* task \\(--task {task}\\)"):
             quality.run(parse(quality, ["--task", task, "--model", str(wrong), "--n", "2"]))
