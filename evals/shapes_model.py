@@ -178,8 +178,8 @@ def load_task_model(task: str, path: str | Path | None = None):
     """``(model, processor)`` for ``TASKS[task]``: the checkpoint shipped for it, or one at ``path`` whose tokenizer
     knows every word of the task (a model trained on the other task would read the unknown words as <unk>)."""
     if path is None and not (TASKS[task].checkpoint / "config.json").is_file():
-        raise ValueError(f"no {TASKS[task].title} checkpoint ships with vtoken yet (docs/shapes_vqa.md says why); train "
-                         f"one with `vtoken train-shapes --task {task} --out DIR` and pass --model DIR")
+        raise ValueError(f"no {TASKS[task].title} checkpoint ships with vtoken yet (docs/shapes_vqa.md says why); "
+                         f"train one with `vtoken train-shapes --task {task} --out DIR` and pass --model DIR")
     model, processor = load_shapes_model(TASKS[task].checkpoint if path is None else path)
     check_vocabulary(processor, task, f"the checkpoint at {path}")
     return model, processor

@@ -304,3 +304,16 @@ def test_a_chain_of_runs_keeps_every_runs_loss_terms(tmp_path):
     terms = ts.chain_loss_terms(second)
     assert [(t["stage"], t["name"]) for t in terms] == [(2, "answer"), (2, "patch"), (1, "patch")]
     assert second["init"]["args"]["vision_only"] and not any(t["attention"] for t in terms)
+
+
+def test_the_reported_hard_run_used_no_attention_loss():
+    """The ShapesVQA-Hard run in docs/shapes_vqa.md: every loss term of both of its runs, none reading attention."""
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "docs" / "results" / "shapes_hard_training_report.json"
+    report = json.loads(path.read_text())
+    terms = ts.chain_loss_terms(report)
+    assert {(t["stage"], t["name"]) for t in terms} == {(1, "patch"), (2, "answer"), (2, "patch")}
+    assert not any(t["attention"] or "attention" in t["name"] for t in terms)
+    for run in (report, report["init"]):
+        assert run["args"]["task"] == "hard" and run["args"]["lookup_loss"] == 0
