@@ -336,8 +336,14 @@ def patch_targets(scene: Scene, patch_size: int) -> np.ndarray:
             neighbours.append(0 if other is None else shapes.index(other.shape) + 1)
         per_shape.append([colors.index(s.color) + 1, shapes.index(s.shape) + 1, s.row * GRID + s.col,
                           scene.count(s.color), *neighbours])
-    table = np.asarray(per_shape, dtype=np.int64)[np.maximum(owner, 0)].T  # (targets, patches)
-    background = np.array([0, 0] + [IGNORE] * (len(PATCH_TARGETS) - 2))[:, None]
+    return spread_targets(owner, per_shape)
+
+
+def spread_targets(owner: np.ndarray, per_shape: list[list[int]]) -> np.ndarray:
+    """(targets, patches): each patch gets its owning shape's row of ``per_shape`` (``owner`` as ``patch_owners``
+    gives it); a background patch gets colour and shape 0 (the first two targets) and ``IGNORE`` for the rest."""
+    table = np.asarray(per_shape, dtype=np.int64)[np.maximum(owner, 0)].T
+    background = np.array([0, 0] + [IGNORE] * (table.shape[0] - 2))[:, None]
     return np.where(owner[None] >= 0, table, background)
 
 

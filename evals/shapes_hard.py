@@ -299,9 +299,7 @@ def patch_targets(scene: HardScene, patch_size: int) -> np.ndarray:
         per_shape.append([colors.index(s.color) + 1, SHAPES.index(s.shape) + 1,
                           0 if s.digit is None else int(s.digit) + 1, min(scene.count(s.color, s.shape), 4),
                           IGNORE if other is None else colors.index(other.color)])
-    table = np.asarray(per_shape, dtype=np.int64)[np.maximum(owner, 0)].T  # (targets, patches)
-    background = np.array([0, 0] + [IGNORE] * (len(PATCH_TARGETS) - 2))[:, None]
-    return np.where(owner[None] >= 0, table, background)
+    return shapes_data.spread_targets(owner, per_shape)
 
 
 def vocabulary() -> list[str]:
