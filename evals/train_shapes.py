@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vtoken.cli import HelpFormatter
-from vtoken.evals.arguments import checkpoint_dir, kept_share, non_negative_int, positive_int, share
+from vtoken.evals.arguments import checkpoint_dir, kept_share, non_negative_int, positive_float, positive_int, share
 from vtoken.evals.shapes_data import COLORS, IGNORE, RELATIONS, SHAPES, count_attention, evidence_patches
 from vtoken.evals.shapes_model import TASKS, build_model, build_processor, check_vocabulary, load_shapes_model
 from vtoken.training import optimizer_for, packed_inputs, param_groups
@@ -82,6 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even where accelerate finds a GPU")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
                         help="accelerate's autocast for the forward passes (GPU)")
+    parser.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
+                        help=f"stage 2's wall-time budget: after its first {TIMING_STEPS} steps (or 10%% of it) "
+                             "the run is shortened to the steps that fit (at most --steps), and its cosine schedule "
+                             "with it; validation counts, the tower cache and the test do not")
     parser.add_argument("--eval-every", type=non_negative_int, default=250,
                         help="validation every N stage-2 steps (0 = never)")
     parser.add_argument("--val-size", type=non_negative_int, default=200, help="validation examples")
@@ -305,19 +309,28 @@ def cache_tower(args, accelerator, model, processor, chunk: int = 64):
     return torch.cat(hidden), scenes, torch.cat(targets)
 
 
-def train_language(args, accelerator, model, heads, processor, cache, val, history) -> None:
-    """Stage 2: projector + decoder (+ heads) on packed questions over the cached tower outputs."""
+def train_language(args, accelerator, model, heads, processor, cache, val, history) -> int:
+    """Stage 2: projector + decoder (+ heads) on packed questions over the cached tower outputs. Returns the
+    number of steps run (fewer than ``--steps`` under ``--time-limit``)."""
     hidden, scenes, targets = cache
     projector = model.model.multi_modal_projector
     groups = param_groups([projector, model.model.language_model, heads], args.lr, args.weight_decay)
-    optimizer, scheduler = accelerator.prepare(*optimizer_for(groups, args.warmup, args.steps))
+    horizon = [args.steps]
+    optimizer, scheduler = accelerator.prepare(*optimizer_for(groups, args.warmup, lambda: horizon[0]))
     eos = model.config.text_config.eos_token_id
     if args.lookup_loss:
         model.set_attn_implementation("eager")
     loss_avg = acc_avg = lookup_avg = None
     start = time.perf_counter()
-    bar = tqdm(range(args.steps), desc="stage 2: language", unit="step")
-    for step in bar:
+    bar = tqdm(total=args.steps, desc="stage 2: language", unit="step")
+    step, fitted = -1, not args.time_limit
+    while step + 1 < horizon[0]:
+        step += 1
+        if not fitted and step and (step == TIMING_STEPS or time.perf_counter() - start > 6 * args.time_limit):
+            fitted = True  # after TIMING_STEPS steps, or 10% of the budget on a slow machine
+            horizon[0] = steps_that_fit(args, step, time.perf_counter() - start)
+            bar.total = horizon[0]
+            tqdm.write(f"--time-limit {args.time_limit:g} min: stage 2 runs {horizon[0]} of --steps {args.steps}")
         model.train()
         rng = step_rng(args, 2, step)
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -359,9 +372,10 @@ def train_language(args, accelerator, model, heads, processor, cache, val, histo
             words = (target != -100) & (target != eos)
             hit = (outputs.logits[:, :-1].argmax(-1) == target)[words].float().mean().item()
         loss_avg, acc_avg = ema(loss_avg, outputs.loss.item()), ema(acc_avg, hit)
+        bar.update()
         bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc_avg:.3f}", patch=f"{patch_loss.item():.3f}",
                         lookup=f"{lookup_avg or 0:.2f}")
-        if val and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+        if val and ((step + 1) % args.eval_every == 0 or step + 1 == horizon[0]):
             from vtoken.evals.shapes_vqa import evaluate
 
             model.eval().set_attn_implementation("sdpa")
@@ -370,6 +384,22 @@ def train_language(args, accelerator, model, heads, processor, cache, val, histo
             history.append({"step": step + 1, "minutes": (time.perf_counter() - start) / 60, "loss": loss_avg,
                             "val_accuracy": res.accuracy, "val_per_type": res.per_type})
             tqdm.write(f"step {step + 1}: loss {loss_avg:.3f}  val {res.summary()}")
+            if args.time_limit and fitted and step + 1 < horizon[0]:  # re-fit, validation's cost in the pace
+                horizon[0] = bar.total = min(horizon[0], steps_that_fit(args, step + 1, time.perf_counter() - start))
+    bar.close()
+    return step + 1
+
+
+# --time-limit fits stage 2's length once this many steps (the warm-up's slow first ones among them) are timed, or
+# 10% of the budget is spent, whichever comes first
+TIMING_STEPS = 50
+
+
+def steps_that_fit(args: argparse.Namespace, done: int, seconds: float) -> int:
+    """Stage 2's length under ``--time-limit``, at the pace of the ``done`` steps so far (``seconds``, validation
+    included): at most ``--steps``, at least one more step, with 5% of the budget kept for the final validation."""
+    budget = 0.95 * args.time_limit * 60 - seconds
+    return max(done + 1, min(args.steps, done + int(budget * done / seconds)))
 
 
 def loss_terms(args: argparse.Namespace, vision_only: bool = False) -> list[dict]:
@@ -434,16 +464,18 @@ def train(args: argparse.Namespace) -> dict:
     vision = train_vision(args, accelerator, model, heads, processor) if args.vision_steps else {}
     model.model.vision_tower.requires_grad_(False).eval()
     history: list[dict] = []
+    language_steps = 0
     if not args.vision_only:
         cache = cache_tower(args, accelerator, model, processor)
         val = task.data.make_split("val", args.val_size) if args.eval_every and args.val_size else []
-        train_language(args, accelerator, model, heads, processor, cache, val, history)
+        language_steps = train_language(args, accelerator, model, heads, processor, cache, val, history)
         model.requires_grad_(True).eval().set_attn_implementation("sdpa")
         model.to(getattr(torch, args.save_dtype))
     model.save_pretrained(out)
     processor.save_pretrained(out)
     report = write_report(args, {"parameters": n_params, "train_minutes": (time.perf_counter() - start) / 60,
-                                 "vision_stage": vision, "history": history}, str(accelerator.device))
+                                 "vision_stage": vision, "language_steps": language_steps,
+                                 "history": history}, str(accelerator.device))
     return report
 
 

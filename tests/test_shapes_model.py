@@ -165,6 +165,32 @@ def test_training_smoke_run(tmp_path, capsys):
     assert "argument --token-drop: expected a fraction in [0, 1], got 2" in capsys.readouterr().err
 
 
+def test_steps_that_fit_the_time_limit():
+    args = argparse.Namespace(time_limit=1.0, steps=10_000)
+    # 50 steps in 6 s: 0.95 * 60 s - 6 s left, at 0.12 s a step, fit 425 more
+    assert ts.steps_that_fit(args, 50, 6.0) == 475
+    assert ts.steps_that_fit(args, 50, 120.0) == 51  # over the limit already: one more step ends the run
+    assert ts.steps_that_fit(argparse.Namespace(time_limit=1.0, steps=100), 50, 6.0) == 100  # never past --steps
+
+
+def test_a_time_limited_run_stops_early_and_reports_its_steps(tmp_path, monkeypatch):
+    parser = argparse.ArgumentParser()
+    ts.add_arguments(parser)
+    common = ["--tiny", "--vision-steps", "0", "--scenes", "4", "--steps", "1000", "--batch-size", "2", "--turns", "2",
+              "--eval-every", "0", "--test-size", "0"]
+    # a budget spent by the first step: fitted at once (10% of it gone), one more step ends the run
+    report = ts.train(parser.parse_args(["--out", str(tmp_path / "a"), *common, "--time-limit", "0.0001"]))
+    assert report["language_steps"] == 2 and report["args"]["steps"] == 1000
+    # an ample budget: fitted after TIMING_STEPS steps, to what steps_that_fit allows
+    fits = []
+    monkeypatch.setattr(ts, "TIMING_STEPS", 3)
+    monkeypatch.setattr(ts, "steps_that_fit", lambda args, done, seconds: fits.append(done) or 5)
+    report = ts.train(parser.parse_args(["--out", str(tmp_path / "b"), *common, "--time-limit", "60"]))
+    assert fits == [3] and report["language_steps"] == 5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", str(tmp_path), "--time-limit", "0"])
+
+
 def test_training_runs_under_accelerate_autocast(tmp_path):
     # bf16 autocast through accelerate (CPU here). A subprocess: accelerate fixes one precision per process.
     cmd = [sys.executable, "-m", "vtoken.evals.train_shapes", "--out", str(tmp_path), "--tiny", "--vision-steps", "2",

@@ -230,3 +230,29 @@ def test_the_alignment_stage_brings_the_projector_to_the_models_own():
         error = (projector(features, 64) - target).pow(2).mean() / target.var()
     assert error < 0.2
     assert len(train_tokenflex(model, data, config).align_losses) == 60  # the trainer runs it first
+
+
+def test_the_schedule_matches_transformers_and_follows_a_moving_horizon():
+    from transformers import get_cosine_schedule_with_warmup
+
+    from vtoken.training import optimizer_for
+
+    def lrs(optimizer, scheduler, steps):
+        out = []
+        for _ in range(steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    ours = lrs(*optimizer_for([{"params": params, "lr": 1.0}], warmup=5, steps=40), 40)
+    reference = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    assert ours == lrs(reference, get_cosine_schedule_with_warmup(reference, 5, 40), 40)
+    # a run shortened to 20 steps (under --time-limit) decays to 0 at step 20, not 40
+    horizon = [40]
+    optimizer, scheduler = optimizer_for([{"params": params, "lr": 1.0}], warmup=5, steps=lambda: horizon[0])
+    head = lrs(optimizer, scheduler, 10)
+    horizon[0] = 20
+    tail = lrs(optimizer, scheduler, 11)
+    assert head == ours[:10] and tail[-1] == 0.0 and tail[0] > tail[5] > tail[-1]

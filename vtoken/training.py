@@ -104,12 +104,21 @@ def param_groups(modules, lr: float, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
 
 
-def optimizer_for(groups: list[dict], warmup: int, steps: int):
-    """AdamW on ``groups`` with a linear warm-up then cosine decay over ``steps``."""
-    from transformers import get_cosine_schedule_with_warmup
+def warmup_cosine(step: int, warmup: int, steps: int) -> float:
+    """The learning-rate factor at ``step``: linear from 0 over ``warmup`` steps, then a cosine to 0 at ``steps``."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
 
+
+def optimizer_for(groups: list[dict], warmup: int, steps: int | Callable[[], int]):
+    """AdamW on ``groups`` with a linear warm-up then cosine decay over ``steps``: a number, or a callable read at
+    every step, for a run whose length is fitted to a time limit once its speed is known."""
+    horizon = steps if callable(steps) else (lambda: steps)
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98))
-    return optimizer, get_cosine_schedule_with_warmup(optimizer, min(warmup, steps // 2), steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, min(warmup, horizon() // 2), horizon()))
+    return optimizer, schedule
 
 
 @dataclass
