@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU suite: every GPU figure vtoken owes, in one command, on one CUDA GPU, in at most 7 minutes of wall time.
+# The GPU suite: every GPU figure vtoken owes, in one command, on one CUDA GPU, in at most 7.5 minutes of wall time.
 #
-#   evals/gpu_suite.sh [--device cuda|cpu] [--smoke] [--out DIR] [--wheelhouse DIR] [--budget SECONDS (405)]
+#   evals/gpu_suite.sh [--device cuda|cpu] [--smoke] [--out DIR] [--wheelhouse DIR] [--budget SECONDS (425)]
 #                      [--install|--no-install]
 #
 # 1. installs the wheels of --wheelhouse (built beforehand by evals/build_wheelhouse.sh; default on CUDA) into a
@@ -17,8 +17,8 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 
 DEVICE=cuda SMOKE=0 OUT=docs/results/gpu WHEELS=.wheelhouse BUDGET= INSTALL=auto
-# LLaVA methods of the main table; add transprune / corematching here once they exist
-METHODS=${VTOKEN_SUITE_METHODS:-"todre random pool attn_topk divprune"}
+# LLaVA methods of the main table
+METHODS=${VTOKEN_SUITE_METHODS:-"todre random pool attn_topk divprune transprune corematching"}
 
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -35,11 +35,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 case $DEVICE in cuda|cpu) ;; *) echo "gpu_suite.sh: error: --device must be cuda or cpu, got '$DEVICE'" >&2; exit 2 ;; esac
-# On a GPU 405 s: the parts' shares; a stopped part's 10 s grace and the report keep the run within 7 minutes. The
+# On a GPU 425 s: the parts' shares; a stopped part's 10 s grace and the report keep the run within 7.5 minutes. The
 # CPU dry run (Triton's interpreter, a shared machine) gets every share and the budget four times over.
 SCALE=1
 [ "$DEVICE" = cpu ] && SCALE=4
-BUDGET=${BUDGET:-$((405 * SCALE))}
+BUDGET=${BUDGET:-$((425 * SCALE))}
 case $BUDGET in *[!0-9]*) echo "gpu_suite.sh: error: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
 
 PY=${PYTHON:-python3}
@@ -152,9 +152,9 @@ PYTEST_ENV=()
 [ "$DEVICE" = cpu ] && PYTEST_ENV=(env VTOKEN_GPU_TESTS_ON_CPU=1)
 part pytest_gpu 90 "${PYTEST_ENV[@]}" "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider \
   --junitxml="$OUT/pytest_gpu.xml"
-part bench_llava15_b1 35 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch 1 "${METHOD_ARGS[@]}" \
+part bench_llava15_b1 45 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch 1 "${METHOD_ARGS[@]}" \
   --json "$OUT/bench_llava15_b1.json"
-part bench_llava15_b$BATCH 60 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch "$BATCH" \
+part bench_llava15_b$BATCH 70 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch "$BATCH" \
   "${METHOD_ARGS[@]}" --json "$OUT/bench_llava15_b$BATCH.json"
 part bench_llava_next 40 "${BENCH[@]}" "${NEXT[@]}" "${TIMING[@]}" --keep 0.1 --batch 1 \
   --method todre:keep=0.1 --method todre:keep=0.25 --json "$OUT/bench_llava_next.json"

@@ -40,7 +40,8 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     assert "CPU (dry run: no figure here is a GPU measurement)" in readme
     assert json.loads((out / "pytest_gpu.json").read_text())["failures"] == 0
     b1 = json.loads((out / "bench_llava15_b1.json").read_text())
-    assert [r["method"] for r in b1["results"]] == ["dense", "todre", "random", "pool", "attn_topk", "divprune"]
+    assert [r["method"] for r in b1["results"]] == ["dense", "todre", "random", "pool", "attn_topk", "divprune",
+                                                    "transprune", "corematching"]
     boundary = [r for r in b1["results"] if r["method"] in ("todre", "random", "pool", "divprune")]
     assert len(boundary) == 4 and all(r["visual_tokens_llm"] == 16 for r in boundary)  # --keep 16 of 64
     for md in ("bench_llava15_b1.md", "bench_llava_next.md", "bench_vit/bench_vit.md", "bench_dit/bench_dit.md",
