@@ -6,11 +6,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="vtoken-hf-"))
-# Triton kernels are checked on CPU through the interpreter; it must be set before any @triton.jit runs.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU, Triton kernels are checked through the interpreter; it must be set before any @triton.jit runs (a
+# GPU compiles them: the interpreter there fails on device tensors).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import settings  # noqa: E402
 
 # Property tests draw the same examples on every run, so a CI failure can be reproduced; explore new examples with

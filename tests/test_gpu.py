@@ -127,19 +127,37 @@ def test_fp16_keep_all_is_lossless(half_host, name):
     assert torch.equal(run(half_host.model, inputs), ref)  # and remove() restores exactly
 
 
-@pytest.mark.parametrize("name", sorted(PRUNING))
-def test_fp16_batch_equals_singles(half_host, name):
-    model = half_host.model
+def assert_batch_equals_singles(host, name, atol):
+    model = host.model
     with vtoken.patch(model, method_of(name), **PRUNING[name]) as handle:
         single_last, single_counts = [], []
         for i in range(3):
-            single_last.append(run(model, half_host.single(i))[:, -1])
+            single_last.append(run(model, host.single(i))[:, -1])
             single_counts.append(handle.stats.tokens_per_layer)
-        batch_last = run(model, half_host.batch())[:, -1]
+        batch_last = run(model, host.batch())[:, -1]
         batch_counts = handle.stats.tokens_per_layer
     assert batch_counts == [[c[layer][0] for c in single_counts] for layer in range(len(batch_counts))]
     assert torch.isfinite(batch_last).all()
-    torch.testing.assert_close(batch_last, torch.cat(single_last), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(batch_last, torch.cat(single_last), atol=atol, rtol=atol)
+
+
+# Adaptive CoreMatching's token count is a chain of discrete choices (each token's top-rho neurons, the most frequent
+# ones, the elbow of the integer scores), so rounding moves it: on an H100 in fp16 the single and the padded batch
+# run of one sample kept 60 and 16 tokens (the CPU keeps 16 in both precisions). Its batch = singles is checked in
+# float32 (below); its fixed-count variant stays in the fp16 set.
+FP16_EXACT_COUNTS = sorted(set(PRUNING) - {"corematching"})
+
+
+@pytest.mark.parametrize("name", FP16_EXACT_COUNTS)
+def test_fp16_batch_equals_singles(half_host, name):
+    assert_batch_equals_singles(half_host, name, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_fp32_adaptive_corematching_batch_equals_singles(gpu_device, kind):
+    host = Host(kind)
+    host.model.to(gpu_device)  # float32 (PyTorch's default keeps TF32 off for matmuls)
+    assert_batch_equals_singles(host, "corematching", atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["todre", "attn_topk", "divprune"])
