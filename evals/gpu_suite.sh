@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU suite: every GPU figure vtoken owes, in one command, on one CUDA GPU, in at most 7.5 minutes of wall time.
+# The GPU suite: every GPU figure vtoken owes, in one command, on one CUDA GPU, in at most 11 minutes of wall time.
 #
-#   evals/gpu_suite.sh [--device cuda|cpu] [--smoke] [--out DIR] [--wheelhouse DIR] [--budget SECONDS (425)]
-#                      [--install|--no-install]
+#   evals/gpu_suite.sh [--device cuda|cpu] [--smoke] [--out DIR] [--wheelhouse DIR] [--budget SECONDS (620)]
+#                      [--install|--no-install] [--parts REGEX]
 #
 # 1. installs the wheels of --wheelhouse (built beforehand by evals/build_wheelhouse.sh; default on CUDA) into a
 #    scratch folder, and runs vtoken from this checkout (no build, no network);
@@ -10,17 +10,20 @@
 # 3. runs `pytest -m gpu` (every Triton kernel vs its reference in fp16 and bf16, fp16 invariants), then the
 #    measurements, each part with a time share: a part that overruns is stopped with a message and the rest go on;
 # 4. writes JSON + a markdown table per benchmark, logs and README.md (device named) under --out.
+# --parts REGEX runs only the parts whose whole name matches (the environment check always runs) and keeps the other
+# parts' rows in --out: on one H100 the whole suite needs two device calls of 10 minutes, e.g. --parts
+# 'pytest_gpu|bench_llava15_b.*' and then --parts 'bench_(llava_next|llava15_sdpa|qwen25|vit|dit|kernels).*'.
 #
 # --device cpu --smoke is the dry run: tiny shapes, Triton through the interpreter, no figure is a GPU measurement.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-DEVICE=cuda SMOKE=0 OUT=docs/results/gpu WHEELS=.wheelhouse BUDGET= INSTALL=auto
+DEVICE=cuda SMOKE=0 OUT=docs/results/gpu WHEELS=.wheelhouse BUDGET= INSTALL=auto PARTS=
 # LLaVA methods of the main table
 METHODS=${VTOKEN_SUITE_METHODS:-"todre random pool attn_topk divprune transprune corematching"}
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case $1 in
     --device) DEVICE=${2:-}; shift 2 ;;
@@ -30,25 +33,34 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET=${2:-}; shift 2 ;;
     --install) INSTALL=yes; shift ;;
     --no-install) INSTALL=no; shift ;;
+    --parts) PARTS=${2:-}; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_suite.sh: error: unknown argument '$1' (--help lists them)" >&2; exit 2 ;;
   esac
 done
 case $DEVICE in cuda|cpu) ;; *) echo "gpu_suite.sh: error: --device must be cuda or cpu, got '$DEVICE'" >&2; exit 2 ;; esac
-# On a GPU 425 s: the parts' shares; a stopped part's 10 s grace and the report keep the run within 7.5 minutes. The
+# On a GPU 620 s: the parts' shares (each about 1.5 times what it took on an H100); a stopped part's 10 s grace and
+# the report keep the run within 11 minutes. The
 # CPU dry run (Triton's interpreter, a shared machine) gets every share and the budget four times over.
 SCALE=1
 [ "$DEVICE" = cpu ] && SCALE=4
-BUDGET=${BUDGET:-$((425 * SCALE))}
+BUDGET=${BUDGET:-$((620 * SCALE))}
 case $BUDGET in *[!0-9]*) echo "gpu_suite.sh: error: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
 
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# PYTHONSAFEPATH: `python -m` must not put the checkout's root first on sys.path, where ./vtoken (the core package
+# alone) would shadow the assembled package below
+export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export HF_HOME=${HF_HOME:-$(mktemp -d /tmp/vtoken-hf.XXXXXX)}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 mkdir -p "$OUT/logs"
-rm -f "$OUT/parts.tsv"
+if [ -z "$PARTS" ]; then
+  rm -f "$OUT/parts.tsv"
+elif [ -f "$OUT/parts.tsv" ]; then  # keep the rows of the parts this run leaves alone
+  grep -v -E "^(environment|$PARTS)"$'\t' "$OUT/parts.tsv" > "$OUT/parts.keep" || true
+  mv "$OUT/parts.keep" "$OUT/parts.tsv"
+fi
 SITE=$(mktemp -d /tmp/vtoken-suite.XXXXXX)
 
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$OUT/parts.tsv"; }
@@ -56,6 +68,9 @@ record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$OUT/parts.tsv"; }
 # part NAME SHARE COMMAND...: run COMMAND for at most SHARE seconds (less if the suite's budget runs out first)
 part() {
   local name=$1 share=$(($2 * SCALE)); shift 2
+  if [ -n "$PARTS" ] && [ "$name" != environment ] && ! [[ $name =~ ^($PARTS)$ ]]; then
+    return 0
+  fi
   local left=$((DEADLINE - $(date +%s)))
   if [ "$left" -lt 5 ]; then
     echo "=== $name: skipped, the suite's ${BUDGET}s are spent"
@@ -126,10 +141,10 @@ else
   LLAVA=(--model llava-1.5-7b)
   NEXT=(--model llava-next-7b)
   QWEN=(--model qwen2.5-vl-7b)
-  TIMING=(--repeats 5 --warmup 1 --new-tokens 16)
+  TIMING=(--repeats 3 --warmup 1 --new-tokens 16)
   KEEP=64
   BATCH=16
-  VIT=(--models vit_large_patch14_clip_336 --batch-size 32 --reps 5 --warmup 2)
+  VIT=(--models vit_large_patch14_clip_336 --batch-size 32 --reps 3 --warmup 1)
   DIT=(--shape gpu --reps 5)
   KERNELS=(--reps 20)
 fi
@@ -152,21 +167,21 @@ PYTEST_ENV=()
 [ "$DEVICE" = cpu ] && PYTEST_ENV=(env VTOKEN_GPU_TESTS_ON_CPU=1)
 part pytest_gpu 90 "${PYTEST_ENV[@]}" "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider \
   --junitxml="$OUT/pytest_gpu.xml"
-part bench_llava15_b1 45 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch 1 "${METHOD_ARGS[@]}" \
+part bench_llava15_b1 75 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch 1 "${METHOD_ARGS[@]}" \
   --json "$OUT/bench_llava15_b1.json"
-part bench_llava15_b$BATCH 70 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch "$BATCH" \
+part bench_llava15_b$BATCH 110 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch "$BATCH" \
   "${METHOD_ARGS[@]}" --json "$OUT/bench_llava15_b$BATCH.json"
-part bench_llava_next 40 "${BENCH[@]}" "${NEXT[@]}" "${TIMING[@]}" --keep 0.1 --batch 1 \
+part bench_llava_next 50 "${BENCH[@]}" "${NEXT[@]}" "${TIMING[@]}" --keep 0.1 --batch 1 \
   --method todre:keep=0.1 --method todre:keep=0.25 --json "$OUT/bench_llava_next.json"
-part bench_llava15_$FLASH_NAME 25 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" "${FLASH[@]}" --keep "$KEEP" --batch 1 \
+part bench_llava15_$FLASH_NAME 45 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" "${FLASH[@]}" --keep "$KEEP" --batch 1 \
   --method todre --json "$OUT/bench_llava15_$FLASH_NAME.json"
-part bench_llava_next_$FLASH_NAME 25 "${BENCH[@]}" "${NEXT[@]}" "${TIMING[@]}" "${FLASH[@]}" --keep 0.1 --batch 1 \
+part bench_llava_next_$FLASH_NAME 45 "${BENCH[@]}" "${NEXT[@]}" "${TIMING[@]}" "${FLASH[@]}" --keep 0.1 --batch 1 \
   --method todre --json "$OUT/bench_llava_next_$FLASH_NAME.json"
-part bench_qwen25 25 "${BENCH[@]}" "${QWEN[@]}" "${TIMING[@]}" --keep 0.25 --batch 1 --method todre \
+part bench_qwen25 50 "${BENCH[@]}" "${QWEN[@]}" "${TIMING[@]}" --keep 0.25 --batch 1 --method todre \
   --method random --method pool --json "$OUT/bench_qwen25.json"
-part bench_vit 25 "${VT[@]}" bench-vit --device "$DEVICE" --dtype bf16 "${VIT[@]}" --out "$OUT/bench_vit"
+part bench_vit 50 "${VT[@]}" bench-vit --device "$DEVICE" --dtype bf16 "${VIT[@]}" --out "$OUT/bench_vit"
 part bench_dit 35 "${VT[@]}" bench-dit --device "$DEVICE" --top-p 0.9 "${DIT[@]}" --out "$OUT/bench_dit"
-part bench_kernels 30 "${VT[@]}" bench-kernels --device "$DEVICE" "${KERNELS[@]}" --out "$OUT/bench_kernels"
+part bench_kernels 40 "${VT[@]}" bench-kernels --device "$DEVICE" "${KERNELS[@]}" --out "$OUT/bench_kernels"
 
 # -- 4. report --------------------------------------------------------------------------------------------------------
 "$PY" -m vtoken.evals.gpu_suite report --out "$OUT" > "$OUT/logs/report.log" || echo "the report failed" >&2

@@ -50,6 +50,17 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     assert "todre keep=0.25" in (out / "bench_llava_next.md").read_text()
 
 
+def test_parts_runs_the_chosen_parts_and_keeps_the_other_rows(tmp_path):
+    out = tmp_path / "gpu"
+    out.mkdir()
+    (out / "parts.tsv").write_text("environment\tok\t5\t30\nbench_llava15_b1\tok\t50\t75\nbench_dit\tok\t20\t35\n")
+    proc = suite("--device", "cpu", "--smoke", "--no-install", "--out", str(out), "--parts", "bench_dit", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = [line.split("\t")[:2] for line in (out / "parts.tsv").read_text().splitlines()]
+    assert rows == [["bench_llava15_b1", "ok"], ["environment", "ok"], ["bench_dit", "ok"]]
+    assert "=== bench_kernels" not in proc.stdout and (out / "bench_dit" / "bench_dit.json").exists()
+
+
 def test_bad_arguments_are_refused_before_any_work(tmp_path):
     proc = suite("--device", "tpu", "--out", str(tmp_path))
     assert proc.returncode == 2 and "--device must be cuda or cpu, got 'tpu'" in proc.stderr
