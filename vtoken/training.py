@@ -59,40 +59,41 @@ def packed_inputs(model, samples: Sequence[tuple[list[int], list]], features: Se
 
     Row i is ``prefix + features[i] + turn 1 + turn 2 + ...`` for ``samples[i] = (prefix, turns)``. Every turn sees
     the prefix and the image and, causally, itself, but no other turn, and its positions restart right after the
-    image.
+    image. Built with one embedding lookup and the mask on the features' device: per-turn lookups and a CPU-built
+    (B, L, L) mask made this the slowest part of a training step on a GPU.
     """
     embed = model.get_input_embeddings()
-    rows = []
-    for (prefix, turns), feats in zip(samples, features):
-        device = feats.device
-        parts = [embed(torch.tensor(prefix, device=device)), feats.to(embed.weight.dtype)]
-        parts += [embed(torch.tensor(ids, device=device)) for ids, _ in turns]
-        head = len(prefix) + len(feats)
-        segments = [(0, head)]
-        for ids, _ in turns:
-            segments.append((segments[-1][0] + segments[-1][1], len(ids)))
-        labels = [IGNORE] * head + [lab for _, labs in turns for lab in labs]
-        rows.append((torch.cat(parts), segments, labels))
-    length = max(len(r[0]) for r in rows)
-    B = len(rows)
-    embeds = rows[0][0].new_zeros(B, length, rows[0][0].shape[1])
-    allowed = torch.eye(length, dtype=torch.bool).repeat(B, 1, 1)  # padding rows see themselves: no NaN
+    device = features[0].device
+    heads = [len(prefix) + len(feats) for (prefix, _), feats in zip(samples, features)]
+    length = max(head + sum(len(ids) for ids, _ in turns) for head, (_, turns) in zip(heads, samples))
+    B = len(samples)
+    ids = torch.zeros(B, length, dtype=torch.long)
+    segment = torch.full((B, length), -1, dtype=torch.long)  # 0: prefix and image, k: turn k, -1: padding
     positions = torch.zeros(B, length, dtype=torch.long)
     labels = torch.full((B, length), IGNORE, dtype=torch.long)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    for i, (row, segments, labs) in enumerate(rows):
-        embeds[i, : len(row)] = row
-        labels[i, : len(labs)] = torch.tensor(labs)
-        head = segments[0][1]
-        allowed[i, :head, :head] = causal[:head, :head]
+    for i, ((prefix, turns), head) in enumerate(zip(samples, heads)):
+        ids[i, : len(prefix)] = torch.tensor(prefix)
+        segment[i, :head] = 0
         positions[i, :head] = torch.arange(head)
-        for start, n in segments[1:]:
-            allowed[i, start : start + n, :head] = True
-            allowed[i, start : start + n, start : start + n] = causal[:n, :n]
+        start = head
+        for k, (turn_ids, turn_labels) in enumerate(turns, 1):
+            n = len(turn_ids)
+            ids[i, start : start + n] = torch.tensor(turn_ids)
+            labels[i, start : start + n] = torch.tensor(turn_labels)
+            segment[i, start : start + n] = k
             positions[i, start : start + n] = torch.arange(head, head + n)
-    mask = torch.zeros(B, 1, length, length, dtype=embeds.dtype)
+            start += n
+    embeds = embed(ids.to(device)).masked_fill((segment < 0).to(device)[..., None], 0.0)
+    for i, ((prefix, _), feats) in enumerate(zip(samples, features)):
+        embeds[i, len(prefix) : len(prefix) + len(feats)] = feats.to(embeds.dtype)
+    segment = segment.to(device)
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    allowed = causal & ((query == key) | (key == 0)) & (query >= 0)
+    allowed |= torch.eye(length, dtype=torch.bool, device=device) & (query < 0)  # padding rows see themselves: no NaN
+    mask = torch.zeros(B, 1, length, length, dtype=embeds.dtype, device=device)
     mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(embeds.dtype).min)
-    return embeds, mask.to(embeds.device), positions.to(embeds.device), labels.to(embeds.device)
+    return embeds, mask, positions.to(device), labels.to(device)
 
 
 def param_groups(modules, lr: float, weight_decay: float) -> list[dict]:
