@@ -328,9 +328,10 @@ def train_language(args, accelerator, model, heads, processor, cache, val, histo
         step += 1
         if not fitted and step and (step == TIMING_STEPS or time.perf_counter() - start > 6 * args.time_limit):
             fitted = True  # after TIMING_STEPS steps, or 10% of the budget on a slow machine
-            horizon[0] = steps_that_fit(args, step, time.perf_counter() - start)
-            bar.total = horizon[0]
+            horizon[0] = bar.total = steps_that_fit(args, step, time.perf_counter() - start)
             tqdm.write(f"--time-limit {args.time_limit:g} min: stage 2 runs {horizon[0]} of --steps {args.steps}")
+        elif args.time_limit and fitted and step % TIMING_STEPS == 0:  # re-fit (validation's cost in the pace)
+            horizon[0] = bar.total = min(horizon[0], steps_that_fit(args, step, time.perf_counter() - start))
         model.train()
         rng = step_rng(args, 2, step)
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -384,14 +385,13 @@ def train_language(args, accelerator, model, heads, processor, cache, val, histo
             history.append({"step": step + 1, "minutes": (time.perf_counter() - start) / 60, "loss": loss_avg,
                             "val_accuracy": res.accuracy, "val_per_type": res.per_type})
             tqdm.write(f"step {step + 1}: loss {loss_avg:.3f}  val {res.summary()}")
-            if args.time_limit and fitted and step + 1 < horizon[0]:  # re-fit, validation's cost in the pace
-                horizon[0] = bar.total = min(horizon[0], steps_that_fit(args, step + 1, time.perf_counter() - start))
     bar.close()
     return step + 1
 
 
 # --time-limit fits stage 2's length once this many steps (the warm-up's slow first ones among them) are timed, or
-# 10% of the budget is spent, whichever comes first
+# 10% of the budget is spent, whichever comes first; then every as many steps again it may only shorten it, so a run
+# that slows down (validation, a busy machine) still ends near its budget
 TIMING_STEPS = 50
 
 

@@ -181,12 +181,12 @@ def test_a_time_limited_run_stops_early_and_reports_its_steps(tmp_path, monkeypa
     # a budget spent by the first step: fitted at once (10% of it gone), one more step ends the run
     report = ts.train(parser.parse_args(["--out", str(tmp_path / "a"), *common, "--time-limit", "0.0001"]))
     assert report["language_steps"] == 2 and report["args"]["steps"] == 1000
-    # an ample budget: fitted after TIMING_STEPS steps, to what steps_that_fit allows
-    fits = []
-    monkeypatch.setattr(ts, "TIMING_STEPS", 3)
-    monkeypatch.setattr(ts, "steps_that_fit", lambda args, done, seconds: fits.append(done) or 5)
+    # an ample budget: fitted after TIMING_STEPS steps, then re-fitted every TIMING_STEPS steps, only ever shorter
+    fits, answers = [], iter([10, 6, 99])
+    monkeypatch.setattr(ts, "TIMING_STEPS", 2)
+    monkeypatch.setattr(ts, "steps_that_fit", lambda args, done, seconds: fits.append(done) or next(answers))
     report = ts.train(parser.parse_args(["--out", str(tmp_path / "b"), *common, "--time-limit", "60"]))
-    assert fits == [3] and report["language_steps"] == 5
+    assert fits == [2, 4] and report["language_steps"] == 6
     with pytest.raises(SystemExit):
         parser.parse_args(["--out", str(tmp_path), "--time-limit", "0"])
 
