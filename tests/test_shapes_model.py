@@ -333,7 +333,8 @@ def test_a_chain_of_runs_keeps_every_runs_loss_terms(tmp_path):
 
 
 def test_the_reported_hard_run_used_no_attention_loss():
-    """The ShapesVQA-Hard run in docs/shapes_vqa.md: every loss term of both of its runs, none reading attention."""
+    """The ShapesVQA-Hard model in docs/shapes_vqa.md: every loss term of every run in its chain (stage 1, then each
+    --init continuation), none reading attention."""
     from pathlib import Path
 
     path = Path(__file__).parents[1] / "docs" / "results" / "shapes_hard_training_report.json"
@@ -341,5 +342,10 @@ def test_the_reported_hard_run_used_no_attention_loss():
     terms = ts.chain_loss_terms(report)
     assert {(t["stage"], t["name"]) for t in terms} == {(1, "patch"), (2, "answer"), (2, "patch")}
     assert not any(t["attention"] or "attention" in t["name"] for t in terms)
-    for run in (report, report["init"]):
+    runs = []
+    while report is not None:
+        runs.append(report)
+        report = report.get("init")
+    assert len(runs) == 5  # stage 1, runs B, C, E, F
+    for run in runs:
         assert run["args"]["task"] == "hard" and run["args"]["lookup_loss"] == 0
