@@ -346,6 +346,6 @@ def test_the_reported_hard_run_used_no_attention_loss():
     while report is not None:
         runs.append(report)
         report = report.get("init")
-    assert len(runs) == 5  # stage 1, runs B, C, E, F
+    assert len(runs) == 7  # stage 1, runs B, C, E, F, G, H
     for run in runs:
         assert run["args"]["task"] == "hard" and run["args"]["lookup_loss"] == 0
