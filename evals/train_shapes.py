@@ -326,7 +326,7 @@ def train_language(args, accelerator, model, heads, processor, cache, val, histo
     step, fitted = -1, not args.time_limit
     while step + 1 < horizon[0]:
         step += 1
-        if not fitted and step and (step == TIMING_STEPS or time.perf_counter() - start > 6 * args.time_limit):
+        if not fitted and step and (step == TIMING_STEPS or time.perf_counter() - start > 0.1 * args.time_limit * 60):
             fitted = True  # after TIMING_STEPS steps, or 10% of the budget on a slow machine
             horizon[0] = bar.total = steps_that_fit(args, step, time.perf_counter() - start)
             tqdm.write(f"--time-limit {args.time_limit:g} min: stage 2 runs {horizon[0]} of --steps {args.steps}")

@@ -83,10 +83,10 @@ def packed_inputs(model, samples: Sequence[tuple[list[int], list]], features: Se
             segment[i, start : start + n] = k
             positions[i, start : start + n] = torch.arange(head, head + n)
             start += n
-    embeds = embed(ids.to(device)).masked_fill((segment < 0).to(device)[..., None], 0.0)
+    segment = segment.to(device)
+    embeds = embed(ids.to(device)).masked_fill((segment < 0)[..., None], 0.0)
     for i, ((prefix, _), feats) in enumerate(zip(samples, features)):
         embeds[i, len(prefix) : len(prefix) + len(feats)] = feats.to(embeds.dtype)
-    segment = segment.to(device)
     query, key = segment[:, :, None], segment[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     allowed = causal & ((query == key) | (key == 0)) & (query >= 0)
