@@ -40,7 +40,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vtoken.cli import HelpFormatter
-from vtoken.evals.arguments import checkpoint_dir, kept_share, non_negative_int, positive_float, positive_int, share
+from vtoken.evals.arguments import (
+    checkpoint_dir,
+    kept_share,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    share,
+)
 from vtoken.evals.shapes_data import COLORS, IGNORE, RELATIONS, SHAPES, count_attention, evidence_patches
 from vtoken.evals.shapes_model import TASKS, build_model, build_processor, check_vocabulary, load_shapes_model
 from vtoken.training import optimizer_for, packed_inputs, param_groups
@@ -58,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", type=checkpoint_dir, help="start from this saved model (e.g. a --vision-only run; "
                                                             "with --vision-steps 0 stage 1 is skipped)")
     parser.add_argument("--scenes", type=positive_int, default=6000, help="scenes whose tower outputs stage 2 caches")
+    parser.add_argument("--tower-lr", type=non_negative_float, default=0.0,
+                        help="stage 2 also trains the tower at this learning rate, on scenes rendered afresh every "
+                             "step instead of the --scenes cache (0 = frozen tower, cached outputs)")
     parser.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps of stage 2 (language)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="scenes per stage-2 step")
     parser.add_argument("--turns", type=positive_int, default=12, help="questions per scene (packed into one sequence)")
@@ -309,12 +320,29 @@ def cache_tower(args, accelerator, model, processor, chunk: int = 64):
     return torch.cat(hidden), scenes, torch.cat(targets)
 
 
-def train_language(args, accelerator, model, heads, processor, cache, val, history) -> int:
-    """Stage 2: projector + decoder (+ heads) on packed questions over the cached tower outputs. Returns the
-    number of steps run (fewer than ``--steps`` under ``--time-limit``)."""
+def tower_batch(args, accelerator, model, processor, cache, rng: np.random.Generator, step: int):
+    """One stage-2 step's scenes: (tower outputs as the projector receives them, scenes, patch targets). Drawn from
+    the frozen tower's ``cache``, or, with ``cache=None`` (``--tower-lr``), rendered afresh and run through the
+    tower with gradients, so the answer loss can teach the tower what no per-patch label does (counts, neighbours)."""
+    if cache is None:
+        pixels, scenes, targets = render_scenes(TASKS[args.task].data, processor, step_rng(args, 4, step),
+                                                args.batch_size)
+        with accelerator.autocast():
+            out = model.model.vision_tower(pixels.to(accelerator.device), output_hidden_states=True)
+        return out.hidden_states[model.config.vision_feature_layer][:, 1:].float(), scenes, targets
     hidden, scenes, targets = cache
+    index = rng.choice(len(scenes), size=args.batch_size, replace=False)
+    return hidden[index].float(), [scenes[i] for i in index], targets[index]
+
+
+def train_language(args, accelerator, model, heads, processor, cache, val, history) -> int:
+    """Stage 2: projector + decoder (+ heads) on packed questions over the cached tower outputs, or with
+    ``--tower-lr`` (``cache=None``) the tower too, on fresh scenes. Returns the number of steps run (fewer than
+    ``--steps`` under ``--time-limit``)."""
     projector = model.model.multi_modal_projector
     groups = param_groups([projector, model.model.language_model, heads], args.lr, args.weight_decay)
+    if cache is None:
+        groups += param_groups([model.model.vision_tower], args.tower_lr, args.weight_decay)
     horizon = [args.steps]
     optimizer, scheduler = accelerator.prepare(*optimizer_for(groups, args.warmup, lambda: horizon[0]))
     eos = model.config.text_config.eos_token_id
@@ -335,12 +363,12 @@ def train_language(args, accelerator, model, heads, processor, cache, val, histo
         model.train()
         rng = step_rng(args, 2, step)
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        index = rng.choice(len(scenes), size=args.batch_size, replace=False)
-        qas = [TASKS[args.task].data.scene_questions(scenes[i], rng, args.turns) for i in index]
+        hidden, scenes, targets = tower_batch(args, accelerator, model, processor, cache, rng, step)
+        qas = [TASKS[args.task].data.scene_questions(scene, rng, args.turns) for scene in scenes]
         samples = [packed_ids(processor.tokenizer, qa) for qa in qas]
         kept = []
-        for i in index:
-            keep = torch.arange(len(hidden[0]))
+        for i in range(len(scenes)):
+            keep = torch.arange(hidden.shape[1])
             if step < args.focus_steps:
                 keep = focused_tokens(targets[i, 0] > 0, step / args.focus_steps, gen)
             elif rng.random() < args.token_drop:
@@ -348,8 +376,8 @@ def train_language(args, accelerator, model, heads, processor, cache, val, histo
                 keep = torch.randperm(len(keep), generator=gen)[:k].sort().values
             kept.append(keep)
         with accelerator.autocast():
-            full = projector(hidden[index].float())
-            patch_loss, _ = heads(full, targets[index].long().to(accelerator.device))
+            full = projector(hidden.to(accelerator.device))
+            patch_loss, _ = heads(full, targets.long().to(accelerator.device))
             features = [f[k.to(f.device)] for f, k in zip(full, kept)]
             embeds, mask, positions, labels = packed_inputs(model, samples, features)
             outputs = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels,
@@ -357,7 +385,7 @@ def train_language(args, accelerator, model, heads, processor, cache, val, histo
             loss = outputs.loss + args.patch_loss * patch_loss
             if args.lookup_loss:
                 rows_b, rows_q, dist, sides, words = (t.to(accelerator.device) for t in answer_attention_targets(
-                    qas, samples, kept, targets[index].numpy(), embeds.shape[1], processor.tokenizer))
+                    qas, samples, kept, targets.numpy(), embeds.shape[1], processor.tokenizer))
                 at = ([a.float() for a in outputs.attentions], rows_b, rows_q)
                 lookup_loss = (heads_loss(*at, LOOKUP_LAYER, LOOKUP_HEAD, dist[:, None])
                                + heads_loss(*at, RELATION_LAYER, 0, sides) + heads_loss(*at, GATHER_LAYER, 0, words))
@@ -403,24 +431,27 @@ def steps_that_fit(args: argparse.Namespace, done: int, seconds: float) -> int:
 
 
 def loss_terms(args: argparse.Namespace, vision_only: bool = False) -> list[dict]:
-    """The loss terms this run optimises, for its training report: stage, name, what it reads, and whether it reads
-    an attention map."""
+    """The loss terms this run optimises, for its training report: stage, name, what it reads, which modules it
+    trains, and whether it reads an attention map."""
     terms = []
+    tuned = "tower, projector" if args.tower_lr else "projector"
     if args.vision_steps:
         terms.append({"stage": 1, "name": "patch", "reads": "projected visual tokens (per-patch labels)",
-                      "attention": False})
+                      "trains": "tower, projector", "attention": False})
         if TASKS[args.task].attention_targets:
             terms.append({"stage": 1, "name": "tower_count_attention",
-                          "reads": f"tower block {COUNT_LAYER} head {COUNT_HEAD} attention", "attention": True})
+                          "reads": f"tower block {COUNT_LAYER} head {COUNT_HEAD} attention", "trains": "tower",
+                          "attention": True})
     if not vision_only:
         terms.append({"stage": 2, "name": "answer", "reads": "LM logits on the answer words and EOS",
-                      "attention": False})
+                      "trains": f"{tuned}, decoder", "attention": False})
         if args.patch_loss:
             terms.append({"stage": 2, "name": "patch", "reads": "projected visual tokens (per-patch labels)",
-                          "attention": False})
+                          "trains": tuned, "attention": False})
         if args.lookup_loss:
             terms.append({"stage": 2, "name": "decoder_lookup_attention",
-                          "reads": f"decoder layers {GATHER_LAYER}-{LOOKUP_LAYER} attention", "attention": True})
+                          "reads": f"decoder layers {GATHER_LAYER}-{LOOKUP_LAYER} attention",
+                          "trains": "decoder", "attention": True})
     return terms
 
 
@@ -444,6 +475,9 @@ def train(args: argparse.Namespace) -> dict:
     if args.lookup_loss and not task.attention_targets:
         raise ValueError(f"--lookup-loss must be 0 with --task {args.task}: its model learns attention from the answer "
                          f"loss alone; got {args.lookup_loss}")
+    if args.tower_lr and args.vision_only:
+        raise ValueError(f"--tower-lr trains the tower in stage 2, which --vision-only skips; got --tower-lr "
+                         f"{args.tower_lr:g} with --vision-only")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -462,11 +496,11 @@ def train(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     model.train()
     vision = train_vision(args, accelerator, model, heads, processor) if args.vision_steps else {}
-    model.model.vision_tower.requires_grad_(False).eval()
+    model.model.vision_tower.requires_grad_(bool(args.tower_lr)).eval()
     history: list[dict] = []
     language_steps = 0
     if not args.vision_only:
-        cache = cache_tower(args, accelerator, model, processor)
+        cache = None if args.tower_lr else cache_tower(args, accelerator, model, processor)
         val = task.data.make_split("val", args.val_size) if args.eval_every and args.val_size else []
         language_steps = train_language(args, accelerator, model, heads, processor, cache, val, history)
         model.requires_grad_(True).eval().set_attn_implementation("sdpa")

@@ -293,6 +293,32 @@ def test_the_hard_task_trains_without_any_attention_target(tmp_path, monkeypatch
         ts.train(parser.parse_args(["--task", "hard", "--out", str(tmp_path), "--lookup-loss", "1"]))
 
 
+def test_tower_lr_trains_the_tower_in_stage_2_on_fresh_scenes(tmp_path, monkeypatch):
+    """--tower-lr: no cache (every step renders its own scenes), the tower's weights move under the answer and patch
+    losses, which the report says; with --tower-lr 0 the tower stays as it was."""
+    parser = argparse.ArgumentParser()
+    ts.add_arguments(parser)
+    common = ["--task", "hard", "--tiny", "--vision-batch-size", "2", "--batch-size", "2", "--turns", "2",
+              "--eval-every", "0", "--test-size", "0"]
+    ts.train(parser.parse_args(["--out", str(tmp_path / "v"), "--vision-only", "--vision-steps", "1", *common]))
+    before = sm.load_shapes_model(tmp_path / "v")[0].model.vision_tower.state_dict()
+
+    def tower_change(out: str, *extra: str) -> float:
+        ts.train(parser.parse_args(["--out", str(tmp_path / out), "--init", str(tmp_path / "v"), "--vision-steps", "0",
+                                    "--steps", "2", "--scenes", "2", "--save-dtype", "float32", *extra, *common]))
+        after = sm.load_shapes_model(tmp_path / out)[0].model.vision_tower.state_dict()
+        return max((after[k] - before[k]).abs().max().item() for k in before)
+
+    assert tower_change("frozen") == 0.0
+    monkeypatch.setattr(ts, "cache_tower", lambda *a, **k: pytest.fail("--tower-lr must not cache the tower"))
+    assert tower_change("tuned", "--tower-lr", "1e-3") > 1e-4
+    report = json.loads((tmp_path / "tuned" / "training_report.json").read_text())
+    assert [t["trains"] for t in report["loss_terms"]] == ["tower, projector, decoder", "tower, projector"]
+    assert not any(t["attention"] for t in report["loss_terms"])
+    with pytest.raises(ValueError, match="--tower-lr trains the tower in stage 2, which --vision-only skips"):
+        ts.train(parser.parse_args(["--out", str(tmp_path / "x"), "--vision-only", "--tower-lr", "1e-3", *common]))
+
+
 def test_shapes_vqa_reports_its_attention_targets(tmp_path):
     parser = argparse.ArgumentParser()
     ts.add_arguments(parser)
