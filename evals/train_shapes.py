@@ -13,7 +13,10 @@ Two stages, like LLaVA's own recipe but with the vision tower trained here inste
    projector (still under the patch loss) and the Llama decoder learn the questions. Each sample is one scene
    with several questions packed into one sequence ("<s> USER: <image> | q1 ASSISTANT: a1 </s> | q2 ..."),
    whose attention mask and positions make every question see only the image prompt and itself: each turn is
-   exactly the single-question evaluation prompt, but the image is read once for all of them.
+   exactly the single-question evaluation prompt, but the image is read once for all of them. With
+   ``--tower-lr`` the tower keeps learning in stage 2 too, from the answer and patch losses, on scenes rendered
+   afresh every step (no cache): what no per-patch label taught it (counts, neighbours) can then come from the
+   answers.
 
 ``--token-drop P``: a fraction P of the language samples sees a random subset of its visual tokens (kept
 share ~ U[--min-keep, 1], raster order, prompt shortened to match), as in TokenFLEX's stochastic token counts.
