@@ -372,6 +372,7 @@ def test_the_reported_hard_run_used_no_attention_loss():
     while report is not None:
         runs.append(report)
         report = report.get("init")
-    assert len(runs) == 7  # stage 1, runs B, C, E, F, G, H
+    assert len(runs) == 10  # stage 1, runs B, C, E, F, G, H, then I, J, K with the tower trained in stage 2 too
     for run in runs:
         assert run["args"]["task"] == "hard" and run["args"]["lookup_loss"] == 0
+    assert [run["args"].get("tower_lr", 0.0) > 0 for run in runs[:4]] == [True, True, True, False]
