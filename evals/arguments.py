@@ -45,16 +45,17 @@ def _int_at_least(text: str, low: int, what: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    value = _float(text)
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
+    return _finite_float(text, lambda v: v > 0.0, "> 0")
 
 
 def non_negative_float(text: str) -> float:
+    return _finite_float(text, lambda v: v >= 0.0, ">= 0")
+
+
+def _finite_float(text: str, in_range: Callable[[float], bool], bound: str) -> float:
     value = _float(text)
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    if not (in_range(value) and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text}")
     return value
 
 
