@@ -304,20 +304,23 @@ def train_vision(args, accelerator, model, heads, processor) -> dict:
     return {"loss": loss_avg, "count_attention_loss": count_avg, "patch_accuracy": accuracy}
 
 
+def tower_outputs(accelerator, model, pixels: torch.Tensor) -> torch.Tensor:
+    """The tower's patch tokens as the projector receives them (the feature layer, [CLS] dropped)."""
+    with accelerator.autocast():
+        states = model.model.vision_tower(pixels.to(accelerator.device), output_hidden_states=True).hidden_states
+    return states[model.config.vision_feature_layer][:, 1:]
+
+
 @torch.no_grad()
 def cache_tower(args, accelerator, model, processor, chunk: int = 64):
     """Frozen tower outputs (as the projector receives them) of ``--scenes`` scenes, float16, with the scenes
     and their patch targets."""
-    layer = model.config.vision_feature_layer
     hidden, scenes, targets = [], [], []
     rng = step_rng(args, 3, 0)
     for start in tqdm(range(0, args.scenes, chunk), desc="stage 2: caching tower outputs", unit="chunk"):
         pixels, batch_scenes, batch_targets = render_scenes(TASKS[args.task].data, processor, rng,
                                                             min(chunk, args.scenes - start))
-        with accelerator.autocast():
-            states = model.model.vision_tower(pixels.to(accelerator.device),
-                                              output_hidden_states=True).hidden_states[layer][:, 1:]
-        hidden.append(states.half())
+        hidden.append(tower_outputs(accelerator, model, pixels).half())
         scenes += batch_scenes
         targets.append(batch_targets.to(torch.int16))
     return torch.cat(hidden), scenes, torch.cat(targets)
@@ -330,9 +333,7 @@ def tower_batch(args, accelerator, model, processor, cache, rng: np.random.Gener
     if cache is None:
         pixels, scenes, targets = render_scenes(TASKS[args.task].data, processor, step_rng(args, 4, step),
                                                 args.batch_size)
-        with accelerator.autocast():
-            out = model.model.vision_tower(pixels.to(accelerator.device), output_hidden_states=True)
-        return out.hidden_states[model.config.vision_feature_layer][:, 1:].float(), scenes, targets
+        return tower_outputs(accelerator, model, pixels).float(), scenes, targets
     hidden, scenes, targets = cache
     index = rng.choice(len(scenes), size=args.batch_size, replace=False)
     return hidden[index].float(), [scenes[i] for i in index], targets[index]
