@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -228,16 +229,26 @@ class PatchHeads(torch.nn.Module):
         self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in classes)
 
     def forward(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy over targets and (per target) accuracy on the patches of shapes; ``feats`` (B, P, D),
-        ``targets`` (B, T, P). Background patches are most of the image and trivially colour/shape 0, so counting
-        them in the accuracy would hide a tower that cannot tell the shapes apart."""
-        losses, accuracy = [], []
+        """Mean cross-entropy over targets, and (2, targets) counts of the right answers and of the patches scored:
+        the labelled (not ``IGNORE``) patches of shapes. ``feats`` (B, P, D), ``targets`` (B, T, P). Background
+        patches are most of the image and trivially colour/shape 0, so counting them would hide a tower that cannot
+        tell the shapes apart; an ``IGNORE`` patch has no right answer, so counting it would understate one that
+        can. Counts, not ratios, so that batches without a scored patch average in (see ``patch_accuracy``)."""
+        losses, hits, scored = [], [], []
         on_shape = (targets[:, 0] > 0).flatten()
         for i, head in enumerate(self.heads):
             logits, target = head(feats).flatten(0, 1), targets[:, i].flatten()
             losses.append(F.cross_entropy(logits, target, ignore_index=IGNORE))
-            accuracy.append((logits.argmax(-1) == target)[on_shape].float().mean())
-        return torch.stack(losses).mean(), torch.stack(accuracy).detach()
+            labelled = on_shape & (target != IGNORE)
+            hits.append((logits.argmax(-1) == target)[labelled].sum())
+            scored.append(labelled.sum())
+        return torch.stack(losses).mean(), torch.stack([torch.stack(hits), torch.stack(scored)]).float().detach()
+
+
+def patch_accuracy(counts: torch.Tensor) -> torch.Tensor:
+    """(targets,) accuracy from ``PatchHeads`` counts (2, targets), summed or averaged over batches; NaN where no
+    patch was scored."""
+    return counts[0] / counts[1].where(counts[1] > 0, torch.nan)
 
 
 def ema(old, new, decay=0.95):
@@ -274,7 +285,7 @@ def train_vision(args, accelerator, model, heads, processor) -> dict:
     layer = model.config.vision_feature_layer
     counting = task.attention_targets
     model.set_attn_implementation("eager" if counting else "sdpa")
-    loss_avg = acc_avg = count_avg = None
+    loss_avg = counts_avg = count_avg = None
     bar = tqdm(range(args.vision_steps), desc="stage 1: vision", unit="step")
     for step in bar:
         pixels, scenes, targets = render_scenes(task.data, processor, step_rng(args, 1, step), args.vision_batch_size)
@@ -282,7 +293,7 @@ def train_vision(args, accelerator, model, heads, processor) -> dict:
         with accelerator.autocast():
             out = tower(pixels, output_hidden_states=True, output_attentions=counting)
             feats = projector(out.hidden_states[layer][:, 1:])
-            loss, accuracy = heads(feats, targets)
+            loss, counts = heads(feats, targets)
             total = loss
             if counting:
                 target = torch.from_numpy(np.stack([count_attention(s, processor.patch_size) for s in scenes]))
@@ -296,11 +307,12 @@ def train_vision(args, accelerator, model, heads, processor) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_avg, acc_avg = ema(loss_avg, loss.item()), ema(acc_avg, accuracy.cpu())
+        loss_avg, counts_avg = ema(loss_avg, loss.item()), ema(counts_avg, counts.cpu())
         bar.set_postfix(loss=f"{loss_avg:.3f}", **({"count_attn": f"{count_avg:.2f}"} if counting else {}),
-                        acc=" ".join(f"{a:.2f}" for a in acc_avg.tolist()))
+                        acc=" ".join(f"{a:.2f}" for a in patch_accuracy(counts_avg).tolist()))
     model.set_attn_implementation("sdpa")
-    accuracy = dict(zip(task.data.PATCH_TARGETS, acc_avg.tolist())) if acc_avg is not None else {}
+    accuracy = [] if counts_avg is None else patch_accuracy(counts_avg).tolist()
+    accuracy = {k: None if math.isnan(a) else a for k, a in zip(task.data.PATCH_TARGETS, accuracy)}  # JSON has no NaN
     return {"loss": loss_avg, "count_attention_loss": count_avg, "patch_accuracy": accuracy}
 
 

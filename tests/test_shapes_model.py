@@ -145,6 +145,22 @@ def test_tower_cache_is_what_the_projector_receives(processor):
     torch.testing.assert_close(cached, direct, atol=2e-3, rtol=2e-3)  # float16 cache
 
 
+def test_patch_accuracy_scores_the_labelled_patches_of_shapes_only():
+    """Head 0 (colour) is right everywhere, head 1 right on every labelled patch; patch 1 is background and patch 2
+    a shape patch that head 1 has no label for (IGNORE): neither may count, for or against."""
+    heads = ts.PatchHeads(4, (2, 2))
+    with torch.no_grad():
+        for head, (i, j) in zip(heads.heads, [(0, 1), (2, 3)]):
+            head.weight.zero_(), head.bias.zero_()
+            head.weight[0, i] = head.weight[1, j] = 1.0
+    feats = torch.tensor([[[0.0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 1, 0], [0, 1, 1, 0]]])  # (1, 4 patches, 4)
+    targets = torch.tensor([[[1, 0, 1, 1], [1, 0, sd.IGNORE, 1]]])  # (1, 2 targets, 4 patches)
+    _, counts = heads(feats, targets)
+    assert counts.tolist() == [[3, 1], [3, 2]]  # head 1: patch 0 right, patch 3 wrong; patches 1 and 2 unscored
+    assert ts.patch_accuracy(counts).tolist() == [1.0, 0.5]
+    assert ts.patch_accuracy(torch.zeros(2, 1)).isnan().all()  # nothing scored: no accuracy, not 0
+
+
 def test_training_smoke_run(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     ts.add_arguments(parser)
