@@ -221,8 +221,10 @@ def answer_attention_targets(qas, samples, kept, targets, length: int, tokenizer
 
 
 class PatchHeads(torch.nn.Module):
-    """Linear read-outs of every projected visual token's patch targets (training only, not saved);
-    ``classes`` per target, the first target being the colour (0 = background) in every task."""
+    """Linear read-outs of every projected visual token's patch targets (training only: the model never reads
+    them); ``classes`` per target, the first target being the colour (0 = background) in every task. Saved beside
+    the checkpoint (``HEADS_FILE``) so that a run continuing it (``--init``) resumes them: fresh heads would send
+    random gradients through the projector, and with ``--tower-lr`` the tower, until they caught up."""
 
     def __init__(self, dim: int, classes: tuple[int, ...]):
         super().__init__()
@@ -249,6 +251,22 @@ def patch_accuracy(counts: torch.Tensor) -> torch.Tensor:
     """(targets,) accuracy from ``PatchHeads`` counts (2, targets), summed or averaged over batches; NaN where no
     patch was scored."""
     return counts[0] / counts[1].where(counts[1] > 0, torch.nan)
+
+
+HEADS_FILE = "patch_heads.pt"
+
+
+def restore_patch_heads(heads: PatchHeads, init: str | None) -> bool:
+    """Load ``heads`` from the checkpoint at ``init`` if it saved them; False when there is none (a checkpoint
+    trained before heads were saved, or no ``init``)."""
+    path = Path(init or "") / HEADS_FILE
+    if not init or not path.is_file():
+        return False
+    try:
+        heads.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except RuntimeError as e:  # the task's targets changed since that checkpoint was trained
+        raise ValueError(f"--init {init}: its {HEADS_FILE} does not fit this task's patch targets ({e})") from None
+    return True
 
 
 def ema(old, new, decay=0.95):
@@ -507,6 +525,7 @@ def train(args: argparse.Namespace) -> dict:
         model = build_model(processor, vision, text, seed=args.seed, position_scale=args.position_scale)
     n_params = sum(p.numel() for p in model.parameters())
     heads = PatchHeads(model.config.text_config.hidden_size, task.data.TARGET_CLASSES)
+    heads_restored = restore_patch_heads(heads, args.init)
     model.to(accelerator.device)
     heads.to(accelerator.device)
     start = time.perf_counter()
@@ -523,8 +542,10 @@ def train(args: argparse.Namespace) -> dict:
         model.to(getattr(torch, args.save_dtype))
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    torch.save({k: v.float().cpu() for k, v in heads.state_dict().items()}, out / HEADS_FILE)
     report = write_report(args, {"parameters": n_params, "train_minutes": (time.perf_counter() - start) / 60,
                                  "vision_stage": vision, "language_steps": language_steps,
+                                 "patch_heads": "restored from --init" if heads_restored else "fresh",
                                  "history": history}, str(accelerator.device))
     return report
 

@@ -335,6 +335,23 @@ def test_tower_lr_trains_the_tower_in_stage_2_on_fresh_scenes(tmp_path, monkeypa
         ts.train(parser.parse_args(["--out", str(tmp_path / "x"), "--vision-only", "--tower-lr", "1e-3", *common]))
 
 
+def test_a_continuation_resumes_the_patch_heads_it_was_saved_with(tmp_path):
+    parser = argparse.ArgumentParser()
+    ts.add_arguments(parser)
+    common = ["--task", "hard", "--tiny", "--vision-batch-size", "2", "--vision-steps", "1", "--vision-only"]
+    assert ts.train(parser.parse_args(["--out", str(tmp_path / "a"), *common]))["patch_heads"] == "fresh"
+    saved = torch.load(tmp_path / "a" / ts.HEADS_FILE, weights_only=True)
+    heads = ts.PatchHeads(saved["heads.0.weight"].shape[1], sm.TASKS["hard"].data.TARGET_CLASSES)
+    assert ts.restore_patch_heads(heads, str(tmp_path / "a"))
+    for k, v in heads.state_dict().items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
+    report = ts.train(parser.parse_args(["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"), *common]))
+    assert report["patch_heads"] == "restored from --init"
+    assert not ts.restore_patch_heads(heads, None)
+    with pytest.raises(ValueError, match=f"--init {tmp_path / 'a'}: its {ts.HEADS_FILE} does not fit"):
+        ts.restore_patch_heads(ts.PatchHeads(heads.heads[0].in_features, sd.TARGET_CLASSES), str(tmp_path / "a"))
+
+
 def test_shapes_vqa_reports_its_attention_targets(tmp_path):
     parser = argparse.ArgumentParser()
     ts.add_arguments(parser)
