@@ -259,8 +259,7 @@ HEADS_FILE = "patch_heads.pt"
 def restore_patch_heads(heads: PatchHeads, init: str | None) -> bool:
     """Load ``heads`` from the checkpoint at ``init`` if it saved them; False when there is none (a checkpoint
     trained before heads were saved, or no ``init``)."""
-    path = Path(init or "") / HEADS_FILE
-    if not init or not path.is_file():
+    if not init or not (path := Path(init) / HEADS_FILE).is_file():
         return False
     try:
         heads.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
