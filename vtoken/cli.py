@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-dit": ("vtoken.evals.bench_dit", "SVG2 vs dense attention on video-DiT shapes: speed, recall, error"),
     "bench-vit": ("vtoken.evals.bench_vit", "ViT images/s dense vs token clustering, plus feature fidelity"),
     "bench-kernels": ("vtoken.evals.bench_kernels", "each fused Triton kernel vs its PyTorch reference (GPU timings)"),
+    "probe-position": ("vtoken.evals.position_probe", "how well each vision-tower layer of a ShapesVQA model "
+                                                       "still knows where each patch is (linear read-out)"),
     "train-shapes": ("vtoken.evals.train_shapes", "train the ShapesVQA LLaVA (the shipped accuracy model) on CPU"),
     "eval": ("vtoken.evals.eval_cli", "lmms-eval tasks with --model vtoken; fails unless every task has metrics"),
     "train-tokenflex": ("vtoken.training", "train a TokenFLEX projector (any visual-token count) for a LLaVA on JSONL"),
