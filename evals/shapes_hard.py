@@ -269,8 +269,11 @@ def make_split(split: str, n: int) -> list[Example]:
 
 
 # --------------------------------------------------------------------------------------------- patch labels
-PATCH_TARGETS = ("color", "shape", "digit", "pair_count", "nearest_color")
-TARGET_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, len(DIGITS) + 1, len(COUNT_WORDS), len(COLORS))
+PATCH_SIZE = 16  # the models' patches; the position targets have a class per row and per column of them
+GRID_SIDE = IMAGE_SIZE // PATCH_SIZE
+PATCH_TARGETS = ("color", "shape", "digit", "pair_count", "nearest_color", "row", "column")
+TARGET_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, len(DIGITS) + 1, len(COUNT_WORDS), len(COLORS), GRID_SIDE,
+                  GRID_SIDE)
 
 
 def patch_owners(scene: HardScene, patch_size: int) -> np.ndarray:
@@ -289,8 +292,14 @@ def patch_targets(scene: HardScene, patch_size: int) -> np.ndarray:
     (``index + 1``, 0 = background), and on a shape's patches (``IGNORE`` on the background) its digit
     (``digit + 1``, 0 = none), how many shapes of its colour and shape the scene holds (4 = four or more; count
     questions stop at four), and the colour of
-    its clearly nearest shape (``IGNORE`` where none is clearly nearest). What the questions ask about a shape is
-    then on that shape's tokens; finding the shape the question names is left to the decoder's own attention."""
+    its clearly nearest shape (``IGNORE`` where none is clearly nearest); and on every patch its row and column in
+    the patch grid. What the questions ask about a shape is then on that shape's tokens; finding the shape the
+    question names is left to the decoder's own attention. No other label depends on where a shape is, and without
+    the position labels the tower drops the position codes it starts with by its second block (``vtoken
+    probe-position``), which the nearest colour needs."""
+    if patch_size != PATCH_SIZE:
+        raise ValueError(f"patch_size must be {PATCH_SIZE} (the position targets have {GRID_SIDE} classes); "
+                         f"got {patch_size}")
     owner = patch_owners(scene, patch_size)
     colors = list(COLORS)
     per_shape = []
@@ -299,7 +308,8 @@ def patch_targets(scene: HardScene, patch_size: int) -> np.ndarray:
         per_shape.append([colors.index(s.color) + 1, SHAPES.index(s.shape) + 1,
                           0 if s.digit is None else int(s.digit) + 1, min(scene.count(s.color, s.shape), 4),
                           IGNORE if other is None else colors.index(other.color)])
-    return shapes_data.spread_targets(owner, per_shape)
+    rows, columns = np.divmod(np.arange(GRID_SIDE * GRID_SIDE), GRID_SIDE)
+    return np.concatenate([shapes_data.spread_targets(owner, per_shape), rows[None], columns[None]])
 
 
 def vocabulary() -> list[str]:

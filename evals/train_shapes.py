@@ -256,16 +256,32 @@ def patch_accuracy(counts: torch.Tensor) -> torch.Tensor:
 HEADS_FILE = "patch_heads.pt"
 
 
-def restore_patch_heads(heads: PatchHeads, init: str | None) -> bool:
-    """Load ``heads`` from the checkpoint at ``init`` if it saved them; False when there is none (a checkpoint
-    trained before heads were saved, or no ``init``)."""
+def describe_restored(restored: int, targets: int) -> str:
+    """The report's ``patch_heads``: where the run's per-patch heads started."""
+    if restored == 0:
+        return "fresh"
+    if restored == targets:
+        return "restored from --init"
+    return f"restored from --init ({restored} of {targets} targets; the rest fresh)"
+
+
+def restore_patch_heads(heads: PatchHeads, init: str | None) -> int:
+    """Load ``heads`` from the checkpoint at ``init`` if it saved them, and return how many targets' heads it held
+    (0 when there is none: a checkpoint trained before heads were saved, or no ``init``). A checkpoint saved before
+    targets were added at the end of the task's list (the hard task's row and column) restores the heads it has; the
+    new ones start fresh."""
     if not init or not (path := Path(init) / HEADS_FILE).is_file():
-        return False
+        return 0
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    restored = len({key.split(".")[1] for key in saved})
+    expected = {key for key in heads.state_dict() if int(key.split(".")[1]) < restored}
     try:
-        heads.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if set(saved) != expected:
+            raise RuntimeError(f"it holds {sorted(saved)}, this task's first {restored} heads {sorted(expected)}")
+        heads.load_state_dict(saved, strict=False)  # the keys are checked above; a size mismatch still raises
     except RuntimeError as e:  # the task's targets changed since that checkpoint was trained
         raise ValueError(f"--init {init}: its {HEADS_FILE} does not fit this task's patch targets ({e})") from None
-    return True
+    return restored
 
 
 def ema(old, new, decay=0.95):
@@ -544,7 +560,7 @@ def train(args: argparse.Namespace) -> dict:
     torch.save({k: v.float().cpu() for k, v in heads.state_dict().items()}, out / HEADS_FILE)
     report = write_report(args, {"parameters": n_params, "train_minutes": (time.perf_counter() - start) / 60,
                                  "vision_stage": vision, "language_steps": language_steps,
-                                 "patch_heads": "restored from --init" if heads_restored else "fresh",
+                                 "patch_heads": describe_restored(heads_restored, len(heads.heads)),
                                  "history": history}, str(accelerator.device))
     return report
 

@@ -154,8 +154,8 @@ def test_export_to_lmms_eval(examples, tmp_path):
 def test_patch_targets_follow_from_the_geometry(examples):
     """Every shape owns at least one patch (small ones the patch under their centre); a shape's patches carry its
     colour, shape, digit, how many shapes share its colour and shape (4 standing for 4 or more: count questions go up
-    to 4), and its clearly nearest shape's colour; the
-    background carries colour and shape 0 and nothing else."""
+    to 4), and its clearly nearest shape's colour; the background carries colour and shape 0 and no shape's labels;
+    every patch carries its row and column."""
     colours = list(COLORS)
     for e in examples[:40]:
         scene = e.scene
@@ -179,6 +179,13 @@ def test_patch_targets_follow_from_the_geometry(examples):
             for name, value in expected.items():
                 assert (named[name][mine] == value).all(), (e.index, name, s)
         background = owner < 0
-        assert (targets[:2, background] == 0).all() and (targets[2:, background] == -100).all()
+        assert (targets[:2, background] == 0).all() and (targets[2:5, background] == -100).all()
+        assert (named["row"] == np.arange(196) // 14).all() and (named["column"] == np.arange(196) % 14).all()
         for a, b in zip(hard.TARGET_CLASSES, targets):
             assert b.max() < a
+
+
+def test_patch_targets_need_the_models_patch_size():
+    scene = hard.random_scene(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="patch_size must be 16 .*got 14"):
+        hard.patch_targets(scene, 14)

@@ -351,6 +351,20 @@ def test_a_continuation_resumes_the_patch_heads_it_was_saved_with(tmp_path):
     with pytest.raises(ValueError, match=f"--init {tmp_path / 'a'}: its {ts.HEADS_FILE} does not fit"):
         ts.restore_patch_heads(ts.PatchHeads(heads.heads[0].in_features, sd.TARGET_CLASSES), str(tmp_path / "a"))
 
+    # heads saved before the hard task's row and column targets existed: those two start fresh, the rest resume
+    older = {k: v for k, v in saved.items() if int(k.split(".")[1]) < 5}
+    torch.save(older, tmp_path / "a" / ts.HEADS_FILE)
+    fresh = ts.PatchHeads(heads.heads[0].in_features, sm.TASKS["hard"].data.TARGET_CLASSES)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    assert ts.restore_patch_heads(fresh, str(tmp_path / "a")) == 5
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, older[k] if k in older else before[k], rtol=0, atol=0)
+    report = ts.train(parser.parse_args(["--out", str(tmp_path / "c"), "--init", str(tmp_path / "a"), *common]))
+    assert report["patch_heads"] == "restored from --init (5 of 7 targets; the rest fresh)"
+    torch.save({k: v for k, v in saved.items() if not k.startswith("heads.1.")}, tmp_path / "a" / ts.HEADS_FILE)
+    with pytest.raises(ValueError, match="does not fit this task's patch targets"):  # a gap is not a prefix
+        ts.restore_patch_heads(fresh, str(tmp_path / "a"))
+
 
 def test_shapes_vqa_reports_its_attention_targets(tmp_path):
     parser = argparse.ArgumentParser()
