@@ -46,11 +46,11 @@ def position_probe(model, processor, data, scenes: int = 48, seed: int = SEED) -
     of the task whose data module is ``data`` (half fit, half scored)."""
     if isinstance(scenes, bool) or not isinstance(scenes, int) or scenes < 2:
         raise ValueError(f"scenes must be an int >= 2 (half fit the read-out, half score it); got {scenes!r}")
+    from vtoken.evals.train_shapes import render_scenes
+
     vision = model.config.vision_config
     side = vision.image_size // vision.patch_size
-    rng = np.random.default_rng([seed, 0])
-    drawn = [data.random_scene(rng) for _ in range(scenes)]
-    pixels = processor.image_processor([data.render(s) for s in drawn], return_tensors="pt")["pixel_values"]
+    pixels, _, targets = render_scenes(data, processor, np.random.default_rng([seed, 0]), scenes)
     tower, projector = model.model.vision_tower, model.model.multi_modal_projector
     pixels = pixels.to(device=tower.device, dtype=tower.dtype)
     hidden = tower(pixels, output_hidden_states=True).hidden_states  # embeddings, then after each block
@@ -59,7 +59,7 @@ def position_probe(model, processor, data, scenes: int = 48, seed: int = SEED) -
     patches = side * side
     rows = torch.arange(side, dtype=torch.float64).repeat_interleave(side).repeat(scenes)
     cols = torch.arange(side, dtype=torch.float64).repeat(side).repeat(scenes)
-    on_shape = torch.from_numpy(np.stack([data.patch_targets(s, vision.patch_size)[0] > 0 for s in drawn])).flatten()
+    on_shape = (targets[:, 0] > 0).flatten()  # the first target is the colour, 0 on the background
     fit = torch.arange(scenes * patches) < (scenes // 2) * patches
     results = []
     for name, tokens in layers:
@@ -90,15 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vtoken.cli import UsageError, usage_errors
+    from vtoken.cli import usage_errors
     from vtoken.evals.shapes_model import TASKS, load_task_model
 
-    if args.scenes < 2:
-        raise UsageError(f"--scenes must be at least 2 (half fit the read-out, half score it); got {args.scenes}")
     threads = set_threads(args.threads)
     with usage_errors():
         model, processor = load_task_model(args.task, args.model)
-    results, chance = position_probe(model, processor, TASKS[args.task].data, args.scenes)
+        results, chance = position_probe(model, processor, TASKS[args.task].data, args.scenes)
     print(f"{TASKS[args.task].title}: linear read-out of each patch's position, {args.scenes} fresh scenes")
     print(threads.line())
     print(format_table(results, chance))
