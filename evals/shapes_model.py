@@ -1,8 +1,9 @@
 """The ShapesVQA model family: a small HF LLaVA (CLIP-shaped vision tower + Llama decoder), a word-level
 tokenizer and a LlavaProcessor, all built offline from configs and saved with ``save_pretrained``.
 
-``load_shapes_model()`` loads the checkpoint that ships in ``vtoken/evals/assets/shapes_llava`` (trained by
-``python -m vtoken.evals.train_shapes``); ``build_*`` make fresh, untrained ones for training and tests.
+``load_task_model()`` loads the checkpoint shipped for a task (``vtoken/evals/assets/shapes_llava`` for ShapesVQA,
+``shapes_hard_llava`` for ShapesVQA-Hard, both trained by ``vtoken train-shapes``); ``build_*`` make fresh, untrained
+ones for training and tests.
 """
 
 from __future__ import annotations
@@ -177,9 +178,6 @@ def load_shapes_model(path: str | Path | None = None, dtype: torch.dtype = torch
 def load_task_model(task: str, path: str | Path | None = None):
     """``(model, processor)`` for ``TASKS[task]``: the checkpoint shipped for it, or one at ``path`` whose tokenizer
     knows every word of the task (a model trained on the other task would read the unknown words as <unk>)."""
-    if path is None and not (TASKS[task].checkpoint / "config.json").is_file():
-        raise ValueError(f"no {TASKS[task].title} checkpoint ships with vtoken yet (docs/shapes_vqa.md says why); "
-                         f"train one with `vtoken train-shapes --task {task} --out DIR` and pass --model DIR")
     model, processor = load_shapes_model(TASKS[task].checkpoint if path is None else path)
     check_vocabulary(processor, task, f"the checkpoint at {path}")
     return model, processor

@@ -236,9 +236,9 @@ def test_bench_prints_load_and_threads_and_warns_when_oversubscribed(tmp_path, m
 
 def test_demo_prints_load_and_threads(tiny_shapes_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(machine, "cpu_load", lambda: (0.2, 2, 2))
-    assert cli.main(["demo", "--model", str(tiny_shapes_checkpoint), "--n", "2", "--budgets", "0.25", "--batch-size",
-                 "2", "--latency-batch", "2", "--repeats", "1", "--method", "pool", "--png",
-                 str(tmp_path / "d.png"), "--json", str(tmp_path / "d.json")]) == 0
+    assert cli.main(["demo", "--task", "shapes", "--model", str(tiny_shapes_checkpoint), "--n", "2", "--budgets",
+                     "0.25", "--batch-size", "2", "--latency-batch", "2", "--repeats", "1", "--method", "pool",
+                     "--png", str(tmp_path / "d.png"), "--json", str(tmp_path / "d.json")]) == 0
     printed = capsys.readouterr()
     assert "load 0.20" in printed.out and "2 torch threads" in printed.out and "warning" not in printed.err
     assert json.loads((tmp_path / "d.json").read_text())["machine"]["load_warning"] is None

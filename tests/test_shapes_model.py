@@ -18,6 +18,9 @@ from vtoken.evals.shapes_data import make_split, random_scene, render, scene_que
 # Regression floor for the shipped checkpoint on the first 96 test questions: the issue's 85% target plus margin
 # (it measures 97.9% here and 99.0% on the 1000-question test split, docs/shapes_vqa.md).
 ACCURACY_FLOOR = 0.9
+# The same for the shipped ShapesVQA-Hard checkpoint: it measures 85.4% here (88.1% on the 1000-question test split,
+# where the issue's 85% target applies); 96 questions have a standard error of about 3.6 points.
+HARD_ACCURACY_FLOOR = 0.8
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +233,19 @@ def test_shipped_model_is_small_and_accurate(shipped):
     assert res.accuracy >= ACCURACY_FLOOR, res.summary()
 
 
+def test_shipped_hard_model_is_small_accurate_and_batch_invariant():
+    model, processor = sm.load_task_model("hard")
+    files = [p for p in sm.TASKS["hard"].checkpoint.iterdir() if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 8 * 2**20
+    assert not (sm.TASKS["hard"].checkpoint / "patch_heads.pt").exists()  # training only, not shipped
+    assert model.config.text_config.hidden_size == sm.TASKS["hard"].text["hidden_size"]
+    examples = sm.TASKS["hard"].data.make_split("test", 96)
+    res = sv.evaluate(model, processor, examples, batch_size=48, progress=False)
+    assert res.accuracy >= HARD_ACCURACY_FLOOR, res.summary()
+    single = sv.evaluate(model, processor, examples[:4], batch_size=1, progress=False)
+    assert single.predictions == res.predictions[:4]
+
+
 def test_todre_keeps_the_shipped_models_accuracy_at_a_quarter_of_the_tokens(shipped):
     import vtoken
 
@@ -405,13 +421,11 @@ def test_a_chain_of_runs_keeps_every_runs_loss_terms(tmp_path):
     assert second["init"]["args"]["vision_only"] and not any(t["attention"] for t in terms)
 
 
-def test_the_reported_hard_run_used_no_attention_loss():
-    """The ShapesVQA-Hard model in docs/shapes_vqa.md: every loss term of every run in its chain (stage 1, then each
-    --init continuation), none reading attention."""
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "docs" / "results" / "shapes_hard_training_report.json"
-    report = json.loads(path.read_text())
+def test_the_shipped_hard_model_used_no_attention_loss():
+    """The shipped ShapesVQA-Hard model's report: every loss term of every run in its chain (stage 1, then each
+    --init continuation), none reading attention, and the test-split figure docs/shapes_vqa.md quotes."""
+    report = json.loads((sm.TASKS["hard"].checkpoint / "training_report.json").read_text())
+    assert report["test"]["n"] == 1000 and report["test"]["accuracy"] >= 0.85  # the issue's target
     terms = ts.chain_loss_terms(report)
     assert {(t["stage"], t["name"]) for t in terms} == {(1, "patch"), (2, "answer"), (2, "patch")}
     assert not any(t["attention"] or "attention" in t["name"] for t in terms)
@@ -421,8 +435,12 @@ def test_the_reported_hard_run_used_no_attention_loss():
         report = report.get("init")
     for run in runs:
         assert run["args"]["task"] == "hard" and run["args"]["lookup_loss"] == 0
-    # newest first: N and M (tower trained in stage 2), two stage-1 continuations (700, then 6000 steps), L, K, J and I
-    # (tower trained in stage 2), H, G, F, E, C and B (tower frozen), and the first stage 1
+    # newest first: P (tower trained in stage 2) and its stage 1 with row and column labels, N and M (tower trained in
+    # stage 2), two stage-1 continuations (700, then 6000 steps), L, K, J and I (tower trained in stage 2), H, G, F, E,
+    # C and B (tower frozen), and the first stage 1
     stages = [("stage 1" if run["args"]["vision_only"] else
                "tower too" if run["args"].get("tower_lr", 0.0) > 0 else "decoder") for run in runs]
-    assert stages == (["tower too"] * 2 + ["stage 1"] * 2 + ["tower too"] * 4 + ["decoder"] * 6 + ["stage 1"])
+    assert stages == (["tower too", "stage 1"] + ["tower too"] * 2 + ["stage 1"] * 2 + ["tower too"] * 4
+                      + ["decoder"] * 6 + ["stage 1"])
+    # P's stage 1 learned every per-patch label the recipe now has, row and column included
+    assert set(runs[1]["vision_stage"]["patch_accuracy"]) == set(sm.TASKS["hard"].data.PATCH_TARGETS)
