@@ -1,5 +1,6 @@
-"""``vtoken demo``: the main job. On the shipped ShapesVQA model, a few methods at a few budgets: accuracy, visual
-tokens, prefill latency and speed-up vs dense in one table, and a picture of which tokens each method kept."""
+"""``vtoken demo``: the main job. On a shipped ShapesVQA model (ShapesVQA-Hard unless ``--task shapes``), a few
+methods at a few budgets: accuracy, visual tokens, prefill latency and speed-up vs dense in one table, and a picture
+of which tokens each method kept."""
 
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ from contextlib import contextmanager
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("vtoken.evals.demo", "the main job: accuracy, tokens and speed of a few methods on the ShapesVQA model"),
-    "quality": ("vtoken.evals.quality", "accuracy vs visual-token budget for every LLaVA method (ShapesVQA)"),
+    "demo": ("vtoken.evals.demo", "the main job: accuracy, tokens and speed of a few methods on a ShapesVQA model"),
+    "quality": ("vtoken.evals.quality",
+                "accuracy vs visual-token budget for every LLaVA method (ShapesVQA-Hard or ShapesVQA)"),
     "methods": ("vtoken.cli", "list the registered methods, their arguments and supported models"),
     "bench": ("vtoken.evals.bench", "dense vs methods on a LLaVA model: prefill latency, decode speed, FLOPs, memory"),
     "bench-dit": ("vtoken.evals.bench_dit", "SVG2 vs dense attention on video-DiT shapes: speed, recall, error"),
