@@ -373,8 +373,8 @@ def test_quality_measures_tokenflex_at_its_share_of_the_grid(tiny_shapes_checkpo
     parser = argparse.ArgumentParser()
     quality.add_arguments(parser)
     out = tmp_path / "q.json"
-    args = parser.parse_args(["--model", str(tiny_shapes_checkpoint), "--n", "4", "--budgets", "1.0,0.25,0.1",
-                              "--batch-size", "4", "--method", "tokenflex", "--json", str(out),
+    args = parser.parse_args(["--task", "shapes", "--model", str(tiny_shapes_checkpoint), "--n", "4", "--budgets",
+                              "1.0,0.25,0.1", "--batch-size", "4", "--method", "tokenflex", "--json", str(out),
                               "--plot", str(tmp_path / "q.png"), "--quiet", "--threads", "1"])
     assert quality.run(args) == 0
     report = json.loads(out.read_text())
