@@ -178,7 +178,8 @@ def load_shapes_model(path: str | Path | None = None, dtype: torch.dtype = torch
 def load_task_model(task: str, path: str | Path | None = None):
     """``(model, processor)`` for ``TASKS[task]``: the checkpoint shipped for it, or one at ``path`` whose tokenizer
     knows every word of the task (a model trained on the other task would read the unknown words as <unk>)."""
-    model, processor = load_shapes_model(TASKS[task].checkpoint if path is None else path)
+    path = TASKS[task].checkpoint if path is None else path
+    model, processor = load_shapes_model(path)
     check_vocabulary(processor, task, f"the checkpoint at {path}")
     return model, processor
 
