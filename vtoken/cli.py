@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe-position": ("vtoken.evals.position_probe", "how well each vision-tower layer of a ShapesVQA model "
                                                        "still knows where each patch is (linear read-out)"),
     "train-shapes": ("vtoken.evals.train_shapes", "train the ShapesVQA LLaVA (the shipped accuracy model) on CPU"),
+    "replay-shapes": ("vtoken.evals.replay_shapes", "retrain a ShapesVQA model from its training report: every run "
+                                                    "of its chain, oldest first"),
     "eval": ("vtoken.evals.eval_cli", "lmms-eval tasks with --model vtoken; fails unless every task has metrics"),
     "train-tokenflex": ("vtoken.training", "train a TokenFLEX projector (any visual-token count) for a LLaVA on JSONL"),
     "tokenflex-proof": ("vtoken.evals.tokenflex_proof", "TokenFLEX vs fixed-N projectors on ShapesVQA: train, "
