@@ -32,15 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the commands and run nothing")
 
 
-def chain(report: dict) -> list[dict]:
-    """The runs that made a checkpoint, oldest first (a report's ``init`` is the run it continued)."""
-    runs = []
-    while report is not None:
-        runs.append(report)
-        report = report.get("init")
-    return runs[::-1]
-
-
 def run_argv(run: dict, defaults: dict) -> list[str]:
     """The ``train-shapes`` arguments of one recorded run, without ``--out``/``--init``: those that differ from
     today's defaults, with a time limit replaced by the steps the run took."""
@@ -73,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     parser = argparse.ArgumentParser()
     train_shapes.add_arguments(parser)
     defaults = vars(parser.parse_args(["--out", "."]))
-    runs = chain(load_report(args.report))
+    runs = train_shapes.chain_runs(load_report(args.report))[::-1]  # oldest first
     out = Path(args.out)
     commands, init = [], None
     for i, recorded in enumerate(runs):

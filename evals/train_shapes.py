@@ -504,9 +504,18 @@ def loss_terms(args: argparse.Namespace, vision_only: bool = False) -> list[dict
     return terms
 
 
+def chain_runs(report: dict | None) -> list[dict]:
+    """The reports of the runs that made a checkpoint, newest first: its own, then its ``--init``'s, and so on."""
+    runs = []
+    while report is not None:
+        runs.append(report)
+        report = report.get("init")
+    return runs
+
+
 def chain_loss_terms(report: dict | None) -> list[dict]:
-    """Every loss term of the runs that made a checkpoint: its report's, then (recursively) its ``--init``'s."""
-    return [] if report is None else report["loss_terms"] + chain_loss_terms(report.get("init"))
+    """Every loss term of the runs that made a checkpoint, newest run first."""
+    return [term for run in chain_runs(report) for term in run["loss_terms"]]
 
 
 def train(args: argparse.Namespace) -> dict:

@@ -40,7 +40,7 @@ def test_replay_retrains_the_chain_to_the_same_weights_and_resumes(tiny_chain, t
     assert sorted(p.name for p in out.iterdir()) == ["01-tower", "02-model"]
     replayed = json.loads((out / "02-model" / "training_report.json").read_text())
     original = json.loads((tiny_chain / "model" / "training_report.json").read_text())
-    for new, old in zip(replay_shapes.chain(replayed), replay_shapes.chain(original)):
+    for new, old in zip(ts.chain_runs(replayed), ts.chain_runs(original), strict=True):
         drop = {"out", "init"}
         assert {k: v for k, v in new["args"].items() if k not in drop} == \
                {k: v for k, v in old["args"].items() if k not in drop}

@@ -429,10 +429,7 @@ def test_the_shipped_hard_model_used_no_attention_loss():
     terms = ts.chain_loss_terms(report)
     assert {(t["stage"], t["name"]) for t in terms} == {(1, "patch"), (2, "answer"), (2, "patch")}
     assert not any(t["attention"] or "attention" in t["name"] for t in terms)
-    runs = []
-    while report is not None:
-        runs.append(report)
-        report = report.get("init")
+    runs = ts.chain_runs(report)
     for run in runs:
         assert run["args"]["task"] == "hard" and run["args"]["lookup_loss"] == 0
     # newest first: P (tower trained in stage 2) and its stage 1 with row and column labels, N and M (tower trained in
