@@ -10,7 +10,7 @@ from vtoken.cli import UsageError
 from vtoken.evals import demo, quality
 
 
-def shapes_model(checkpoint) -> list[str]:
+def shapes_task(checkpoint) -> list[str]:
     """Arguments that measure a ShapesVQA (not -Hard) checkpoint: --task defaults to hard."""
     return ["--task", "shapes", "--model", str(checkpoint)]
 
@@ -23,7 +23,7 @@ def parse(module, argv):
 
 def test_quality_writes_every_method_and_budget(tiny_shapes_checkpoint, tmp_path, capsys):
     out = tmp_path / "q.json"
-    args = parse(quality, [*shapes_model(tiny_shapes_checkpoint), "--n", "8", "--budgets", "1.0,0.25",
+    args = parse(quality, [*shapes_task(tiny_shapes_checkpoint), "--n", "8", "--budgets", "1.0,0.25",
                            "--batch-size", "4", "--method", "todre", "--method", "random",
                            "--method", "token_clustering", "--json", str(out), "--plot", str(tmp_path / "q.png"),
                            "--quiet"])
@@ -40,7 +40,7 @@ def test_quality_writes_every_method_and_budget(tiny_shapes_checkpoint, tmp_path
 
 def test_demo_prints_the_table_and_draws_the_kept_tokens(tiny_shapes_checkpoint, tmp_path, capsys):
     png, table = tmp_path / "demo.png", tmp_path / "demo.json"
-    args = parse(demo, [*shapes_model(tiny_shapes_checkpoint), "--n", "4", "--budgets", "0.25", "--batch-size", "4",
+    args = parse(demo, [*shapes_task(tiny_shapes_checkpoint), "--n", "4", "--budgets", "0.25", "--batch-size", "4",
                         "--latency-batch", "2", "--repeats", "1", "--png", str(png), "--json", str(table),
                         "--method", "todre", "--method", "pool", "--method", "attn_topk", "--method", "transprune",
                         "--method", "corematching"])
@@ -57,12 +57,12 @@ def test_demo_prints_the_table_and_draws_the_kept_tokens(tiny_shapes_checkpoint,
 
 def test_methods_for_other_models_are_refused_before_any_work(tiny_shapes_checkpoint, tmp_path):
     with pytest.raises(UsageError, match="svg2 is not a LLaVA method.*use vtoken bench-dit"):
-        quality.run(parse(quality, [*shapes_model(tiny_shapes_checkpoint), "--method", "svg2"]))
+        quality.run(parse(quality, [*shapes_task(tiny_shapes_checkpoint), "--method", "svg2"]))
 
 
 def test_quality_runs_method_variants_once_at_their_own_budget(tiny_shapes_checkpoint, tmp_path, capsys):
     out = tmp_path / "q.json"
-    args = parse(quality, [*shapes_model(tiny_shapes_checkpoint), "--n", "4", "--budgets", "0.5,0.25",
+    args = parse(quality, [*shapes_task(tiny_shapes_checkpoint), "--n", "4", "--budgets", "0.5,0.25",
                            "--batch-size", "4", "--method", "transprune", "--method", "transprune:iga=false",
                            "--method", "corematching:keep=none", "--json", str(out), "--plot", str(tmp_path / "q.png"),
                            "--quiet"])
@@ -74,7 +74,7 @@ def test_quality_runs_method_variants_once_at_their_own_budget(tiny_shapes_check
     assert rows[2]["config"] == {"keep": 0.5, "iga": False}
     assert "own budget" in capsys.readouterr().out
     with pytest.raises(UsageError, match="--method corematching:beta=2.*beta=2.0 is out of range"):
-        quality.run(parse(quality, [*shapes_model(tiny_shapes_checkpoint), "--method", "corematching:beta=2"]))
+        quality.run(parse(quality, [*shapes_task(tiny_shapes_checkpoint), "--method", "corematching:beta=2"]))
 
 
 def test_quality_and_demo_run_the_hard_task(tiny_hard_checkpoint, tiny_shapes_checkpoint, tmp_path, capsys):
