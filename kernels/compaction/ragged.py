@@ -42,6 +42,7 @@ def _compact_kernel(
     slot = pad + before + tl.cumsum(k, axis=0) - 1  # output slot of each kept row of the tile
     filler = offs_l < pad  # read as slots: the fillers with indices in this tile's range
     has_first = first < L
+    first_vec = tl.zeros((BLOCK_D,), tl.int32) + first  # triton 3.9's interpreter rejects a vector mask & a scalar
 
     offs_d = dblock * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = offs_d < D
@@ -49,7 +50,7 @@ def _compact_kernel(
     rows = tl.load(src, mask=kept[:, None] & in_d[None, :], other=0.0)
     out_row = out_ptr + b * stride_ob
     tl.store(out_row + slot[:, None] * stride_ol + offs_d[None, :], rows, mask=kept[:, None] & in_d[None, :])
-    first_row = tl.load(x_ptr + b * stride_xb + first * stride_xl + offs_d, mask=in_d & has_first, other=0.0)
+    first_row = tl.load(x_ptr + b * stride_xb + first * stride_xl + offs_d, mask=in_d & (first_vec < L), other=0.0)
     copies = tl.broadcast_to(first_row[None, :], (BLOCK_L, BLOCK_D))
     tl.store(out_row + offs_l[:, None] * stride_ol + offs_d[None, :], copies, mask=filler[:, None] & in_d[None, :])
 

@@ -1,1 +1,0 @@
-"""Triton kernels, each beside a plain PyTorch reference (``naive.py``) that defines it."""
