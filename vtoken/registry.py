@@ -71,8 +71,13 @@ def register_host(name: str, description: str, matches: Callable[[Any], bool]):
 
 
 def _load_builtins() -> None:
-    # Imported lazily so that ``import vtoken`` stays light and adapters may import the core freely.
-    import vtoken.adapters  # noqa: F401
+    # Imported lazily so that ``import vtoken`` stays light and adapters may import the core freely. The adapters'
+    # folder is a namespace package (no ``__init__.py``: see docs/design.md, "Top-level names"), so each host module
+    # registers itself on import here.
+    import vtoken.adapters.llava  # noqa: F401
+    import vtoken.adapters.qwen_vl  # noqa: F401
+    import vtoken.adapters.video_dit  # noqa: F401
+    import vtoken.adapters.vit  # noqa: F401
     import vtoken.methods  # noqa: F401
 
 
