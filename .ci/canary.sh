@@ -2,7 +2,7 @@
 # Not run in CI. Installs the newest release of every dependency vtoken caps, beyond the caps, runs the suite and
 # prints what breaks. Raising a cap is then one decision: if nothing broke, raise it in pyproject.toml (and in the
 # README's table); if something did, fix it first (upstream internals live in adapters/_compat.py).
-#   .ci/canary.sh            # fresh .canary-venv, then the suite
+#   .ci/canary.sh            # fresh .canary-venv, then the suite; prints one line per package that broke something
 set -uo pipefail
 cd "$(dirname "$0")/.."
 venv=${CANARY_VENV:-.canary-venv}
@@ -21,8 +21,12 @@ from vtoken.adapters._compat import declared_ranges, installed_versions, unteste
 lines = untested_versions(installed_versions(), declared_ranges())
 print("\n".join("   " + line for line in lines) or "   nothing: every newest release is inside the ranges")
 PY
-echo "== the suite on them:"
-python -m pytest -q -p no:cacheprovider --tb=line -W ignore::RuntimeWarning 2>&1 | tail -40
-status=${PIPESTATUS[0]}
+report=$(mktemp /tmp/vtoken-canary.XXXXXX.xml)
+python -m pytest -q -p no:cacheprovider --tb=short -W ignore::RuntimeWarning --junitxml="$report" > "$venv/pytest.log" 2>&1
+status=$?
+echo "== what broke, by package (the innermost installed package in each failure's traceback):"
+python .ci/breakage.py "$report"
+echo "== the suite's last lines (all of it: $venv/pytest.log):"
+tail -15 "$venv/pytest.log"
 echo "== pytest exit status $status (0: the caps above can be raised)"
 exit "$status"
