@@ -321,15 +321,14 @@ class DecoderPruner:
         self.decode_slots = 0
         for i, layer in enumerate(self.layers):
             handle.claim(layer, "vtoken.decoder_layer")
-            hook = layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
-            handle.add_hook(hook)
+            handle.forward_pre_hook(layer, self._make_hook(i), with_kwargs=True)
         for kind, indices in self.observed.items():
             if kind not in SUBLAYER_KINDS or any(not 0 <= i < n for i in indices):
                 raise RuntimeError(f"{method.method_name}: cannot observe {kind!r} in layers {indices} of a {n}-layer "
                                    f"decoder (kinds: {', '.join(SUBLAYER_KINDS)})")
             for i in indices:
                 module = _compat.decoder_sublayer(self.layers[i], kind)
-                handle.add_hook(module.register_forward_hook(self._make_observer(i, kind), with_kwargs=True))
+                handle.forward_hook(module, self._make_observer(i, kind), with_kwargs=True)
         ffn_layers = tuple(method.decode_ffn_layers(n))
         self.ffn = DecodeFFN(self.layers, ffn_layers, handle, method.method_name) if ffn_layers else None
 

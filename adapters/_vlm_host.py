@@ -176,9 +176,9 @@ class VLMPatch:
         self.hooks.set_attr(model, "prepare_inputs_for_generation",
                             functools.update_wrapper(self.prepare_inputs(model.prepare_inputs_for_generation),
                                                      model.prepare_inputs_for_generation))
-        self.hooks.add_hook(self.base.register_forward_pre_hook(self.before_llm, with_kwargs=True))
-        self.hooks.add_hook(self.base.register_forward_hook(self.after_llm, with_kwargs=True))
-        self.hooks.add_hook(model.register_forward_pre_hook(self.reject_labels, with_kwargs=True))
+        self.hooks.forward_pre_hook(self.base, self.before_llm, with_kwargs=True)
+        self.hooks.forward_hook(self.base, self.after_llm, with_kwargs=True)
+        self.hooks.forward_pre_hook(model, self.reject_labels, with_kwargs=True)
 
     # -- users ------------------------------------------------------------------------------------------------------
     def attach_method(self, method: VisualTokenMethod, handle: Handle) -> None:

@@ -154,9 +154,9 @@ class DeepstackInjector:
     def __init__(self, patch: QwenVLPatch, handle):
         self.patch = patch
         self.pending: tuple[torch.Tensor, list[torch.Tensor]] | None = None
-        handle.add_hook(patch.llm.register_forward_pre_hook(self.take, with_kwargs=True))
+        handle.forward_pre_hook(patch.llm, self.take, with_kwargs=True)
         for i, layer in enumerate(patch.llm.layers):
-            handle.add_hook(layer.register_forward_hook(self.make_add(i)))
+            handle.forward_hook(layer, self.make_add(i))
 
     def take(self, module, args, kwargs):
         self.pending = None

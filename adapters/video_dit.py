@@ -406,7 +406,7 @@ def _install(model, config: SVG2Config, handle, host: str, class_name: str, laye
         for layer, attn in layers(transformer):
             handle.claim(attn, "attention_processor")
             handle.set_attr(attn, "processor", processor_cls(attn.processor, runtime, (index, layer)))
-        handle.add_hook(transformer.register_forward_pre_hook(runtime.pre_hook, with_kwargs=True))
+        handle.forward_pre_hook(transformer, runtime.pre_hook, with_kwargs=True)
         if callable(getattr(transformer, "cache_context", None)):
             handle.set_attr(transformer, "cache_context", runtime.wrap_cache_context(transformer.cache_context))
     check_inputs = getattr(model, "check_inputs", None)

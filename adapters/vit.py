@@ -113,10 +113,10 @@ def install_clustering(site: VitSite, config: TokenClusteringConfig, handle) -> 
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     if site.patch_conv is not None:
-        handle.add_hook(site.patch_conv.register_forward_hook(record_grid))
-    handle.add_hook(site.blocks[alpha].register_forward_pre_hook(cluster, with_kwargs=True))
+        handle.forward_hook(site.patch_conv, record_grid)
+    handle.forward_pre_hook(site.blocks[alpha], cluster, with_kwargs=True)
     if beta is not None:
-        handle.add_hook(site.blocks[beta - 1].register_forward_hook(reconstruct, prepend=True))
+        handle.forward_hook(site.blocks[beta - 1], reconstruct, prepend=True)
 
 
 def guard_intermediates(owner: nn.Module, config: TokenClusteringConfig, depth: int, handle) -> None:

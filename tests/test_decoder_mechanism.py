@@ -11,22 +11,8 @@ from transformers.cache_utils import DynamicCache
 
 from vtoken.adapters._compat import cache_keyword
 from vtoken.adapters._vlm import DecoderPruner, VLMStats
+from vtoken.handle import Handle
 from vtoken.methods.base import PrefillOutcome, VisualTokenMethod
-
-
-class _Handle:
-    def __init__(self):
-        self.hooks = []
-
-    def claim(self, *args):
-        pass
-
-    def add_hook(self, hook):
-        self.hooks.append(hook)
-
-    def remove(self):
-        for hook in self.hooks:
-            hook.remove()
 
 
 class EvenPositions(VisualTokenMethod):
@@ -64,7 +50,7 @@ def batch():
 
 
 def run(lm, method, ids, mask, visual, cache=None):
-    handle = _Handle()
+    handle = Handle(lm, "probe", None, "test")
     pruner = DecoderPruner(lm, method, VLMStats(), handle)
     pruner.begin_prefill(visual, mask.bool())
     try:

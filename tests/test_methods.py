@@ -14,6 +14,7 @@ from vtoken.adapters._compat import clip_parts
 from vtoken.adapters._vlm import DecoderPruner, VLMStats
 from vtoken.adapters.llava import cls_attention
 from vtoken.budget import resolve_budget
+from vtoken.handle import Handle
 from vtoken.kernels.diversity.naive import greedy_from_features
 from vtoken.methods.base import GridSegment, ImageContext, VisualTokenMethod
 from vtoken.methods.baselines import PoolConfig, pooled_grid, split_budget
@@ -234,24 +235,16 @@ def test_attention_rows_match_eager_attention_with_padding(factory):
     model = factory("eager")
     lm = model.model.language_model
 
-    class _Handle:
-        def claim(self, *a):
-            pass
-
-        def add_hook(self, h):
-            hooks.append(h)
-
-    hooks = []
+    handle = Handle(lm, "probe", None, "test")
     probe = _Probe(layer=2)
-    pruner = DecoderPruner(lm, probe, VLMStats(), _Handle())
+    pruner = DecoderPruner(lm, probe, VLMStats(), handle)
     ids, mask = left_pad([torch.tensor([1, 5, 6, 7, 8, 9]), torch.tensor([1, 5, 6, 9])])
     visual = torch.zeros_like(ids, dtype=torch.bool)
     visual[:, 2] = True
     pruner.begin_prefill(visual, mask.bool())
     with torch.no_grad():
         out = lm(input_ids=ids, attention_mask=mask, output_attentions=True)
-    for h in hooks:
-        h.remove()
+    handle.remove()
     expected = out.attentions[2]
     real = mask.bool()
     for b in range(2):

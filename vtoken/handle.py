@@ -10,7 +10,36 @@ from typing import Any
 # module -> {slot: handle}. Two methods may share a model (e.g. clustering in the vision tower and ToDRE after
 # the projector) but never the same slot of the same module. Weak keys: a patched model can still be collected.
 _SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# module -> number of vtoken hooks on it (see ``Handle.forward_hook``)
+_HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _MISSING = object()
+
+
+def _mark_hooked(module: Any) -> None:
+    """Make a module's hooks visible to ``torch.compile``.
+
+    TorchDynamo does not guard on a module's hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``), so code
+    compiled for another instance of the same class, or for this one before it was patched, would keep running
+    without them: the patched model would silently run dense. Every call reads ``module.forward``, which Dynamo does
+    guard, so a hooked module carries its own bound ``forward`` in its instance dict while it has vtoken hooks:
+    adding the first hook or removing the last one makes compiled code recompile. A new hook on a module already
+    hooked is found by the guards on the hooks it replaces (they are reached through the hook dict by hook id).
+    """
+    count = _HOOKED.get(module, 0)
+    if count == 0 and "forward" not in module.__dict__:
+        module.__dict__["forward"] = module.forward  # the class's forward, bound: same behaviour
+        _HOOKED[module] = 1
+    elif count:
+        _HOOKED[module] = count + 1
+
+
+def _unmark_hooked(module: Any) -> None:
+    count = _HOOKED.get(module, 0)
+    if count > 1:
+        _HOOKED[module] = count - 1
+    elif count == 1:
+        del _HOOKED[module]
+        module.__dict__.pop("forward", None)
 
 
 def _refuse_deepcopy(module: Any):
@@ -70,9 +99,22 @@ class Handle:
 
         self._undo.append(release)
 
-    def add_hook(self, removable: Any) -> Any:
-        """Track a ``torch.utils.hooks.RemovableHandle`` (or anything with ``.remove()``)."""
-        self._undo.append(removable.remove)
+    def forward_pre_hook(self, module: Any, fn: Callable, **kwargs: Any) -> Any:
+        """``module.register_forward_pre_hook(fn, **kwargs)``, undone by ``remove()`` and seen by compiled code."""
+        return self._track_hook(module, module.register_forward_pre_hook(fn, **kwargs))
+
+    def forward_hook(self, module: Any, fn: Callable, **kwargs: Any) -> Any:
+        """``module.register_forward_hook(fn, **kwargs)``, undone by ``remove()`` and seen by compiled code."""
+        return self._track_hook(module, module.register_forward_hook(fn, **kwargs))
+
+    def _track_hook(self, module: Any, removable: Any) -> Any:
+        _mark_hooked(module)
+
+        def undo():
+            removable.remove()
+            _unmark_hooked(module)
+
+        self._undo.append(undo)
         return removable
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:

@@ -1,0 +1,103 @@
+"""``torch.compile`` of a patched model computes what the eager patched model computes, never the dense model.
+
+TorchDynamo does not guard on module hooks, and it reads a submodule through ``_modules``, so code compiled for
+another instance of the same class (or for this one before it was patched) used to keep running without vtoken's
+hooks: a silently dense result. Every hooked module now carries its own ``forward`` while hooked, which Dynamo does
+guard (vtoken.handle), and TokenFLEX shadows its projector's ``forward`` rather than the attribute.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import IMAGE_TOKEN, PAD, left_pad, prompt, tiny_llava
+
+import vtoken
+
+LLAVA_METHODS = {
+    "random": dict(keep=16), "pool": dict(keep=16), "divprune": dict(keep=16), "todre": dict(keep=16),
+    "attn_topk": dict(keep=0.5, layer=2), "transprune": dict(keep=0.25), "corematching": dict(keep=0.3),
+    "tokenflex": dict(num_tokens=16),
+}
+OTHER_BUDGET = {"random": dict(keep=4), "pool": dict(keep=4), "divprune": dict(keep=4), "todre": dict(keep=4),
+                "attn_topk": dict(keep=0.125, layer=2), "transprune": dict(keep=0.125), "corematching": dict(keep=0.1),
+                "tokenflex": dict(num_tokens=4)}
+GEN = dict(max_new_tokens=3, do_sample=False, pad_token_id=PAD, suppress_tokens=[IMAGE_TOKEN])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def inputs():
+    torch.manual_seed(1)
+    return dict(input_ids=prompt(64).unsqueeze(0), pixel_values=torch.randn(1, 3, 112, 112))
+
+
+def last_logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits[:, -1]
+
+
+def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a - b).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(LLAVA_METHODS))
+def test_compiled_patched_model_is_never_silently_dense(name):
+    batch = inputs()
+    other, model = tiny_llava(layers=3), tiny_llava(layers=3)
+    dense = last_logits(model, batch)
+    last_logits(torch.compile(other, backend="eager"), batch)  # the class's code, compiled unpatched first
+
+    handle = vtoken.patch(model, name, **LLAVA_METHODS[name])
+    eager = last_logits(model, batch)
+    assert differs(eager, dense)
+    compiled = torch.compile(model, backend="eager")
+    torch.testing.assert_close(last_logits(compiled, batch), eager, rtol=0, atol=1e-5)
+
+    handle.remove()  # the same compiled module runs dense again
+    torch.testing.assert_close(last_logits(compiled, batch), dense, rtol=0, atol=1e-5)
+
+    with vtoken.patch(model, name, **OTHER_BUDGET[name]):  # another budget: not the first patch's graph
+        again = last_logits(model, batch)
+        assert differs(again, eager)
+        torch.testing.assert_close(last_logits(compiled, batch), again, rtol=0, atol=1e-5)
+
+
+def test_a_compiled_model_follows_a_change_of_method():
+    batch = inputs()
+    model = tiny_llava(layers=3)
+    compiled = torch.compile(model, backend="eager")
+    for name in ("attn_topk", "corematching", "transprune", "random"):
+        with vtoken.patch(model, name, **LLAVA_METHODS[name]):
+            torch.testing.assert_close(last_logits(compiled, batch), last_logits(model, batch), rtol=0, atol=1e-5)
+
+
+def test_tokenflex_update_reaches_the_compiled_model():
+    batch = inputs()
+    model = tiny_llava(layers=3)
+    compiled = torch.compile(model, backend="eager")
+    with vtoken.patch(model, "tokenflex", num_tokens=16) as handle:
+        last_logits(compiled, batch)
+        handle.update(num_tokens=4)
+        torch.testing.assert_close(last_logits(compiled, batch), last_logits(model, batch), rtol=0, atol=1e-5)
+        assert handle.stats.visual_tokens_llm == [4]
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("config", [dict(keep=0.3), dict(), dict(keep=0.3, ffn_layers="all"), dict(variant="release")])
+def test_corematching_generates_the_same_tokens_compiled(backend, config):
+    torch.manual_seed(1)
+    model = tiny_llava(layers=8)
+    ids, mask = left_pad([prompt(64), prompt(64, before=(1, 5))])
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 112, 112))
+    with vtoken.patch(model, "corematching", **config) as handle, torch.no_grad():
+        eager = model.generate(**batch, **GEN)
+        layers = handle.stats.visual_tokens_per_layer
+        compiled = torch.compile(model, backend=backend).generate(**batch, **GEN)
+        assert torch.equal(compiled, eager)
+        assert handle.stats.visual_tokens_per_layer == layers
