@@ -1,9 +1,11 @@
 """TokenFLEX on HF LLaVA-1.5 and LLaVA-NeXT: the LLM gets exactly N visual tokens per image view.
 
 Hook points, per instance (``handle.remove()`` undoes them):
-* ``model.model.multi_modal_projector`` is shadowed by :class:`PooledProjector`: each view's patch grid is pooled to
-  ``n x n`` (``n = sqrt(N)``), then projected by the trained TokenFLEX projector, or by the model's own projector
-  in the training-free mode. The model's weights and ``state_dict`` stay as they are.
+* the ``forward`` of ``model.model.multi_modal_projector`` is shadowed on that instance by :class:`PooledProjector`:
+  each view's patch grid is pooled to ``n x n`` (``n = sqrt(N)``), then projected by the trained TokenFLEX
+  projector, or by the model's own projector in the training-free mode. The model's weights and ``state_dict`` stay
+  as they are. (Shadowing the module's ``forward`` rather than the ``multi_modal_projector`` attribute keeps the
+  change visible to ``torch.compile``, whose guards read a submodule through ``_modules`` but do read ``forward``.)
 * LLaVA-NeXT only: ``model.model.pack_image_features`` is shadowed by :func:`pack_views`, LLaVA-NeXT's own AnyRes
   packing on ``n x n`` views (its version assumes the tower's full grid).
 * The shared :class:`~vtoken.adapters.llava.LlavaPatch` takes it as a feature provider: the prompt keeps the
@@ -20,6 +22,7 @@ the native N this is exactly the model's own layout (tests check it equals the u
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -34,30 +37,38 @@ from vtoken.methods.tokenflex import TokenFlexConfig, TokenFlexProjector, pool_g
 _UNSET = object()
 
 
-class PooledProjector(nn.Module):
-    """What the host calls as its projector while TokenFLEX is on: (views, L, C_v) -> (views, N, C_llm).
+class PooledProjector:
+    """What the host's projector computes while TokenFLEX is on: (views, L, C_v) -> (views, N, C_llm).
 
-    It sits in the instance's ``__dict__``, outside the model's module tree, so ``model.parameters()`` and the
-    ``state_dict`` do not change; a trained projector follows the features' device and dtype.
+    Installed as the host projector's ``forward`` on the instance. A user's trained projector is never changed: when
+    the features come in another device or dtype, a cast copy computes instead, made again when the user's weights
+    change (their in-place version counters move, as an optimizer step moves them).
     """
 
     def __init__(self, host_projector: nn.Module, num_tokens: int):
-        super().__init__()
-        self.host, self.num_tokens = host_projector, num_tokens
+        self.host_forward = type(host_projector).forward.__get__(host_projector)  # the class's own, not the shadow
+        self.num_tokens = num_tokens
         self.trained: TokenFlexProjector | None = None
         self.source = _UNSET  # the config's projector value ``trained`` was made from
+        self._cast: tuple[tuple, TokenFlexProjector] | None = None  # (what it was cast from, the copy)
 
     @property
     def side(self) -> int:
         return math.isqrt(self.num_tokens)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
         if self.trained is None:
-            return self.host(pool_grid(features, self.num_tokens))
+            return self.host_forward(pool_grid(features, self.num_tokens))
+        return self.projector_for(features)(features, self.num_tokens)
+
+    def projector_for(self, features: torch.Tensor) -> TokenFlexProjector:
         weight = self.trained.down.weight
-        if weight.device != features.device or weight.dtype != features.dtype:
-            self.trained.to(features.device, features.dtype)
-        return self.trained(features, self.num_tokens)
+        if weight.device == features.device and weight.dtype == features.dtype:
+            return self.trained
+        key = (features.device, features.dtype, id(self.trained), tuple(p._version for p in self.trained.parameters()))
+        if self._cast is None or self._cast[0] != key:
+            self._cast = key, copy.deepcopy(self.trained).to(features.device, features.dtype)
+        return self._cast[1]
 
 
 def pack_image(views: torch.Tensor, image_size, pinpoints, tile: int, newline: torch.Tensor | None) -> torch.Tensor:
@@ -123,11 +134,12 @@ def install_tokenflex(model, config: TokenFlexConfig, handle) -> None:
             if trained is not None:
                 check_projector(trained, host)
         pooled.num_tokens, pooled.trained, pooled.source = num_tokens, trained, new.projector
+        pooled._cast = None
 
     configure(config)  # every check before the shared patch is made: a refusal leaves nothing behind
     patch = LlavaPatch.of(model)
     patch.attach_provider(FeatureProvider("tokenflex", view_side=lambda: pooled.side), handle)
-    handle.set_attr(base, _compat.PROJECTOR_ATTR, pooled)
+    handle.set_attr(_compat.projector_of(base), "forward", pooled)
     if patch.next:
         handle.set_attr(base, _compat.PACK_FEATURES_ATTR, functools.partial(pack_views, host))
     handle.on_update(configure)

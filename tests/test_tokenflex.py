@@ -381,3 +381,17 @@ def test_quality_measures_tokenflex_at_its_share_of_the_grid(tiny_shapes_checkpo
     tokens = {r["budget"]: r["visual_tokens"] for r in report["results"]}
     assert tokens == {1.0: 196, 0.25: 49, 0.1: 16}  # 14 x 14 -> 7 x 7 -> 4 x 4
     assert report["results"][0]["accuracy"] == report["dense"]["accuracy"]  # the native count is the model itself
+
+
+def test_a_users_projector_is_never_cast_in_place_by_a_bf16_model():
+    model = tiny_llava().to(torch.bfloat16)
+    projector = TokenFlexProjector(32, 64)
+    before = {k: v.clone() for k, v in projector.state_dict().items()}
+    ids, pixels = prompt(64).unsqueeze(0), torch.randn(1, 3, 112, 112, dtype=torch.bfloat16)
+    with vtoken.patch(model, "tokenflex", num_tokens=16, projector=projector), torch.no_grad():
+        first = model(input_ids=ids, pixel_values=pixels).logits
+        assert first.dtype == torch.bfloat16
+        after = projector.state_dict()
+        assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in after.items())
+        projector.down.bias.add_(1.0)  # the user changes their weights in place: the next call uses the new ones
+        assert not torch.equal(model(input_ids=ids, pixel_values=pixels).logits, first)
