@@ -15,8 +15,10 @@ import sys
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 
-FRAME = re.compile(r"site-packages/([A-Za-z0-9_]+)[^\s:]*:\d+")
+# a frame in pytest's short form (path:line) or Python's (File "path", line N), also inside a subprocess's output
+FRAME = re.compile(r"site-packages/([A-Za-z0-9_]+)[^\s:\"]*(?::\d+|\", line \d+)")
 ERROR = re.compile(r"^E\s+(.+)$", re.MULTILINE)
+EXCEPTION = re.compile(r"^E\s+((?:[A-Za-z_.]+(?:Error|Exception|Exit))\b.*)$", re.MULTILINE)
 
 
 def distribution_of(module: str) -> str:
@@ -45,14 +47,15 @@ def charge(traceback: str) -> tuple[str, str]:
     if not frames:
         return "vtoken", ""
     last = frames[-1]
-    return distribution_of(last.group(1)), last.group(0).split("site-packages/", 1)[1]
+    return distribution_of(last.group(1)), last.group(0).split("site-packages/", 1)[1].replace('", line ', ":")
 
 
 def summary(report: str) -> list[str]:
     broken: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
     for test, traceback, message in failures(report):
         package, where = charge(traceback)
-        errors = ERROR.findall(traceback)
+        raised = EXCEPTION.findall(traceback)  # the innermost exception, e.g. one a subprocess printed
+        errors = raised[-1:] or ERROR.findall(traceback)
         first = (errors[0] if errors else message).strip()
         broken[package].append((test, first, where))
     lines = []

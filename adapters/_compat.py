@@ -20,9 +20,10 @@ from typing import Any, NamedTuple
 CHECKED = ("torch", "transformers", "timm", "open-clip-torch", "accelerate", "diffusers", "lmms-eval")
 
 
-def declared_ranges(distribution: str = "vtoken") -> dict[str, str]:
+def declared_ranges(distribution: str = "vtoken", names: tuple[str, ...] | None = CHECKED) -> dict[str, str]:
     """Package -> version specifier, as declared in pyproject.toml (read back from the installed metadata, so the
-    check can never drift from what pip enforces). Empty when vtoken runs from a source tree without metadata."""
+    check can never drift from what pip enforces), for ``names`` (None: every requirement, extras' pins included).
+    Empty when vtoken runs from a source tree without metadata."""
     try:
         requirements = importlib.metadata.requires(distribution) or []
     except importlib.metadata.PackageNotFoundError:
@@ -31,7 +32,7 @@ def declared_ranges(distribution: str = "vtoken") -> dict[str, str]:
     for line in requirements:
         match = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*([^;]*)", line)
         name, spec = match.group(1).lower(), match.group(2).strip()
-        if name in CHECKED and spec:
+        if (names is None or name in names) and spec:
             out[name] = ",".join(sorted(spec.split(","), key=lambda part: not part.startswith(">")))  # low, high
     return out
 
