@@ -16,30 +16,51 @@ from vtoken.adapters import _compat
 
 
 class SlicedFFN:
-    """``mlp`` restricted to ``neurons`` (B, k), one neuron set per row.
+    """``mlp`` restricted to ``neurons`` (B, k), one neuron set per row; a row of -1 (a prompt without visual tokens)
+    runs the whole MLP, exactly as it would alone.
 
-    The weights of the union of the rows' sets are copied once; a row's other neurons in the union are multiplied by
-    zero before the down projection, which gives exactly that row's restricted FFN. A batch step therefore reads
+    The weights of the union of the sparse rows' sets are copied once; a row's other neurons in the union are
+    multiplied by zero before the down projection, which gives that row's restricted FFN. A batch step therefore reads
     each needed weight once (never more than the dense FFN), and rows with one set (beams of one prompt) need no mask.
+    Which rows are dense is read once here, when the slices are made, never in a decode step.
     """
 
-    def __init__(self, mlp: _compat.GatedMLP, neurons: torch.Tensor):
+    def __init__(self, mlp: _compat.GatedMLP, neurons: torch.Tensor, original=None):
         self.act = mlp.act
+        self.original = original or mlp.module.forward  # the unshadowed forward (DecodeFFN shadows the module's)
         gate, up, down = mlp.gate.weight, mlp.up.weight, mlp.down.weight
         neurons = neurons.to(gate.device)
         self.rows = neurons.shape[0]
+        dense = (neurons < 0).all(1)
+        # one host read per prefill (the rows' kinds decide which path each decode step takes)
+        dense_rows = dense.nonzero().squeeze(1)
+        self.dense_rows = dense_rows if 0 < dense_rows.numel() < self.rows else None
+        self.sparse_rows = (~dense).nonzero().squeeze(1) if self.dense_rows is not None else None
+        self.all_dense = dense_rows.numel() == self.rows
+        if self.all_dense:
+            return
+        neurons = neurons[~dense]
         union = neurons.unique(sorted=True)
         self.gate_up = torch.cat([gate.index_select(0, union), up.index_select(0, union)])  # (2u, d)
         self.down = down.index_select(1, union)  # (d, u)
         self.gate_up_bias = None if mlp.gate.bias is None else torch.cat([mlp.gate.bias[union], mlp.up.bias[union]])
         self.down_bias = mlp.down.bias
-        member = torch.zeros(self.rows, gate.shape[0], dtype=torch.bool, device=gate.device)
-        member = member.scatter_(1, neurons, True)[:, union]  # (B, u)
-        self.mask = None if bool(member.all()) else member.to(gate.dtype).unsqueeze(1)  # (B, 1, u)
+        member = torch.zeros(neurons.shape[0], gate.shape[0], dtype=torch.bool, device=gate.device)
+        member = member.scatter_(1, neurons, True)[:, union]  # (sparse rows, u)
+        self.mask = None if bool(member.all()) else member.to(gate.dtype).unsqueeze(1)  # (sparse rows, 1, u)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != self.rows:
             raise RuntimeError(f"vtoken: a decode step with {x.shape[0]} rows runs FFN neurons chosen for {self.rows}")
+        if self.all_dense:
+            return self.original(x)
+        if self.dense_rows is None:
+            return self.sparse(x)
+        out = torch.empty_like(x)
+        out.index_copy_(0, self.sparse_rows, self.sparse(x.index_select(0, self.sparse_rows)))
+        return out.index_copy_(0, self.dense_rows, self.original(x.index_select(0, self.dense_rows)))
+
+    def sparse(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up, self.gate_up_bias).chunk(2, dim=-1)
         hidden = self.act(gate) * up
         if self.mask is not None:
@@ -53,7 +74,7 @@ class DecodeFFN:
 
     def __init__(self, layers, indices: tuple[int, ...], handle, method: str):
         self.indices = tuple(indices)
-        self.mlps = {}
+        self.mlps, self.originals = {}, {}
         for i in self.indices:
             mlp = _compat.gated_mlp(layers[i])
             if mlp is None:
@@ -61,6 +82,7 @@ class DecodeFFN:
                                  "(gate_proj / up_proj / down_proj) MLP, so its neurons cannot be sliced; choose "
                                  "layers with a gated MLP or turn decode sparsity off")
             self.mlps[i] = mlp
+            self.originals[i] = mlp.module.forward
             handle.set_attr(mlp.module, "forward", self._forward(i, mlp.module.forward))
         self.source: torch.Tensor | None = None  # (B, len(indices), k) the neurons the slices were made from
         self.sliced: dict[int, SlicedFFN] = {}
@@ -72,7 +94,7 @@ class DecodeFFN:
                                       and torch.equal(self.source, neurons)):
             return
         self.sliced = {}  # free the old copies before making new ones
-        self.sliced = {i: SlicedFFN(self.mlps[i], neurons[:, j]) for j, i in enumerate(self.indices)}
+        self.sliced = {i: SlicedFFN(self.mlps[i], neurons[:, j], self.originals[i]) for j, i in enumerate(self.indices)}
         self.source = neurons
 
     def activate(self, neurons: torch.Tensor | None) -> None:

@@ -145,7 +145,8 @@ class SublayerContext:
 class PrefillOutcome:
     """What a method asks of the rest of a generation once its prefill is over (``after_prefill``)."""
 
-    # decoder layer -> (B, k) neurons each row's FFN computes in later single-token steps (every layer the same k)
+    # decoder layer -> (B, k) neurons each row's FFN computes in later single-token steps (every layer the same k);
+    # a row of -1 computes every neuron (a prompt without visual tokens decodes as the dense model does)
     decode_neurons: dict[int, torch.Tensor] = field(default_factory=dict)
     # decoder layer -> (B, L0) LLM-input positions whose cached keys and values are set to zero in that layer
     zero_kv: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -85,17 +85,18 @@ def core_token_scores(activation: torch.Tensor, core: torch.Tensor) -> torch.Ten
 
 def elbow_threshold(scores: torch.Tensor) -> torch.Tensor:
     """The maximum-distance threshold of 1-D ``scores``: sort them in descending order, draw the chord from the first
-    point ``(0, y_0)`` to the last ``(n-1, y_{n-1})``, and return the score of the point farthest from it (the first
-    one on a tie). Both axes are normalised to [0, 1] (index / (n-1); (y - min) / (max - min)); the chosen point
-    does not depend on that, since rescaling either axis scales every point's distance to the chord alike."""
-    y = scores.float().sort(descending=True).values
+    point ``(0, y_0)`` to the last ``(n-1, y_{n-1})``, and return the score of the point farthest from it.
+
+    The distances are compared without normalising either axis, as ``|(n-1)(y_0 - y_i) + i (y_{n-1} - y_0)|`` (the
+    cross product, proportional to the distance): exact in integer arithmetic for integer scores (float64 otherwise).
+    Normalised axes give the same point in exact arithmetic, but in floating point they break an exact tie between
+    two points either way. A tie goes to the first point in descending order: the higher threshold, fewer tokens."""
+    y = scores.sort(descending=True).values
+    y = y.double() if y.is_floating_point() else y.long()
     n = y.numel()
-    x = torch.arange(n, dtype=torch.float32, device=y.device) / max(n - 1, 1)
-    span = y[0] - y[-1]
-    yn = (y - y[-1]) / span if bool(span > 0) else torch.zeros_like(y)
-    # |(P1 - P0) x (P0 - Pi)|, proportional to the distance of Pi from the chord P0 P1
-    distance = ((x[-1] - x[0]) * (yn[0] - yn) - (x[0] - x) * (yn[-1] - yn[0])).abs()
-    return y[distance.argmax()]
+    index = torch.arange(n, dtype=y.dtype, device=y.device)
+    distance = ((n - 1) * (y[0] - y) + index * (y[-1] - y[0])).abs()
+    return y[distance.argmax()]  # argmax returns the first maximum
 
 
 def elbow_keep(scores: torch.Tensor, visual: torch.Tensor, strict: bool = False) -> torch.Tensor:
@@ -214,10 +215,12 @@ class CoreMatchingConfig(VisualTokenMethod):
         if self.variant == "release":
             self.observe_release(ctx)
             return
+        # the first observed layer comes before any pruning: which rows hold visual tokens at all
+        has_visual = ctx.state.setdefault("has_visual", ctx.visual.any(1))
         token_core = token_core_neurons(ctx.input, self.rho)
         core = sentence_core_neurons(token_core, ctx.valid, self.beta)
-        if ctx.layer in self.converted(ctx.num_layers):
-            ctx.state.setdefault("neurons", {})[ctx.layer] = core
+        if ctx.layer in self.converted(ctx.num_layers):  # a prompt without images decodes dense, as it does alone
+            ctx.state.setdefault("neurons", {})[ctx.layer] = torch.where(has_visual.unsqueeze(1), core, -1)
         if ctx.layer == self.layer - 1:
             scores = torch.where(ctx.valid, core_token_scores(ctx.input, core), 0)
             ctx.state["scores"] = torch.zeros(scores.shape[0], ctx.n_positions, dtype=scores.dtype,
