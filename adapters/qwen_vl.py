@@ -97,7 +97,7 @@ class QwenVLPatch(VLMPatch):
 
     def record(self, layout: CacheLayout) -> None:
         if self.base.rope_deltas is not None:
-            layout.rope_deltas = self.base.rope_deltas.clone()
+            layout.rope_deltas = per_row(self.base.rope_deltas.clone(), layout.batch)
 
     def map_positions(self, kwargs: dict, layout: CacheLayout | None, edit: PromptEdit | None, length_in: int):
         positions = kwargs.get("position_ids")
@@ -134,6 +134,8 @@ class QwenVLPatch(VLMPatch):
                 device = layout.source.device
                 text = layout.columns + torch.arange(length_in, device=device).expand(layout.batch, -1)
         deltas = layout.rope_deltas if layout.rope_deltas is not None else self.base.rope_deltas
+        if deltas is not None:
+            deltas = per_row(deltas, text.shape[0])
         rope = text if deltas is None else text + deltas.to(text.device)
         if deltas is not None:
             self.base.rope_deltas = deltas  # undo generate()'s reset, for callers that read it next
@@ -144,6 +146,16 @@ class QwenVLPatch(VLMPatch):
         super().attach_method(method, handle)
         if self.decoder is not None and self.deepstack:
             DeepstackInjector(self, handle)
+
+
+def per_row(deltas: torch.Tensor, batch: int) -> torch.Tensor:
+    """The (rows, 1) rope deltas for ``batch`` rows: generate() computes them per prompt, then repeats every prompt
+    for its beams and returned sequences (each row ``batch // rows`` times in a row, as ``repeat_interleave``)."""
+    if deltas.shape[0] == batch:
+        return deltas
+    if deltas.shape[0] == 0 or batch % deltas.shape[0]:
+        raise ValueError(f"vtoken: the model's rope deltas cover {deltas.shape[0]} rows, the call has {batch}")
+    return deltas.repeat_interleave(batch // deltas.shape[0], dim=0)
 
 
 class DeepstackInjector:

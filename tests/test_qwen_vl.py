@@ -301,3 +301,20 @@ def test_qwen3_deepstack_is_added_at_the_tokens_still_alive(monkeypatch):
                     expected[b, j] += embeds[index][rank[b, pos]]
         torch.testing.assert_close(after, expected)
     assert seen[0][1] is None and seen[1][1].shape[1] < inputs["input_ids"].shape[1]  # layer 1 ran pruned
+
+
+@pytest.mark.parametrize("name", ["random", "todre", "attn_topk", "transprune"])
+def test_beams_with_several_returned_sequences(host, name):
+    """num_beams=3, num_return_sequences=2 on a batch of two: generate() repeats each prompt for its beams after
+    computing the M-RoPE deltas per prompt; keep-all equals the unpatched model, and pruned rows equal singles."""
+    beams = dict(GEN, num_beams=3, num_return_sequences=2, max_new_tokens=3)
+    batch = host.batch((0, 2))
+    with torch.no_grad():
+        reference = host.model.generate(**batch, **beams)
+        with vtoken.patch(host.model, method_of(name), **KEEP_ALL[name]):
+            assert torch.equal(host.model.generate(**batch, **beams), reference)
+        with vtoken.patch(host.model, method_of(name), **PRUNING[name]):
+            together = host.model.generate(**batch, **beams)[:, -3:]
+            for row, i in enumerate((0, 2)):
+                alone = host.model.generate(**host.single(i), **beams)[:, -3:]
+                assert torch.equal(together[2 * row: 2 * row + 2], alone)
