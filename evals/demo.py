@@ -18,7 +18,7 @@ from vtoken.cli import usage_errors
 from vtoken.evals.arguments import add_threads_argument, fractions, positive_int
 from vtoken.evals.bench import measure
 from vtoken.evals.machine import describe_machine, machine_line, set_threads
-from vtoken.evals.quality import add_task_arguments, budget_config, check_methods, evaluate_method, relative
+from vtoken.evals.quality import add_task_arguments, check_methods, evaluate_method, quality_jobs, relative
 from vtoken.evals.shapes_model import TASKS, load_task_model
 from vtoken.methods.baselines import pooled_grid
 
@@ -26,9 +26,9 @@ METHODS = ("todre", "random", "pool", "attn_topk", "transprune", "corematching")
 BUDGETS = (0.25, 0.1)
 
 
-def prefill_ms(model, inputs: dict, method: str | None, budget: float, repeats: int) -> float:
+def prefill_ms(model, inputs: dict, method: str | None, config: dict, repeats: int) -> float:
     """Median time to first token of one batch (vision encoding included), warm-up excluded."""
-    handle = None if method is None else vtoken.patch(model, method, **budget_config(method, budget))
+    handle = None if method is None else vtoken.patch(model, method, **config)
     try:
         measure(model, inputs, 1, model.device)
         return statistics.median(measure(model, inputs, 1, model.device)[0] for _ in range(repeats))
@@ -37,12 +37,12 @@ def prefill_ms(model, inputs: dict, method: str | None, budget: float, repeats: 
             handle.remove()
 
 
-def kept_patches(model, inputs: dict, method: str, budget: float) -> tuple[torch.Tensor | None, str]:
+def kept_patches(model, inputs: dict, method: str, config: dict) -> tuple[torch.Tensor | None, str]:
     """Which patches of the first image reach the LLM's last layers: an (h, w) mask (None for pooling) + a note."""
     vc = model.config.vision_config
     side = vc.image_size // vc.patch_size
     one = {k: v[:1] for k, v in inputs.items()}
-    with vtoken.patch(model, method, **budget_config(method, budget)) as handle, torch.no_grad():
+    with vtoken.patch(model, method, **config) as handle, torch.no_grad():
         model(**one)
         stats = handle.stats
         mask = torch.zeros(side * side, dtype=torch.bool)
@@ -126,11 +126,13 @@ def run(args: argparse.Namespace) -> int:
         model, processor = load_task_model(args.task, args.model)
     examples = task.data.make_split("test", args.n)
     timed = prompt_inputs(processor, examples[: args.latency_batch], model.device, model.dtype)
-    settings = [(None, 1.0)] + [(m, b) for b in budgets for m in methods]
+    jobs = quality_jobs(methods, budgets)  # (label, method, budget, config); budget None: the method's own
+    jobs = [job for b in budgets for job in jobs if job[2] == b] + [job for job in jobs if job[2] is None]
     rows = []
-    for method, budget in tqdm(settings, desc="demo"):
-        row = evaluate_method(model, processor, examples, method, budget, args.batch_size, progress=False)
-        rows.append((row, prefill_ms(model, timed, method, budget, args.repeats)))
+    for label, method, budget, config in tqdm([("dense", None, 1.0, {})] + jobs, desc="demo"):
+        row = evaluate_method(model, processor, examples, method, budget, args.batch_size, progress=False,
+                              config=config, label=label)
+        rows.append((row, prefill_ms(model, timed, method, config, args.repeats)))
     dense, dense_ms = rows[0]
 
     print(f"{task.title} test, n={args.n}; prefill = time to first token of a batch of {args.latency_batch} "
@@ -141,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     head = ("method", "keep", "visual tokens", "accuracy", "% of dense", "prefill ms", "speed-up")
     lines = [head]
     for row, ms in rows:
-        lines.append((row.method, f"{100 * row.budget:g}%", f"{row.visual_tokens:.0f}", f"{100 * row.accuracy:.1f}",
+        keep = "own" if row.budget is None else f"{100 * row.budget:g}%"
+        lines.append((row.label, keep, f"{row.visual_tokens:.0f}", f"{100 * row.accuracy:.1f}",
                       f"{100 * relative(row.accuracy, dense.accuracy):.0f}%", f"{ms:.1f}", f"{dense_ms / ms:.2f}x"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for i, line in enumerate(lines):
@@ -153,9 +156,10 @@ def run(args: argparse.Namespace) -> int:
     one = prompt_inputs(processor, [example], model.device, model.dtype)
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     panels = []
-    for method in methods:
-        mask, note = kept_patches(model, one, method, budgets[0])
-        panels.append((f"{method} {100 * budgets[0]:g}%", mask, note))
+    for label, method, budget, config in jobs:
+        if budget in (budgets[0], None):
+            mask, note = kept_patches(model, one, method, config)
+            panels.append((label if budget is None else f"{label} {100 * budget:g}%", mask, note))
     draw_overlay(example.image, panels, side, args.png)
     print(f"wrote {args.png} (kept tokens for: {example.question} -> {example.answer})")
     if args.json:

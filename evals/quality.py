@@ -45,35 +45,35 @@ def spec_label(name: str, overrides: dict) -> str:
 
 
 def quality_jobs(methods: list[str], budgets: list[float]) -> list[tuple[str, str, float | None, dict]]:
-    """(label, method, budget, config) per measurement: every budget, or once when the method's arguments set
-    ``keep`` themselves (budget None)."""
+    """(label, method, budget, config) per measurement: every budget, or once when the method's own arguments set
+    its budget (``keep``, TokenFLEX's ``num_tokens``, clustering's ``num_clusters``; budget None)."""
     jobs = []
     for text in methods:
         name, overrides = method_spec(text)
         label = spec_label(name, overrides)
-        if "keep" in overrides:
+        if budget_field(name) in overrides:
             jobs.append((label, name, None, overrides))
         else:
             jobs += [(label, name, b, {**budget_config(name, b), **overrides}) for b in budgets]
     return jobs
 
 
-def budget_config(method: str, budget: float) -> dict:
-    """The config that gives ``method`` about ``budget`` of the visual tokens.
-
-    Token-pruning methods take it as ``keep``; token clustering as the fraction of the patch grid it clusters to,
-    handed to the LLM without reconstruction (fewer visual tokens, like the others); TokenFLEX (training-free) as its
-    share of the patch grid, rounded down to a square grid.
-    """
+def budget_field(method: str) -> str:
+    """The argument that sets ``method``'s visual-token budget: token-pruning methods take it as ``keep``; TokenFLEX
+    (training-free) as ``num_tokens``, its share of the patch grid rounded down to a square grid; token clustering as
+    ``num_clusters``, the fraction of the patch grid it clusters to, handed to the LLM without reconstruction."""
     fields = vtoken.methods()[method].fields()
-    if "keep" in fields:
-        return {"keep": budget}
-    if "num_tokens" in fields:
-        return {"num_tokens": budget}
-    if method == "token_clustering":
-        return {"num_clusters": budget, "reconstruct": False}
+    for field in ("keep", "num_tokens", "num_clusters"):
+        if field in fields:
+            return field
     raise ValueError(f"--method {method!r} has no visual-token budget to set; methods with one: "
                      f"{', '.join(llava_methods())}")
+
+
+def budget_config(method: str, budget: float) -> dict:
+    """The config that gives ``method`` about ``budget`` of the visual tokens (see :func:`budget_field`)."""
+    field = budget_field(method)
+    return {field: budget, "reconstruct": False} if field == "num_clusters" else {field: budget}
 
 
 def relative(accuracy: float, dense: float) -> float:

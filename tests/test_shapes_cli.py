@@ -96,3 +96,20 @@ def test_quality_and_demo_run_the_hard_task(tiny_hard_checkpoint, tiny_shapes_ch
     for wrong, task in ((tiny_shapes_checkpoint, "hard"), (tiny_hard_checkpoint, "shapes")):
         with pytest.raises(UsageError, match=f"was not trained on the .* task \\(--task {task}\\)"):
             quality.run(parse(quality, ["--task", task, "--model", str(wrong), "--n", "2"]))
+
+
+@pytest.mark.parametrize("command", ["quality", "demo"])
+def test_method_options_parse_the_same_in_quality_and_demo(command, tiny_shapes_checkpoint, tmp_path, capsys):
+    """``--method name:key=value`` as bench reads it; an option that sets the budget runs once, at its own."""
+    table = tmp_path / "t.json"
+    common = [*shapes_task(tiny_shapes_checkpoint), "--n", "4", "--budgets", "0.25", "--batch-size", "4",
+              "--method", "tokenflex:num_tokens=16", "--method", "todre:rule=maxmin", "--json", str(table)]
+    if command == "quality":
+        assert quality.run(parse(quality, [*common, "--plot", str(tmp_path / "q.png"), "--quiet"])) == 0
+    else:
+        assert demo.run(parse(demo, [*common, "--latency-batch", "2", "--repeats", "1",
+                                     "--png", str(tmp_path / "d.png")])) == 0
+    rows = [r for r in json.loads(table.read_text())["results"] if r["label"] != "dense"]
+    assert sorted((r["label"], r["budget"], r["visual_tokens"]) for r in rows) == [
+        ("todre rule=maxmin", 0.25, 49), ("tokenflex num_tokens=16", None, 16)]
+    assert "tokenflex num_tokens=16" in capsys.readouterr().out
