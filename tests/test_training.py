@@ -256,3 +256,47 @@ def test_the_schedule_matches_transformers_and_follows_a_moving_horizon():
     horizon[0] = 20
     tail = lrs(optimizer, scheduler, 11)
     assert head == ours[:10] and tail[-1] == 0.0 and tail[0] > tail[5] > tail[-1]
+
+
+def test_bad_training_data_is_reported_line_by_line_before_anything_is_written(tiny_shapes_checkpoint, tmp_path,
+                                                                                capsys):
+    good = json.loads(open(write_jsonl(tmp_path, n=1)).readline())
+    (tmp_path / "not_an_image.png").write_text("hello")
+    lines = [
+        json.dumps(good),
+        "{not json",
+        json.dumps([good]),
+        json.dumps({**good, "turns": "What colour?"}),
+        json.dumps({**good, "turns": [{"prompt": "Again?"}]}),
+        json.dumps({**good, "image": "missing.png"}),
+        json.dumps({**good, "image": "not_an_image.png"}),
+        json.dumps({**good, "prompt": "USER: no image here ASSISTANT:"}),
+        json.dumps({**good, "prompt": "USER: <image><image> twice ASSISTANT:"}),
+        json.dumps({key: value for key, value in good.items() if key != "answer"}),
+    ]
+    data, out = tmp_path / "bad.jsonl", tmp_path / "run"
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train-tokenflex", "--model", str(tiny_shapes_checkpoint), "--data", str(data), "--out", str(out),
+                  "--steps", "1", "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "9 bad line(s)" in err
+    for expected in ("line 2: not JSON", "line 3: expected a JSON object", "line 4: turns must be a list",
+                     "line 5: turn 1 needs string fields prompt and answer", "line 6: image 'missing.png' not found",
+                     "line 7: image 'not_an_image.png' cannot be read", "line 8: the prompt must hold the image token",
+                     "it holds it 0 times", "line 9: the prompt must hold", "it holds it 2 times",
+                     "line 10: needs string fields image, prompt and answer; missing or not a string: answer"):
+        assert expected in err, expected
+    assert "line 1:" not in err and not out.exists()
+
+
+def test_at_most_twenty_bad_lines_are_listed(tmp_path):
+    from vtoken.evals.shapes_model import build_processor
+    from vtoken.training import JsonlData
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text("[]\n" * 25)
+    with pytest.raises(ValueError, match=r"25 bad line\(s\)(.|\n)*line 20:(.|\n)*\.\.\. and 5 more") as info:
+        JsonlData(data, build_processor())
+    assert "line 21:" not in str(info.value)

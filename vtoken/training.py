@@ -376,22 +376,65 @@ class JsonlData(Sequence):
     questions about the same image, each seeing the image and itself). Image paths are relative to the file.
     The prompt holds the processor's image token once; answers are tokenized as written, then end with EOS."""
 
+    MAX_REPORTED = 20  # bad lines listed in one error; the rest are counted
+
     def __init__(self, path: str | os.PathLike, processor):
         self.path, self.processor = Path(path), processor
         if not self.path.is_file():
             raise ValueError(f"data={str(self.path)!r} is not a file")
-        self.rows = []
-        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+        try:
+            lines = self.path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"data={str(self.path)!r} cannot be read as text: {error}") from None
+        self.rows, problems = [], []
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            missing = [key for key in ("image", "prompt", "answer") if not isinstance(row.get(key), str)]
-            if missing:
-                raise ValueError(f"{self.path} line {number}: needs string fields image, prompt and answer; "
-                                 f"missing or not a string: {', '.join(missing)}")
-            self.rows.append((number, row))
+            row, problem = self.check_line(line)
+            if problem:
+                problems.append(f"line {number}: {problem}")
+            else:
+                self.rows.append((number, row))
+        if problems:  # the whole file is checked before anything is trained or written
+            shown = problems[: self.MAX_REPORTED]
+            more = len(problems) - len(shown)
+            raise ValueError(f"{self.path}: {len(problems)} bad line(s), nothing trained:\n  " + "\n  ".join(shown)
+                             + (f"\n  ... and {more} more" if more else ""))
         if not self.rows:
             raise ValueError(f"{self.path} holds no samples")
+
+    def check_line(self, line: str) -> tuple[dict | None, str | None]:
+        """(the row, None) or (None, what is wrong with it)."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            return None, f"not JSON ({error.msg} at column {error.colno})"
+        if not isinstance(row, dict):
+            return None, f"expected a JSON object with image, prompt and answer; got a {type(row).__name__}"
+        missing = [key for key in ("image", "prompt", "answer") if not isinstance(row.get(key), str)]
+        if missing:
+            return None, f"needs string fields image, prompt and answer; missing or not a string: {', '.join(missing)}"
+        token = self.processor.image_token
+        found = row["prompt"].count(token)
+        if found != 1:
+            return None, f"the prompt must hold the image token {token!r} exactly once; it holds it {found} times"
+        turns = row.get("turns", [])
+        if not isinstance(turns, list):
+            return None, f"turns must be a list of objects with prompt and answer; got a {type(turns).__name__}"
+        for k, extra in enumerate(turns, 1):
+            if not isinstance(extra, dict) or not all(isinstance(extra.get(key), str) for key in ("prompt", "answer")):
+                return None, f"turn {k} needs string fields prompt and answer"
+        image = self.path.parent / row["image"]
+        try:
+            with Image.open(image):  # reads the header: a missing, unreadable or non-image file fails here
+                pass
+        except FileNotFoundError:
+            return None, f"image {row['image']!r} not found (looked for {image})"
+        except (OSError, UnidentifiedImageError) as error:
+            return None, f"image {row['image']!r} cannot be read: {error}"
+        return row, None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -401,7 +444,10 @@ class JsonlData(Sequence):
 
         number, row = self.rows[index]
         tokenizer = self.processor.tokenizer
-        image = Image.open(self.path.parent / row["image"]).convert("RGB")
+        try:
+            image = Image.open(self.path.parent / row["image"]).convert("RGB")
+        except OSError as error:  # a file whose header read but whose pixels do not (truncated)
+            raise ValueError(f"{self.path} line {number}: image {row['image']!r} cannot be read: {error}") from None
         enc = self.processor(images=[image], text=[row["prompt"]], return_tensors="pt")
         ids = enc["input_ids"][0].tolist()
         image_id = tokenizer.convert_tokens_to_ids(self.processor.image_token)
