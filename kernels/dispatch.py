@@ -6,12 +6,35 @@ before the kernels are first imported; that is how the tests check the kernels w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Callable, Iterator
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+_LAUNCH_WATCHERS: list[Callable[[str], contextlib.AbstractContextManager]] = []
+
+
+@contextlib.contextmanager
+def launching(kernel: str) -> Iterator[None]:
+    """Every Triton wrapper launches its kernels inside this, so a profiler can see each launch as one op, which no
+    aten dispatch shows, and ignore what Triton's interpreter does on the host inside it (``vtoken overhead``)."""
+    with contextlib.ExitStack() as stack:
+        for watcher in _LAUNCH_WATCHERS:
+            stack.enter_context(watcher(kernel))
+        yield
+
+
+@contextlib.contextmanager
+def watching_launches(watcher: Callable[[str], contextlib.AbstractContextManager]) -> Iterator[None]:
+    """Enter ``watcher(kernel name)`` around every Triton launch inside the block."""
+    _LAUNCH_WATCHERS.append(watcher)
+    try:
+        yield
+    finally:
+        _LAUNCH_WATCHERS.remove(watcher)
 
 
 @functools.cache

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vtoken.kernels.dispatch import launching
+
 
 @triton.jit
 def _scores(q, k, UPCAST: tl.constexpr):
@@ -153,10 +155,12 @@ def attention_received_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.T
     qk_scale = scale * math.log2(math.e)
     row_max = torch.empty(B, Hq, R, dtype=torch.float32, device=device)
     row_inv = torch.empty_like(row_max)
-    _row_stats_kernel[(triton.cdiv(R, block_r), B * Hq)](
-        q, k, rows, valid, dense, row_max, row_inv, R, K, D, Hq, Hq // Hk, qk_scale, *strides, **flags)
+    with launching("attention row statistics"):
+        _row_stats_kernel[(triton.cdiv(R, block_r), B * Hq)](
+            q, k, rows, valid, dense, row_max, row_inv, R, K, D, Hq, Hq // Hk, qk_scale, *strides, **flags)
     part = torch.empty(Hk, B, K, dtype=torch.float32, device=device)
-    _received_kernel[(triton.cdiv(K, block_n), B, Hk)](
-        q, k, w, rows, valid, dense, row_max, row_inv, part, B, R, K, D, Hq, Hq // Hk, qk_scale, 1.0 / Hq,
-        *strides, **flags)
+    with launching("attention received"):
+        _received_kernel[(triton.cdiv(K, block_n), B, Hk)](
+            q, k, w, rows, valid, dense, row_max, row_inv, part, B, R, K, D, Hq, Hq // Hk, qk_scale, 1.0 / Hq,
+            *strides, **flags)
     return part.sum(0) if Hk > 1 else part[0]

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vtoken.kernels.dispatch import launching
+
 
 @triton.jit
 def _compact_kernel(
@@ -86,9 +88,10 @@ def compact_triton(hidden: torch.Tensor, keep: torch.Tensor, positions: torch.Te
         block_l, block_d = min(128, triton.next_power_of_2(L)), min(1024, triton.next_power_of_2(D))
     scan = min(1024, triton.next_power_of_2(L))
     grid = (triton.cdiv(L, block_l), B, triton.cdiv(D, block_d))
-    _compact_kernel[grid](
-        hidden, keep, pos, out, out_pos, live,
-        L, D, width, hidden.stride(0), hidden.stride(1), out.stride(0), out.stride(1),
-        HAS_POS=positions is not None, BLOCK_L=block_l, BLOCK_D=block_d, SCAN=scan,
-    )
+    with launching("ragged compaction"):
+        _compact_kernel[grid](
+            hidden, keep, pos, out, out_pos, live,
+            L, D, width, hidden.stride(0), hidden.stride(1), out.stride(0), out.stride(1),
+            HAS_POS=positions is not None, BLOCK_L=block_l, BLOCK_D=block_d, SCAN=scan,
+        )
     return out, out_pos, live.view(torch.bool)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vtoken.kernels.dispatch import launching
+
 
 @triton.jit
 def _greedy_kernel(gram_ptr, pivot_ptr, out_ptr, n, k, MAXMIN: tl.constexpr, BLOCK: tl.constexpr):
@@ -43,6 +45,7 @@ def greedy_from_gram_triton(gram: torch.Tensor, k: int, pivot: torch.Tensor, max
     gram = gram.contiguous()
     out = torch.empty(B, k, dtype=torch.int64, device=gram.device)
     block = triton.next_power_of_2(n)
-    _greedy_kernel[(B,)](gram, pivot.to(gram.device, torch.int64).contiguous(), out, n, k, MAXMIN=maxmin,
-                         BLOCK=block, num_warps=4 if block <= 2048 else 8)
+    with launching("greedy diversity"):
+        _greedy_kernel[(B,)](gram, pivot.to(gram.device, torch.int64).contiguous(), out, n, k, MAXMIN=maxmin,
+                             BLOCK=block, num_warps=4 if block <= 2048 else 8)
     return out

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vtoken.kernels.dispatch import launching
+
 
 @triton.jit
 def _assign_kernel(
@@ -85,7 +87,8 @@ def kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor, block_n: int 
     labels = torch.empty(bh, n, dtype=torch.int64, device=x.device)
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     grid = (triton.cdiv(n, block_n), bh)
-    _assign_kernel[grid](x, centroids, labels, n, k, d, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_block_d(d))
+    with launching("k-means assign"):
+        _assign_kernel[grid](x, centroids, labels, n, k, d, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_block_d(d))
     return labels
 
 
@@ -100,8 +103,9 @@ def kmeans_update_triton(
     bh, n, d = x.shape
     k = centroids.shape[1]
     out = torch.empty(bh, k, d, dtype=torch.float32, device=x.device)
-    _update_kernel[(k, bh)](
-        x, order.contiguous(), offsets.contiguous(), centroids.contiguous(), out, n, k, d,
-        BLOCK_N=block_n, BLOCK_D=_block_d(d),
-    )
+    with launching("k-means update"):
+        _update_kernel[(k, bh)](
+            x, order.contiguous(), offsets.contiguous(), centroids.contiguous(), out, n, k, d,
+            BLOCK_N=block_n, BLOCK_D=_block_d(d),
+        )
     return out

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vtoken.kernels.dispatch import launching
+
 
 @triton.jit
 def _varblock_attn_kernel(
@@ -125,12 +127,13 @@ def varblock_attention_triton(
         return out
     tile_cluster, tile_row, t_max = tile_table(q_offsets, nq, block_m)
     upcast = q.dtype == torch.float32 or not q.is_cuda
-    _varblock_attn_kernel[(t_max, bh)](
-        q, k, v, out,
-        tile_cluster, tile_row, q_offsets.to(torch.int32).contiguous(),
-        range_start.to(torch.int32).contiguous(), range_end.to(torch.int32).contiguous(),
-        num_ranges.to(torch.int32).contiguous(),
-        nq, k.shape[1], d, c, r, t_max, scale * math.log2(math.e),
-        UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
-    )
+    with launching("variable-block attention"):
+        _varblock_attn_kernel[(t_max, bh)](
+            q, k, v, out,
+            tile_cluster, tile_row, q_offsets.to(torch.int32).contiguous(),
+            range_start.to(torch.int32).contiguous(), range_end.to(torch.int32).contiguous(),
+            num_ranges.to(torch.int32).contiguous(),
+            nq, k.shape[1], d, c, r, t_max, scale * math.log2(math.e),
+            UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        )
     return out
