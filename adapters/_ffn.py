@@ -9,10 +9,42 @@ follow-up turn's prompt) runs the original MLP.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from vtoken.adapters import _compat
+
+
+class SlicePlan(NamedTuple):
+    """What slicing one layer needs, known on the host: the union of the sparse rows' neurons and which rows run
+    dense (made for every layer at once by :func:`plan_slices`, with one read of the device)."""
+
+    union: torch.Tensor  # (u,) sorted neuron indices
+    same_sets: bool  # every sparse row has the union as its set (beams of one prompt): no mask
+    dense_rows: torch.Tensor | None  # indices of rows without a set (-1), None when there are none
+    sparse_rows: torch.Tensor | None  # the other rows' indices, None when every row is sparse
+    all_dense: bool
+
+
+def plan_slices(neurons: torch.Tensor, m: int) -> list[SlicePlan]:
+    """One :class:`SlicePlan` per layer of ``neurons`` (B, layers, k), for FFNs of ``m`` neurons. The sizes of every
+    union and which rows are dense are read from the device together, once."""
+    B, layers, k = neurons.shape
+    dense = (neurons < 0).all(-1).all(-1)  # (B,) a row is dense in every layer or in none
+    member = torch.zeros(B, layers, m, dtype=torch.bool, device=neurons.device)
+    member.scatter_(2, neurons.clamp(min=0), (neurons >= 0))
+    union = (member & ~dense[:, None, None]).any(0)  # (layers, m)
+    *sizes, n_dense = torch.cat([union.sum(-1), dense.sum().unsqueeze(0)]).tolist()  # the one read
+    if n_dense == B:
+        return [SlicePlan(union[0, :0].long(), True, None, None, True)] * layers
+    dense_rows = torch.nonzero_static(dense, size=n_dense).squeeze(1) if n_dense else None
+    sparse_rows = torch.nonzero_static(~dense, size=B - n_dense).squeeze(1) if n_dense else None
+    # every layer's union at once: flat indices, split by the sizes just read, then made per layer
+    flat = torch.nonzero_static(union.flatten(), size=sum(sizes)).squeeze(1)
+    unions = (flat % m).split(sizes)
+    return [SlicePlan(u, size == k, dense_rows, sparse_rows, False) for u, size in zip(unions, sizes)]
 
 
 class SlicedFFN:
@@ -22,32 +54,32 @@ class SlicedFFN:
     The weights of the union of the sparse rows' sets are copied once; a row's other neurons in the union are
     multiplied by zero before the down projection, which gives that row's restricted FFN. A batch step therefore reads
     each needed weight once (never more than the dense FFN), and rows with one set (beams of one prompt) need no mask.
-    Which rows are dense is read once here, when the slices are made, never in a decode step.
+    Which rows are dense, and the union's size, come from a :class:`SlicePlan` (read once per prefill for every layer);
+    a decode step reads nothing.
     """
 
-    def __init__(self, mlp: _compat.GatedMLP, neurons: torch.Tensor, original=None):
+    def __init__(self, mlp: _compat.GatedMLP, neurons: torch.Tensor, original=None, plan: SlicePlan | None = None):
         self.act = mlp.act
         self.original = original or mlp.module.forward  # the unshadowed forward (DecodeFFN shadows the module's)
         gate, up, down = mlp.gate.weight, mlp.up.weight, mlp.down.weight
         neurons = neurons.to(gate.device)
-        self.rows = neurons.shape[0]
-        dense = (neurons < 0).all(1)
-        # one host read per prefill (the rows' kinds decide which path each decode step takes)
-        dense_rows = dense.nonzero().squeeze(1)
-        self.dense_rows = dense_rows if 0 < dense_rows.numel() < self.rows else None
-        self.sparse_rows = (~dense).nonzero().squeeze(1) if self.dense_rows is not None else None
-        self.all_dense = dense_rows.numel() == self.rows
+        plan = plan or plan_slices(neurons.unsqueeze(1), gate.shape[0])[0]
+        self.rows, self.all_dense = neurons.shape[0], plan.all_dense
+        self.dense_rows, self.sparse_rows = plan.dense_rows, plan.sparse_rows
         if self.all_dense:
             return
-        neurons = neurons[~dense]
-        union = neurons.unique(sorted=True)
+        union = plan.union
         self.gate_up = torch.cat([gate.index_select(0, union), up.index_select(0, union)])  # (2u, d)
         self.down = down.index_select(1, union)  # (d, u)
         self.gate_up_bias = None if mlp.gate.bias is None else torch.cat([mlp.gate.bias[union], mlp.up.bias[union]])
         self.down_bias = mlp.down.bias
-        member = torch.zeros(neurons.shape[0], gate.shape[0], dtype=torch.bool, device=gate.device)
-        member = member.scatter_(1, neurons, True)[:, union]  # (sparse rows, u)
-        self.mask = None if bool(member.all()) else member.to(gate.dtype).unsqueeze(1)  # (sparse rows, 1, u)
+        self.mask = None
+        if not plan.same_sets:
+            if self.sparse_rows is not None:
+                neurons = neurons.index_select(0, self.sparse_rows)
+            member = torch.zeros(neurons.shape[0], gate.shape[0], dtype=torch.bool, device=gate.device)
+            member = member.scatter_(1, neurons, True).index_select(1, union)  # (sparse rows, u)
+            self.mask = member.to(gate.dtype).unsqueeze(1)  # (sparse rows, 1, u)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != self.rows:
@@ -89,12 +121,14 @@ class DecodeFFN:
         self.active = False
 
     def prepare(self, neurons: torch.Tensor) -> None:
-        """Slice the weights for ``neurons`` (B, len(indices), k), unless the current slices were made from them."""
-        if self.source is neurons or (self.source is not None and self.source.shape == neurons.shape
-                                      and torch.equal(self.source, neurons)):
+        """Slice the weights for ``neurons`` (B, len(indices), k), unless the current slices were made from these very
+        tensors (a conversation carries its own: comparing values would read the device every step)."""
+        if self.source is neurons:
             return
         self.sliced = {}  # free the old copies before making new ones
-        self.sliced = {i: SlicedFFN(self.mlps[i], neurons[:, j], self.originals[i]) for j, i in enumerate(self.indices)}
+        plans = plan_slices(neurons, self.mlps[self.indices[0]].gate.weight.shape[0])
+        self.sliced = {i: SlicedFFN(self.mlps[i], neurons[:, j], self.originals[i], plans[j])
+                       for j, i in enumerate(self.indices)}
         self.source = neurons
 
     def activate(self, neurons: torch.Tensor | None) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,51 +23,134 @@ from vtoken.kernels.compaction import compact
 from vtoken.methods.base import SUBLAYER_KINDS, LayerContext, SublayerContext, VisualTokenMethod
 
 
-@dataclass
+class OnRead:
+    """A stats value that is read from the device only when someone looks at it: recording what a call did must not
+    stall it (on a GPU every read of device data waits for the queue to drain)."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, read: Callable[[], Any]):
+        self.read = read
+
+
+def settled(value):
+    """``value`` with every :class:`OnRead` inside it (lists, tuples, dicts) read, and tensors in a record made
+    lists."""
+    if isinstance(value, OnRead):
+        return settled(value.read())
+    if isinstance(value, list):
+        return [settled(v) for v in value]
+    if isinstance(value, dict):
+        return {k: settled(v) for k, v in value.items()}
+    return value
+
+
+def record_value(value):
+    """A method's record entry as users read it: tensors become lists."""
+    return value.tolist() if isinstance(value, torch.Tensor) else value
+
+
 class VLMStats:
     """What the last prefill did. Lists are per image (``visual_tokens_in/kept``), per sample
-    (``visual_tokens_llm``) or per decoder layer then per sample (``tokens_per_layer``)."""
+    (``visual_tokens_llm``) or per decoder layer then per sample (``tokens_per_layer``).
 
-    prefills: int = 0
-    visual_tokens_in: list[int] = field(default_factory=list)
-    visual_tokens_kept: list[int] = field(default_factory=list)
-    kept_indices: list[torch.Tensor | None] = field(default_factory=list)
-    visual_tokens_llm: list[int] = field(default_factory=list)
-    tokens_per_layer: list[list[int]] = field(default_factory=list)
-    visual_tokens_per_layer: list[list[int]] = field(default_factory=list)
-    tokens_per_frame: list[list[int]] = field(default_factory=list)  # per item: kept tokens per frame (videos)
-    selection_time_s: float = 0.0
-    scoring_time_s: float = 0.0
-    records: dict[int, dict] = field(default_factory=dict)
-    # layer -> per sample, the LLM-input positions of the visual tokens still alive from that layer on
-    visual_alive: dict[int, list[list[int]]] = field(default_factory=dict)
-    vision: object = None  # stats of a method running inside the vision tower (token_clustering), last call
-    notes: list[str] = field(default_factory=list)
+    The adapter records into ``raw`` (device tensors behind :class:`OnRead`, stopwatches); a field is read from the
+    device when a user first looks at it, so recording costs no sync.
+    """
+
+    FIELDS = dict(
+        visual_tokens_in=list, visual_tokens_kept=list,
+        kept_indices=list,  # per image: kept token indices (CPU tensor), None for synthesised tokens
+        visual_tokens_llm=list, tokens_per_layer=list, visual_tokens_per_layer=list,
+        tokens_per_frame=list,  # per item: kept tokens per frame (videos)
+        records=dict,  # scoring layer -> a method's diagnostics (e.g. ToDRE's attention ratios)
+        # layer -> per sample, the LLM-input positions of the visual tokens still alive from that layer on
+        visual_alive=dict,
+        notes=list,
+    )
+
+    def __init__(self):
+        self.prefills = 0
+        self.vision = None  # stats of a method running inside the vision tower (token_clustering), last call
+        self.clear()
+
+    def clear(self) -> None:
+        self.raw = {name: kind() for name, kind in self.FIELDS.items()}
+        self.selection, self.scoring = Stopwatch(), Stopwatch()
 
     def reset(self) -> None:
-        prefills = self.prefills
-        self.__init__()
-        self.prefills = prefills + 1
+        """A new prefill: what the last one recorded goes."""
+        self.clear()
+        self.prefills += 1
+
+    def __getattr__(self, name):
+        raw = self.__dict__.get("raw")
+        if raw is None or name not in raw:
+            raise AttributeError(name)
+        value = settled(raw[name])
+        if name == "records":
+            value = {layer: {k: record_value(v) for k, v in rec.items()} for layer, rec in value.items()}
+        raw[name] = value
+        return value
+
+    def __setattr__(self, name, value):
+        if name in self.FIELDS:
+            self.raw[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    @property
+    def selection_time_s(self) -> float:
+        """Seconds in the boundary stage's selection (read at the first look; no sync during the call)."""
+        return self.selection.seconds
+
+    @property
+    def scoring_time_s(self) -> float:
+        """Seconds in the in-LLM scoring and observing."""
+        return self.scoring.seconds
+
+    def __repr__(self) -> str:
+        shown = {name: getattr(self, name) for name in ("visual_tokens_in", "visual_tokens_kept", "visual_tokens_llm")}
+        return f"VLMStats(prefills={self.prefills}, {', '.join(f'{k}={v}' for k, v in shown.items())})"
 
 
-def timed(device: torch.device):
-    """Wall time of a block, synchronising CUDA so the time belongs to the block and not to the next kernel."""
+class Stopwatch:
+    """Accumulated wall time of some blocks. On CUDA each block is a pair of events recorded in the stream, so timing
+    adds no sync; the time is read (waiting for the last event) only when asked for."""
 
-    class _Timer:
-        elapsed = 0.0
+    def __init__(self, seconds: float = 0.0):
+        self.host_seconds = seconds
+        self.events: list = []
 
-        def __enter__(self):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            self.t0 = time.perf_counter()
-            return self
+    def __call__(self, device: torch.device):
+        watch = self
 
-        def __exit__(self, *exc):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            self.elapsed = time.perf_counter() - self.t0
+        class _Block:
+            def __enter__(self):
+                if device.type == "cuda":
+                    self.start = torch.cuda.Event(enable_timing=True)
+                    self.start.record()
+                else:
+                    self.t0 = time.perf_counter()
+                return self
 
-    return _Timer()
+            def __exit__(self, *exc):
+                if device.type == "cuda":
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record()
+                    watch.events.append((self.start, end))
+                else:
+                    watch.host_seconds += time.perf_counter() - self.t0
+
+        return _Block()
+
+    @property
+    def seconds(self) -> float:
+        if self.events:  # the first look after a call: wait for its last event
+            self.events[-1][1].synchronize()
+            self.host_seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000.0
+            self.events = []
+        return self.host_seconds
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -74,35 +159,51 @@ def timed(device: torch.device):
 class PromptEdit:
     """Columns removed from a (B, L) run of new tokens (a prompt, or a later turn on top of a cache), with rows
     re-filled on the left to a common length. ``col_map[b, j]`` is the input column of output column j, -1 for a
-    filler (left padding of the shortened run)."""
+    filler (left padding of the shortened run).
 
-    def __init__(self, drop: torch.Tensor):
-        B, L = drop.shape
-        device = drop.device
-        keep = ~drop
-        counts = keep.sum(1)
-        self.length_in, self.length_out = L, int(counts.max())
-        n_pad = self.length_out - counts
+    ``keep`` (B, L) marks the columns that stay and ``kept_counts`` says, on the host, how many each row keeps: every
+    shape is then known without reading the device. When every row keeps as many, the map is one ``nonzero_static``.
+    """
+
+    def __init__(self, keep: torch.Tensor, kept_counts: list[int]):
+        B, L = keep.shape
+        device = keep.device
+        self.keep = keep
+        self.length_in, self.length_out = L, max(kept_counts)
+        self.added_padding = min(kept_counts) != self.length_out  # the longest row never gets any
+        if not self.added_padding:  # row-major positions of the kept columns, then each row's own columns
+            flat = torch.nonzero_static(keep.flatten(), size=B * self.length_out).view(B, self.length_out)
+            self.col_map = flat if B == 1 else flat - torch.arange(0, B * L, L, device=device).unsqueeze(1)
+            return
+        n_pad = self.length_out - keep.sum(1)
         cols = torch.where(keep, torch.arange(L, device=device), L).sort(dim=1).values[:, : self.length_out]
         slot = torch.arange(self.length_out, device=device) - n_pad.unsqueeze(1)  # < 0: new left padding
         self.col_map = torch.where(slot >= 0, cols.gather(1, slot.clamp(min=0)), -1)
-        self.dropped_before = drop.long().cumsum(1) - drop.long()
-        self.shift = drop.sum(1)  # (B,) tokens removed per row
-        self.added_padding = bool((n_pad > 0).any())  # the longest row never gets any
+
+    @property
+    def shift(self) -> torch.Tensor:
+        """(B,) tokens removed per row."""
+        return self.length_in - self.keep.sum(1)
 
     def gather(self, x: torch.Tensor, fill) -> torch.Tensor:
         """Apply the column map to a (B, L, ...) tensor; new padding columns get ``fill``."""
+        if not self.added_padding:
+            return gather_rows(x, self.col_map, 1)
         return gather_columns(x, self.col_map, fill, dim=1)
 
     def position_ids(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
-        """Positions of the shortened run: a kept token moves down by the tokens dropped before it in the run."""
+        """Positions of the shortened run: a kept token moves down by the tokens dropped before it in the run, which
+        is its column minus its index among the kept ones (fillers get 0)."""
         if position_ids is None:
             if not self.added_padding:
                 return None  # the host's default arange over the shorter prompt is already right
             B = self.col_map.shape[0]
             position_ids = torch.arange(self.length_in, device=self.col_map.device).expand(B, -1)
-        shifted = position_ids - self.dropped_before.to(position_ids.device)
-        return self.gather(shifted, 0)
+        index = torch.arange(self.length_out, device=self.col_map.device)
+        if self.added_padding:  # a row's kept columns start after its new left padding
+            index = index - (self.col_map < 0).sum(1, keepdim=True)
+        moved = self.gather(position_ids, 0) - (self.col_map - index).to(position_ids.device)
+        return torch.where(self.col_map >= 0, moved, 0) if self.added_padding else moved
 
 
 def gather_columns(x: torch.Tensor, index: torch.Tensor, fill, dim: int) -> torch.Tensor:
@@ -169,13 +270,32 @@ class CacheLayout:
     columns: int  # caller columns the cache holds (every row alike)
     slots: int  # slots written (layer 0)
     shift: torch.Tensor  # (B,) real tokens removed so far: later positions move down by it
-    ids: torch.Tensor | None  # (B, columns) the caller's ids, to check that a continuation continues them
+    # the caller's ids (B, columns) in the chunks the calls gave them, joined when a continuation is checked
+    ids: tuple[torch.Tensor, ...] | None
     method: str
-    pruned: list | None = None  # in-LLM pruned prefill: per decoder layer (alive, live) or None
+    pruned: list | None = None  # in-LLM pruned prefill: per decoder layer, Alive or None
     pruned_slots: int = 0  # slots that prefill wrote (its LLM input length)
     rope_deltas: torch.Tensor | None = None  # M-RoPE hosts: (B, 1) offset of text positions after the prompt
     # per-row tensors (first dim = row) a method carries with the conversation, e.g. CoreMatching's decode neurons
     row_state: dict | None = None
+    fillers: bool = False  # whether any row holds filler slots (host: decode steps then need a mask)
+    renumbered: bool = False  # whether a boundary reduction removed tokens (later positions then move down)
+    deltas_source: Any = None  # M-RoPE hosts: the model's own rope-deltas object when the prefill recorded them
+
+    def held_ids(self) -> torch.Tensor | None:
+        """(B, columns) the caller's ids so far (joined once, when a continuation is checked)."""
+        if not self.ids:
+            return None
+        if len(self.ids) > 1:
+            self.ids = (torch.cat(self.ids, dim=1),)
+        return self.ids[0]
+
+    def shift_column(self) -> torch.Tensor:
+        """(B, 1) the shift as a column, made once per layout (decode steps subtract it from their positions)."""
+        column = self.__dict__.get("_shift_column")
+        if column is None:
+            column = self.__dict__["_shift_column"] = self.shift.unsqueeze(1)
+        return column
 
     @staticmethod
     def of(cache) -> CacheLayout | None:
@@ -186,6 +306,14 @@ class CacheLayout:
         """A cache written without vtoken (or without any change): slot i holds column i."""
         return CacheLayout(torch.empty(batch, 0, dtype=torch.long, device=device), length, length,
                            torch.zeros(batch, dtype=torch.long, device=device), None, method)
+
+    @staticmethod
+    def of_prefill(edit: PromptEdit, ids: torch.Tensor | None, method: str) -> CacheLayout:
+        """The layout of a fresh prefill whose prompt ``edit`` shortened."""
+        layout = CacheLayout(edit.col_map, edit.length_in, edit.length_out, edit.shift,
+                             None if ids is None else (ids,), method, fillers=edit.added_padding, renumbered=True)
+        layout.shift_column()  # made here, not in the first decode step
+        return layout
 
     @property
     def batch(self) -> int:
@@ -207,32 +335,40 @@ class CacheLayout:
         if batch % self.batch:
             raise ValueError(f"vtoken: a call with {batch} rows continues a cache written for {self.batch}")
         n = batch // self.batch
-        pruned = None if self.pruned is None else [
-            None if rec is None else tuple(t.repeat_interleave(n, 0) for t in rec) for rec in self.pruned]
+        pruned = None if self.pruned is None else [None if rec is None else rec.repeated(n) for rec in self.pruned]
         deltas = None if self.rope_deltas is None else self.rope_deltas.repeat_interleave(n, 0)
-        rows = None if self.row_state is None else {k: t.repeat_interleave(n, 0) for k, t in self.row_state.items()}
+        rows = None if self.row_state is None else {
+            k: t.repeat_interleave(n, 0) if isinstance(t, torch.Tensor) else t for k, t in self.row_state.items()}
+        ids = self.held_ids()
         return dataclasses.replace(
             self, source=self.source.repeat_interleave(n, 0), shift=self.shift.repeat_interleave(n, 0),
-            ids=None if self.ids is None else self.ids.repeat_interleave(n, 0), pruned=pruned, rope_deltas=deltas,
+            ids=None if ids is None else (ids.repeat_interleave(n, 0),), pruned=pruned, rope_deltas=deltas,
             row_state=rows)
 
     def extended(self, edit: PromptEdit | None, ids: torch.Tensor | None, length_in: int) -> CacheLayout:
         """The layout after a call that fed ``length_in`` new caller columns, shortened by ``edit`` if any."""
-        joined = None if self.ids is None or ids is None else torch.cat([self.ids, ids.to(self.ids.device)], 1)
+        joined = None if self.ids is None or ids is None else (*self.ids, ids)
         if edit is None:
-            return dataclasses.replace(self, columns=self.columns + length_in, slots=self.slots + length_in,
-                                       ids=joined)
+            out = dataclasses.replace(self, columns=self.columns + length_in, slots=self.slots + length_in,
+                                      ids=joined)
+            # the shift did not change: what was made from it (``shift_column``, a host's own) carries over
+            out.__dict__.update({k: v for k, v in self.__dict__.items() if k.startswith("_")})
+            return out
         new = torch.where(edit.col_map >= 0, edit.col_map + self.columns, -1)
         return dataclasses.replace(
             self, source=torch.cat([self.slot_columns(self.slots), new], dim=1), columns=self.columns + length_in,
-            slots=self.slots + edit.length_out, shift=self.shift + edit.shift.to(self.shift.device), ids=joined)
+            slots=self.slots + edit.length_out, shift=self.shift + edit.shift.to(self.shift.device), ids=joined,
+            fillers=self.fillers or edit.added_padding, renumbered=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # In-LLM: drop tokens between decoder layers during prefill
 # ------------------------------------------------------------------------------------------------------------
 DECODE_NEURONS = "decode_neurons"  # CacheLayout.row_state key: (B, decode FFN layers, k) neurons per row
-DECODE_LAYERS = "decode_layers"  # ... and (B, decode FFN layers): the layers they were chosen for
+DECODE_LAYERS = "decode_layers"  # ... and the layers they were chosen for (a tuple, the same for every row)
+
+
+_KEYS = "_vtoken_scoring_keys"  # a scoring call's own kwargs copy keeps its recomputed keys here
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -242,6 +378,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """``x`` gathered along ``dim`` by a (B, K) index; a batch-1 ``x`` is broadcast first."""
+    if x.shape[0] == 1 and index.shape[0] == 1:  # one row: one index_select (fewer ops than view, expand, gather)
+        return x.index_select(dim, index[0])
     if x.shape[0] == 1 and index.shape[0] > 1:
         x = x.expand(index.shape[0], *x.shape[1:])
     shape = [1] * x.dim()
@@ -280,18 +418,36 @@ def check_layer_kwargs(kwargs: dict) -> None:
         )
 
 
+class Alive(NamedTuple):
+    """The tokens a decoder layer runs on after in-LLM pruning: per row the LLM-input positions of its slots, which
+    slots are real (False: a filler that only equalises row lengths), and whether any row has fillers (host)."""
+
+    alive: torch.Tensor  # (B, K)
+    live: torch.Tensor  # (B, K)
+    fillers: bool
+
+    def repeated(self, n: int) -> Alive:
+        return Alive(self.alive.repeat_interleave(n, 0), self.live.repeat_interleave(n, 0), self.fillers)
+
+
 @dataclass
 class TokenState:
-    """Per prefill: which layer-0 positions are alive at the current layer, per sample."""
+    """Per prefill: which layer-0 positions are alive at the current layer, per sample. The counts per row are kept
+    on the host, so that sizing the next compacted batch needs no read of the device."""
 
     visual: torch.Tensor  # (B, L0) at the LLM input
     valid: torch.Tensor  # (B, L0) real (non-padding) tokens
+    visual_counts: list[int]  # per row: visual tokens alive (host)
+    live_counts: list[int]  # per row: real slots (every token but fillers) at the current layer (host)
+    input_visual_counts: list[int] = field(default_factory=list)  # per row: visual tokens that entered the LLM
     alive: torch.Tensor | None = None  # (B, K) layer-0 positions at the current layer; None = all
     live: torch.Tensor | None = None  # (B, K) False for filler slots that only equalise row lengths
-    pending: torch.Tensor | None = None  # (B, K) keep mask to apply at the next layer's input
+    fillers: bool = False  # whether any row has filler slots now
+    pending: tuple | None = None  # (keep mask, width, fillers) to apply at the next layer's input
     version: int = 0
-    per_layer: list = field(default_factory=list)  # per layer: (alive, live) or None, reused by decode steps
+    per_layer: list = field(default_factory=list)  # per layer: Alive or None, reused by decode steps
     sliced: tuple | None = None  # (version, id(source), kwargs) cache of the sliced shared kwargs
+    sets: tuple | None = None  # (version, valid, visual, positions, counts) at the current layer
     scratch: dict = field(default_factory=dict)  # the method's own per-prefill state (``LayerContext.state``)
 
 
@@ -333,14 +489,20 @@ class DecoderPruner:
         self.ffn = DecodeFFN(self.layers, ffn_layers, handle, method.method_name) if ffn_layers else None
 
     # -- driven by the host ----------------------------------------------------------------------------------
-    def begin_prefill(self, visual: torch.Tensor, valid: torch.Tensor) -> None:
-        self.state = TokenState(visual=visual, valid=valid)
+    def begin_prefill(self, visual: torch.Tensor, valid: torch.Tensor, visual_counts: list[int] | None = None) -> None:
+        """A prefill of the LLM input with ``visual`` and ``valid`` (B, L) masks; ``visual_counts``, the visual tokens
+        of each row, when the host knows them (otherwise they are read once, here)."""
+        if visual_counts is None:  # one read per prefill: every later size follows on the host
+            visual_counts = visual.sum(1).tolist()
+        B, L = visual.shape
+        self.state = TokenState(visual=visual, valid=valid, visual_counts=list(visual_counts), live_counts=[L] * B,
+                                input_visual_counts=list(visual_counts))
         self.mode = "prefill" if self.score_layers or self.observed else "idle"
         if self.ffn is not None:
             self.ffn.activate(None)
 
     def pruned_layers(self) -> list | None:
-        """Per layer, the (alive, live) sets of the last prefill; None when it pruned nothing."""
+        """Per layer, the :class:`Alive` sets of the last prefill; None when it pruned nothing."""
         records = self.state.per_layer if self.state is not None else []
         return records if any(rec is not None for rec in records) else None
 
@@ -351,11 +513,12 @@ class DecoderPruner:
             self.mode, self.decode_records, self.decode_slots = "decode", layout.pruned, layout.pruned_slots
         else:
             self.mode = "idle"
+        self.decode_masks = {}  # per step: the mask of each distinct pruned record, made once for all its layers
         if self.ffn is not None:
             rows = layout.row_state if layout is not None and layout.row_state is not None else {}
-            if DECODE_LAYERS in rows and tuple(rows[DECODE_LAYERS][0].tolist()) != self.ffn.indices:
+            if DECODE_LAYERS in rows and rows[DECODE_LAYERS] != self.ffn.indices:
                 raise ValueError(
-                    f"vtoken: this KV cache's decode neurons were chosen for layers {rows[DECODE_LAYERS][0].tolist()}"
+                    f"vtoken: this KV cache's decode neurons were chosen for layers {list(rows[DECODE_LAYERS])}"
                     f", but {self.method.method_name} now converts layers {list(self.ffn.indices)}; continue it with "
                     "the configuration that wrote it, or start the conversation again")
             self.ffn.activate(rows.get(DECODE_NEURONS))
@@ -382,15 +545,13 @@ class DecoderPruner:
                                f", declared decode FFN layers {self.ffn.indices if self.ffn else ()}")
         neurons = torch.stack([outcome.decode_neurons[i] for i in self.ffn.indices], dim=1)  # (B, layers, k)
         self.ffn.prepare(neurons)
-        layers = torch.tensor(self.ffn.indices, device=neurons.device).expand(neurons.shape[0], -1)
-        return {DECODE_NEURONS: neurons, DECODE_LAYERS: layers}
+        return {DECODE_NEURONS: neurons, DECODE_LAYERS: self.ffn.indices}
 
     def _zero_kv(self, cache, index: int, zero: torch.Tensor) -> None:
         """Zero this prefill's cached keys and values of layer ``index`` at LLM-input positions ``zero`` (B, L0)."""
         record = self.state.per_layer[index]
         if record is not None:  # the layer cached only the alive positions
-            alive, live = record
-            zero = gather_rows(zero, alive) & live
+            zero = gather_rows(zero, record.alive) & record.live
         keys, values = _compat.cache_layer_kv(cache, index)
         where = zero.to(keys.device)[:, None, :, None]
         slots = where.shape[2]
@@ -418,87 +579,106 @@ class DecoderPruner:
             hidden = self._apply_pending(hidden)
         if st.alive is not None:
             kwargs = self._sliced_kwargs(shared, hidden.shape[0])
-        valid, visual = self._current_sets(hidden.shape[0])
-        if index in self.score_layers and bool(visual.any()):
-            with timed(hidden.device) as t:
-                self._score(index, layer, hidden, kwargs, valid, visual)
-            self.stats.scoring_time_s += t.elapsed
+        if index in self.score_layers:
+            with self.stats.scoring(hidden.device):
+                self._score(index, layer, hidden, kwargs)
             if self.method.prune_at_scored_layer and st.pending is not None:  # this layer already runs without them
                 hidden = self._apply_pending(hidden)
                 kwargs = self._sliced_kwargs(shared, hidden.shape[0])
-                valid, visual = self._current_sets(hidden.shape[0])
-        st.per_layer.append(None if st.alive is None else (st.alive, st.live))
-        self.stats.tokens_per_layer.append(valid.sum(1).tolist())
-        self.stats.visual_tokens_per_layer.append((visual & valid).sum(1).tolist())
+        st.per_layer.append(None if st.alive is None else Alive(st.alive, st.live, st.fillers))
+        counts = self._sets(hidden.shape[0])[3]  # the same record for every layer between two prunes
+        self.stats.raw["tokens_per_layer"].append(counts[0])
+        self.stats.raw["visual_tokens_per_layer"].append(counts[1])
         return (hidden, *args[1:]), kwargs
 
     def _apply_pending(self, hidden: torch.Tensor) -> torch.Tensor:
         """Move to the selection the last scoring made: the alive sets and the hidden states shrink together (one
-        ragged-compaction launch on CUDA)."""
+        ragged-compaction launch on CUDA); its width was counted on the host."""
         st = self.state
-        keep, st.pending = st.pending, None
-        hidden, st.alive, st.live = compact(hidden, keep, st.alive, self.backend)
+        (keep, width, fillers), st.pending = st.pending, None
+        hidden, st.alive, st.live = compact(hidden, keep, st.alive, self.backend, width=width)
+        st.fillers = fillers
         st.version += 1
         return hidden
 
-    def _current_sets(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sets(self, batch: int) -> tuple:
+        """(valid, visual, positions, per-row counts for the stats) at the current layer, made once per change."""
         st = self.state
-        if st.alive is None:
-            return st.valid.expand(batch, -1), st.visual.expand(batch, -1)
-        valid = gather_rows(st.valid, st.alive) & st.live
-        return valid, gather_rows(st.visual, st.alive) & st.live
+        if st.sets is None or st.sets[0] != st.version:
+            if st.alive is None:
+                valid, visual = st.valid.expand(batch, -1), st.visual.expand(batch, -1)
+                positions = torch.arange(st.valid.shape[1], device=st.valid.device).expand(batch, -1)
+            else:
+                valid = gather_rows(st.valid, st.alive) & st.live
+                visual = gather_rows(st.visual, st.alive) & st.live
+                positions = st.alive
+            counts = (OnRead(lambda v=valid: v.sum(1).tolist()),
+                      OnRead(lambda v=valid, u=visual: (u & v).sum(1).tolist()))
+            st.sets = (st.version, valid, visual, positions, counts)
+        return st.sets[1:]
+
+    def _current_sets(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        valid, visual, _, _ = self._sets(batch)
+        return valid, visual
 
     def _positions(self, batch: int, length: int) -> torch.Tensor:
         """(B, L) LLM-input position of each row at the current layer."""
-        st = self.state
-        if st.alive is not None:
-            return st.alive
-        return torch.arange(length, device=st.valid.device).expand(batch, -1)
+        return self._sets(batch)[2]
 
     def _make_observer(self, index: int, kind: str):
         def observe(module, args, kwargs, output):
             if self.mode != "prefill":
                 return None
             x, y = _compat.module_io(args, kwargs, output)
-            valid, visual = self._current_sets(x.shape[0])
-            with timed(x.device) as t:
+            valid, visual, positions, _ = self._sets(x.shape[0])
+            with self.stats.scoring(x.device):
                 self.method.observe(SublayerContext(
                     layer=index, num_layers=len(self.layers), kind=kind, input=x, output=y, valid=valid, visual=visual,
-                    positions=self._positions(x.shape[0], x.shape[1]), n_positions=self.state.valid.shape[1],
-                    state=self.state.scratch))
-            self.stats.scoring_time_s += t.elapsed
+                    positions=positions, n_positions=self.state.valid.shape[1], state=self.state.scratch))
             return None
 
         return observe
 
-    def _score(self, index, layer, hidden, kwargs, valid, visual) -> None:
+    def _score(self, index, layer, hidden, kwargs) -> None:
         st = self.state
+        kwargs = dict(kwargs)  # scoring's own copy: it caches the recomputed keys in it
+        valid, visual, positions, _ = self._sets(hidden.shape[0])
         ctx = LayerContext(
             layer=index,
             num_layers=len(self.layers),
             hidden=hidden,
             valid=valid,
             visual=visual,
-            n_visual_input=st.visual.sum(1),
+            n_visual_input=st.input_visual_counts,
             attention=lambda rows: self._attention_rows(layer, hidden, kwargs, rows),
             received=lambda rows, weights: self._attention_received(layer, hidden, kwargs, rows, weights),
-            positions=self._positions(hidden.shape[0], hidden.shape[1]),
+            positions=positions,
             state=st.scratch,
+            alive_counts=list(st.live_counts),
+            visual_counts=list(st.visual_counts),
         )
         keep = self.method.prune(ctx)
         if ctx.record:
-            self.stats.records[index] = dict(ctx.record)
-        live = st.live if st.live is not None else torch.ones_like(keep)
-        keep = (keep | ~visual) & live  # only visual tokens may go; old fillers are rebuilt below
-        if bool(keep.all()):
-            return
-        alive = st.alive if st.alive is not None else torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+            self.stats.raw["records"][index] = dict(ctx.record)
+        keep = keep | ~visual  # only visual tokens may go; fillers go with the rows they equalise
+        if st.live is not None:
+            keep = keep & st.live
+        if ctx.kept is not None:  # the method knows how many it keeps: the host sizes the batch without a read
+            kept = [min(int(k), n) for k, n in zip(ctx.kept, st.visual_counts)]
+        else:  # one read per pruning layer: the sizes of the compacted batch
+            kept = (keep & visual).sum(1).tolist()
+        if kept == st.visual_counts:
+            return  # nothing goes
+        live_counts = [n - v + k for n, v, k in zip(st.live_counts, st.visual_counts, kept)]
+        st.visual_counts, st.live_counts = kept, live_counts
+        alive = positions
         first = index if self.method.prune_at_scored_layer else index + 1
-        self.stats.visual_alive[first] = [row[m].tolist() for row, m in zip(alive, keep & visual)]
+        self.stats.raw["visual_alive"][first] = OnRead(
+            lambda a=alive, m=keep & visual: [row[r].tolist() for row, r in zip(a, m)])
         # Compacted where it takes effect: rows that keep fewer tokens are left-filled with copies of their first
         # kept token, masked out as keys, so every row has the same length and a batch gives the same tokens as
         # single runs.
-        st.pending = keep
+        st.pending = (keep, max(live_counts), min(live_counts) != max(live_counts))
 
     def _sliced_kwargs(self, kwargs, batch):
         """Slice the kwargs every layer shares (mask, RoPE, position ids) to the alive positions, once per change."""
@@ -517,7 +697,7 @@ class DecoderPruner:
         return {**kwargs, **out}
 
     def _prefill_mask(self, mask, alive, live, batch):
-        fillers = not bool(live.all())
+        fillers = self.state.fillers
         if mask is None:
             if not fillers:
                 return None  # the sliced prompt is still causal and unpadded: SDPA keeps is_causal
@@ -534,7 +714,10 @@ class DecoderPruner:
     def _attention_keys(self, layer, hidden, kwargs):
         """The layer's normalised input and its keys (B, Hk, K, D) with RoPE, recomputed from the layer's input
         (norm, k projection, RoPE), so the model keeps running SDPA / FlashAttention and never needs
-        ``output_attentions``."""
+        ``output_attentions``. Made once per scoring, however many attention queries the method asks."""
+        made = kwargs.get(_KEYS)
+        if made is not None and made[0] is hidden:
+            return made[1]
         attn = _compat.decoder_attention(layer)
         B, K, _ = hidden.shape
         u = attn.input_norm(hidden)
@@ -542,7 +725,9 @@ class DecoderPruner:
         if attn.k_norm is not None:  # Qwen3-style per-head norms
             k = attn.k_norm(k)
         cos, sin = (t.expand(B, *t.shape[1:]) for t in kwargs["position_embeddings"])
-        return u, k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+        keys = u, k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+        kwargs[_KEYS] = (hidden, keys)
+        return keys
 
     def _attention_queries(self, layer, u, kwargs, rows: torch.Tensor) -> torch.Tensor:
         """(B, Hq, R, D) queries of rows ``rows`` (B, R), with RoPE."""
@@ -596,29 +781,38 @@ class DecoderPruner:
         return {"causal_rows": rows, "key_valid": valid}
 
     def _decode(self, index, args, kwargs):
-        """Decode step: this layer's cache holds only the alive prefill tokens, so its mask columns must match."""
+        """Decode step: this layer's cache holds only the alive prefill tokens, so its mask columns must match. The
+        mask of each distinct record is made once per step and shared by its layers."""
         record = self.decode_records[index] if index < len(self.decode_records) else None
         if record is None:
             return None
-        alive, live = record
         mask = kwargs.get("attention_mask")
-        L0 = self.decode_slots
         hidden = args[0] if args else kwargs["hidden_states"]
-        B, q = hidden.shape[:2]
+        q = hidden.shape[1]
+        if mask is None and not record.fillers and q == 1:
+            return None  # SDPA without padding: no mask at q=1, the shorter cache is enough
+        key = (id(record), id(mask))
+        if key not in self.decode_masks:
+            self.decode_masks[key] = self._decode_mask(record, mask, hidden.shape[0], q,
+                                                       _compat.find_cache(kwargs).get_seq_length(index))
+        kwargs["attention_mask"] = self.decode_masks[key]
+        return args, kwargs
+
+    def _decode_mask(self, record: Alive, mask, B: int, q: int, cached: int) -> torch.Tensor:
+        alive, live = record.alive, record.live
+        L0 = self.decode_slots
         K = alive.shape[1]
         if mask is None:
-            if bool(live.all()) and q == 1:
-                return None  # SDPA without padding: no mask at q=1, the shorter cache is enough
-            tail = _compat.find_cache(kwargs).get_seq_length(index) - K + q  # slots after the pruned prefill
+            tail = cached - K + q  # slots after the pruned prefill
             head = live[:, None, None, :].expand(B, 1, q, K)
             rows, cols = torch.arange(q, device=live.device), torch.arange(tail, device=live.device)
             causal = cols.view(1, tail) <= (tail - q + rows).view(q, 1)
-            kwargs["attention_mask"] = torch.cat([head, causal.expand(B, 1, q, tail)], dim=-1)
-            return args, kwargs
+            return torch.cat([head, causal.expand(B, 1, q, tail)], dim=-1)
         if mask.dim() == 2:
             head = gather_rows(mask[:, :L0], alive)
         else:
             m = mask[..., :L0].expand(B, *mask.shape[1:-1], L0)
             head = m.gather(3, alive[:, None, None, :].expand(B, m.shape[1], m.shape[2], K))
-        kwargs["attention_mask"] = torch.cat([forbid_columns(head, ~live), mask[..., L0:]], dim=-1)
-        return args, kwargs
+        if record.fillers:
+            head = forbid_columns(head, ~live)
+        return torch.cat([head, mask[..., L0:]], dim=-1)

@@ -25,12 +25,13 @@ from vtoken.adapters import _compat
 from vtoken.adapters._vlm import (
     CacheLayout,
     DecoderPruner,
+    OnRead,
     PromptEdit,
     VLMStats,
     gather_columns,
+    gather_rows,
     mask_valid,
     remap_mask,
-    timed,
 )
 from vtoken.handle import Handle
 from vtoken.methods.base import ImageContext, Reduction, VisualTokenMethod
@@ -283,15 +284,16 @@ class VLMPatch:
             )
         unique = list({id(e): e for e in entries}.values())  # generate() repeats items per beam / sequence
         method = self.boundary_method()
-        with timed(entries[0].device) as t:
+        with self.stats.selection(entries[0].device):
             items = [self.items[id(e)] for e in unique]
             done = dict(zip(map(id, unique), method.reduce_batch([(i.entry[: i.n], i.context) for i in items])))
-        self.stats.selection_time_s += t.elapsed
         reductions = [done[id(e)] for e in entries]
-        self.stats.visual_tokens_in += [self.items[id(e)].n for e in entries]
-        self.stats.visual_tokens_kept += [r.features.shape[0] for r in reductions]
-        self.stats.kept_indices += [None if r.kept is None else r.kept.cpu() for r in reductions]
-        self.stats.tokens_per_frame += [frame_counts(self.items[id(e)].context, r) for e, r in zip(entries, reductions)]
+        raw = self.stats.raw  # what needs the device is read when a user looks
+        raw["visual_tokens_in"] += [self.items[id(e)].n for e in entries]
+        raw["visual_tokens_kept"] += [r.features.shape[0] for r in reductions]
+        raw["kept_indices"] += [None if r.kept is None else OnRead(r.kept.cpu) for r in reductions]
+        raw["tokens_per_frame"] += [OnRead(functools.partial(frame_counts, self.items[id(e)].context, r))
+                                    for e, r in zip(entries, reductions)]
         reduced = copy.copy(encoded)  # generate() may pass the same features again (use_cache=False)
         reduced.pooler_output = [r.features for r in reductions]
         companions = [self.items[id(e)].companions for e in entries]
@@ -308,40 +310,78 @@ class VLMPatch:
         token = self.base.get_input_embeddings()(torch.tensor(modality.token_id, device=embeds.device))
         return (embeds == token.to(embeds.dtype)).all(-1)
 
-    def shorten_prompt(self, kwargs, kept: dict[str, list[tuple[int, int, torch.Tensor | None]]]) -> PromptEdit | None:
-        """Drop the placeholders of the tokens the boundary stage removed, item by item, for every modality.
+    def rows_of_items(self, kwargs, counts: dict[str, list[int]]) -> dict[str, list[int]]:
+        """The row of every item of each modality (``counts[modality]``: each item's placeholders, in order).
+
+        One row holds every item. Several rows take the items in order, each as many as its placeholders hold: the
+        one read of the device a boundary reduction of a batch needs (the prompt's layout is only in its ids).
+        """
+        B = (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[0]
+        if B == 1:
+            return {name: [0] * len(n) for name, n in counts.items()}
+        names = list(counts)
+        per_row = torch.stack([self.placeholder_mask(kwargs, self.modality(name)).sum(1) for name in names])
+        out = {}
+        for name, held in zip(names, per_row.tolist()):  # the one read: placeholders per row and modality
+            rows, item = [], 0
+            for row, want in enumerate(held):
+                while want > 0 and item < len(counts[name]):
+                    want -= counts[name][item]
+                    rows.append(row)
+                    item += 1
+                if want != 0:
+                    break
+            if item != len(counts[name]) or want != 0 or len(rows) != len(counts[name]):
+                raise ValueError(
+                    f"{name.capitalize()} features and {name} tokens do not match: the rows hold {held} {name} tokens, "
+                    f"the inputs give {len(counts[name])} {name}s of {counts[name]} tokens. When a turn continues a "
+                    f"KV cache, pass {self.modality(name).pixels} for the new tokens' {name}s only.")
+            out[name] = rows
+        return out
+
+    def modality(self, name: str) -> Modality:
+        return next(m for m in self.modalities() if m.name == name)
+
+    def shorten_prompt(self, kwargs, kept: dict[str, list[tuple[int, int, torch.Tensor | None]]],
+                       rows: dict[str, list[int]]) -> tuple[PromptEdit | None, list[int]]:
+        """Drop the placeholders of the tokens the boundary stage removed, item by item, for every modality; return
+        the edit and the visual tokens each row keeps.
 
         ``kept[modality]`` holds, per item, its placeholder count, the tokens it keeps, and which input tokens'
         placeholders stay (so hosts that keep original positions give each kept token its own); None keeps the
-        first ones.
+        first ones. ``rows[modality]``: each item's row. Every size is counted on the host; the device only builds
+        the masks, so shortening costs no read of the device.
         """
-        drop = None
+        tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        B, L = tokens.shape[:2]
+        dropped, visual = [0] * B, [0] * B
+        keep = None
         for modality in self.modalities():
             if modality.name not in kept:
                 continue
-            placeholders = self.placeholder_mask(kwargs, modality)
-            where = placeholders.flatten().nonzero().squeeze(1)
-            total = sum(n for n, _, _ in kept[modality.name])
-            if where.numel() != total:
-                raise ValueError(
-                    f"{modality.name.capitalize()} features and {modality.name} tokens do not match: the new tokens "
-                    f"hold {where.numel()} {modality.name} tokens, the inputs give {total}. When a turn "
-                    f"continues a KV cache, pass {modality.pixels} for the new tokens' {modality.name}s only."
-                )
-            drop_run = torch.ones(where.numel(), dtype=torch.bool, device=where.device)
-            start = 0
-            for n, count, places in kept[modality.name]:
-                if places is None:
-                    drop_run[start : start + count] = False
-                else:
-                    drop_run[start + places.to(where.device)] = False
+            items = kept[modality.name]
+            for (n, count, _), row in zip(items, rows[modality.name]):
+                dropped[row] += n - count
+                visual[row] += count
+            if all(count == n for n, count, _ in items):
+                continue
+            placeholders = self.placeholder_mask(kwargs, modality).flatten()
+            total = sum(n for n, _, _ in items)
+            # every placeholder's column in row-major order (if the prompt holds fewer than the items need, the rest
+            # read column 0, which no reduction drops: the model's own check then reports the mismatch)
+            where = torch.nonzero_static(placeholders, size=total, fill_value=0).squeeze(1)
+            ranks, start = [], 0
+            for n, count, places in items:
+                if count:
+                    ranks.append(torch.arange(start, start + count, device=where.device) if places is None
+                                 else places.to(where.device) + start)
                 start += n
-            flat = torch.zeros(placeholders.numel(), dtype=torch.bool, device=where.device)
-            flat[where[drop_run]] = True
-            drop = flat.view_as(placeholders) if drop is None else drop | flat.view_as(placeholders)
-        if drop is None or not bool(drop.any()):
-            return None
-        edit = PromptEdit(drop)
+            kept_columns = where[torch.cat(ranks)] if len(ranks) > 1 else where[ranks[0]]
+            stays = (~placeholders).index_fill_(0, kept_columns, True).view(B, L)
+            keep = stays if keep is None else keep & stays
+        if keep is None:
+            return None, visual
+        edit = PromptEdit(keep, kept_counts=[L - d for d in dropped])
         if kwargs.get("input_ids") is not None:
             pad = self.config.get_text_config().pad_token_id
             kwargs["input_ids"] = edit.gather(kwargs["input_ids"], 0 if pad is None else pad)
@@ -350,7 +390,7 @@ class VLMPatch:
         for name in self.token_kwargs:
             if kwargs.get(name) is not None:
                 kwargs[name] = edit.gather(kwargs[name], 0)
-        return edit
+        return edit, visual
 
     # -- the LLM call ------------------------------------------------------------------------------------------
     def before_llm(self, module, args, kwargs):
@@ -372,7 +412,7 @@ class VLMPatch:
         ids = kwargs.get("input_ids")
         if not present:
             if layout is not None:
-                self.map_call(kwargs, layout, None, length_in)
+                self.map_text(kwargs, layout, length_in)
             if self.decoder is not None:
                 self.decoder.begin_decode(layout)
             self.call = _Call(layout, None, ids, length_in, prefill=False)
@@ -380,10 +420,10 @@ class VLMPatch:
 
         self.stats.reset()
         self.complete_positions(module, kwargs, layout)
-        edit = None
+        edit, visual_counts = None, None
+        outputs = dict(kwargs.get(_compat.ENCODER_OUTPUTS) or {})
         if boundary is not None:
             kept = {}
-            outputs = dict(kwargs.get(_compat.ENCODER_OUTPUTS) or {})
             for modality in present:
                 if outputs.get(modality.name) is None:
                     outputs[modality.name] = getattr(module, modality.features)(**self.encoder_call(modality, kwargs))
@@ -392,17 +432,35 @@ class VLMPatch:
                 outputs[modality.name], kept[modality.name] = self.reduce_items(modality, outputs[modality.name])
                 kwargs[modality.pixels] = None
             kwargs[_compat.ENCODER_OUTPUTS] = outputs
-            edit = self.shorten_prompt(kwargs, kept)
+            rows = self.rows_of_items(kwargs, {name: [n for n, _, _ in items] for name, items in kept.items()})
+            edit, visual_counts = self.shorten_prompt(kwargs, kept, rows)
+        elif self.decoder is not None and all(outputs.get(m.name) is not None for m in present):
+            counts = {m.name: [f.shape[0] for f in outputs[m.name].pooler_output] for m in present}
+            rows = self.rows_of_items(kwargs, counts)
+            batch = (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[0]
+            visual_counts = [0] * batch
+            for name, item_rows in rows.items():
+                for n, row in zip(counts[name], item_rows):
+                    visual_counts[row] += n
         self.map_call(kwargs, layout, edit, length_in)
-        placeholders = None
-        for modality in self.modalities():
-            mask = self.placeholder_mask(kwargs, modality)
-            placeholders = mask if placeholders is None else placeholders | mask
-        valid = mask_valid(kwargs.get("attention_mask"), placeholders.shape, placeholders.device)
-        self.stats.visual_tokens_llm = (placeholders & valid).sum(1).tolist()
         fresh = layout is None
+        llm_input = dict(kwargs)  # what the LLM gets, for the sets below (made when needed)
+
+        def sets() -> tuple[torch.Tensor, torch.Tensor]:
+            """(visual, valid) (B, L) of the LLM input."""
+            placeholders = None
+            for modality in self.modalities():
+                mask = self.placeholder_mask(llm_input, modality)
+                placeholders = mask if placeholders is None else placeholders | mask
+            return placeholders, mask_valid(llm_input.get("attention_mask"), placeholders.shape, placeholders.device)
+
+        def visual_per_row() -> list[int]:
+            visual, valid = sets()
+            return (visual & valid).sum(1).tolist()
+
+        self.stats.visual_tokens_llm = OnRead(visual_per_row)
         if self.decoder is not None and fresh:
-            self.decoder.begin_prefill(placeholders, valid)
+            self.decoder.begin_prefill(*sets(), visual_counts)
         else:  # nothing changes inside the decoder: every layer sees the (possibly shortened) new tokens
             if self.decoder is not None:
                 note = "in-LLM pruning skipped for images that continue a KV cache (only a prefill is pruned)"
@@ -410,8 +468,8 @@ class VLMPatch:
                 warnings.warn(f"vtoken: {note}", stacklevel=2)
                 self.decoder.begin_decode(layout)
             layers = len(self.llm.layers)
-            self.stats.tokens_per_layer = [valid.sum(1).tolist()] * layers
-            self.stats.visual_tokens_per_layer = [self.stats.visual_tokens_llm] * layers
+            self.stats.tokens_per_layer = OnRead(lambda: [sets()[1].sum(1).tolist()] * layers)
+            self.stats.visual_tokens_per_layer = OnRead(lambda: [visual_per_row()] * layers)
         self.call = _Call(layout, edit, ids, length_in, prefill=fresh)
         return (), kwargs
 
@@ -488,21 +546,40 @@ class VLMPatch:
         if mask.dim() == 4:
             kwargs["attention_mask"] = mask[:, :, trim:]
 
+    def map_text(self, kwargs, layout: CacheLayout, length_in: int) -> None:
+        """Text that continues a shortened cache (every decode step). Without a mask and without filler slots the
+        slots are the caller's columns moved down by each row's shift: the positions alone move (one subtraction, or
+        none when the model derives them from the cache), and nothing is read from the device."""
+        if kwargs.get("attention_mask") is None and not layout.fillers:
+            positions = self.text_positions(kwargs, layout, length_in)
+            if positions is not None:
+                kwargs["position_ids"] = positions
+            return
+        self.map_call(kwargs, layout, None, length_in)
+
+    def text_positions(self, kwargs, layout: CacheLayout, length_in: int):
+        """Positions of new text tokens on a shortened cache without fillers (None: the model's own default, which
+        counts the cache's slots: the renumbered positions)."""
+        positions = kwargs.get("position_ids")
+        return None if positions is None else renumbered_positions(positions, layout, None, length_in)
+
     def map_call(self, kwargs, layout: CacheLayout | None, edit: PromptEdit | None, length_in: int) -> None:
         """Move the call's mask and positions from the caller's columns to the cache's slots."""
         if layout is None and edit is None:
             return
-        B = edit.col_map.shape[0] if edit is not None else layout.batch
-        device = edit.col_map.device if edit is not None else layout.source.device
-        base = layout.columns if layout is not None else 0
-        new = torch.arange(length_in, device=device).expand(B, -1)
-        rows = edit.col_map if edit is not None else new
-        cols = torch.cat([layout.slot_columns(layout.slots) if layout is not None else new[:, :0],
-                          torch.where(rows >= 0, rows + base, -1)], dim=1)
         mask = kwargs.get("attention_mask")
-        if mask is None and bool((cols < 0).any()):
-            mask = torch.ones(B, base + length_in, dtype=torch.long, device=device)
-        if mask is not None:
+        fillers = (layout is not None and layout.fillers) or (edit is not None and edit.added_padding)
+        if mask is not None or fillers:
+            B = edit.col_map.shape[0] if edit is not None else layout.batch
+            device = edit.col_map.device if edit is not None else layout.source.device
+            base = layout.columns if layout is not None else 0
+            new = torch.arange(length_in, device=device).expand(B, -1)
+            rows = edit.col_map if edit is not None else new
+            cols = torch.where(rows >= 0, rows + base, -1) if fillers else rows + base
+            if layout is not None:
+                cols = torch.cat([layout.slot_columns(layout.slots), cols], dim=1)
+            if mask is None:  # filler slots must be masked out
+                mask = torch.ones(B, base + length_in, dtype=torch.long, device=device)
             kwargs["attention_mask"] = remap_mask(mask, rows, cols)
         kwargs["position_ids"] = self.map_positions(kwargs, layout, edit, length_in)
 
@@ -521,12 +598,16 @@ class VLMPatch:
         if layout is None:
             if call.edit is None and pruned is None and row_state is None:
                 return output  # nothing changed: slot i is column i
-            some = call.edit.col_map if call.edit is not None else (
-                pruned[-1][0] if pruned is not None else next(iter(row_state.values())))
-            layout = CacheLayout.identity(some.shape[0], 0, some.device, self.method_names())
-            layout.ids = None if call.ids is None else call.ids[:, :0]
+            if call.edit is not None:
+                layout = CacheLayout.of_prefill(call.edit, call.ids, self.method_names())
+            else:
+                some = pruned[-1].alive if pruned is not None else next(iter(row_state.values()))
+                layout = CacheLayout.identity(some.shape[0], 0, some.device, self.method_names())
+                layout.ids = None if call.ids is None else ()
+                layout = layout.extended(None, call.ids, call.length_in)
             self.record(layout)
-        layout = layout.extended(call.edit, call.ids, call.length_in)
+        else:
+            layout = layout.extended(call.edit, call.ids, call.length_in)
         if pruned is not None:
             layout.pruned, layout.pruned_slots = pruned, layout.slots
         if row_state is not None:
@@ -549,9 +630,10 @@ def check_host_features(base) -> None:
 
 def check_continues(layout: CacheLayout, ids: torch.Tensor | None, tail: bool = False) -> None:
     """Refuse ids whose cached part is not what the cache holds (``tail``: ids are the last columns it holds)."""
-    if ids is None or layout.ids is None:
+    held = layout.held_ids()
+    if ids is None or held is None:
         return
-    held = layout.ids[:, layout.columns - ids.shape[1]:] if tail else layout.ids
+    held = held[:, layout.columns - ids.shape[1]:] if tail else held
     if held.shape != ids[:, : held.shape[1]].shape or not torch.equal(held, ids[:, : held.shape[1]].to(held.device)):
         raise ValueError(
             "vtoken: input_ids do not continue the conversation this KV cache holds; pass the earlier turns "
@@ -586,10 +668,12 @@ def renumbered_positions(positions: torch.Tensor | None, layout: CacheLayout | N
     token moves down by the real tokens removed before it (LLaVA). None: the host's own default is right."""
     if layout is None:
         return edit.position_ids(positions)
+    if not layout.renumbered:  # nothing was removed before these tokens: their positions stand
+        return edit.position_ids(positions) if edit is not None else positions
     if positions is None:
         B = layout.batch
         positions = layout.columns + torch.arange(length_in, device=layout.source.device).expand(B, -1)
-    positions = positions - layout.shift.to(positions.device).unsqueeze(1)
+    positions = positions - layout.shift_column().to(positions.device)
     return edit.position_ids(positions) if edit is not None else positions
 
 
@@ -597,4 +681,6 @@ def gather_positions(positions: torch.Tensor, edit: PromptEdit, fill: int = 0) -
     """Position ids of any layout (B, L) or (P, B, L) gathered by an edit's column map."""
     if positions.dim() == 2:
         return edit.gather(positions, fill)
+    if not edit.added_padding:  # every column has a source: a plain gather along the last dimension
+        return gather_rows(positions.transpose(0, 1), edit.col_map, 2).transpose(0, 1)
     return gather_columns(positions.transpose(0, 1), edit.col_map, fill, dim=2).transpose(0, 1)

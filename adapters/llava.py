@@ -11,7 +11,9 @@ Positions follow a processor's shorter prompt (kept tokens renumbered).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import weakref
 
 import torch
 
@@ -111,7 +113,7 @@ class LlavaPatch(VLMPatch):
             return [self.tokens_per_view()] * len(features)
         if self.provider is None:
             return [f.shape[0] for f in features]
-        return [self.packed_length(size, self.grid_side()) for size in call.get("image_sizes")]
+        return [self.packed_length(size, self.grid_side()) for size in self.host_sizes(call.get("image_sizes"))]
 
     def encoder_call(self, modality: Modality, kwargs: dict) -> dict:
         return dict(pixel_values=kwargs.get("pixel_values"), image_sizes=kwargs.get("image_sizes"),
@@ -149,7 +151,8 @@ class LlavaPatch(VLMPatch):
             if hook is not None:
                 hook.remove()
         contexts = self.image_contexts(list(out.pooler_output), captured.get("x"),
-                                       layers[pivot_index] if hook else None, call.get("image_sizes"))
+                                       layers[pivot_index] if hook else None,
+                                       self.host_sizes(call.get("image_sizes")) if self.next else None)
         return out, contexts
 
     def grid_side(self) -> int:
@@ -165,7 +168,7 @@ class LlavaPatch(VLMPatch):
     def packed_length(self, image_size, side: int) -> int:
         """LLaVA-NeXT's token count for one image whose views are ``side x side`` grids: the thumbnail, then the
         unpadded high-resolution grid (at least one tile) with one ``image_newline`` per row."""
-        size = image_size.tolist() if torch.is_tensor(image_size) else image_size
+        size = list(image_size)
         full = int(self.config.vision_feature_select_strategy == "full")
         rows, cols = unpadded_grid(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size, side)
         return full + side * side + rows * (cols + 1)
@@ -175,7 +178,7 @@ class LlavaPatch(VLMPatch):
         grid = self.view_side()
         full = int(self.config.vision_feature_select_strategy == "full")
         views = self.views_per_image(image_sizes, len(features))
-        first_view = torch.tensor([0] + views[:-1]).cumsum(0).tolist()
+        first_view = [0, *itertools.accumulate(views[:-1])]
         cache = {}
 
         def attention_of_view(v: int) -> torch.Tensor:
@@ -194,7 +197,7 @@ class LlavaPatch(VLMPatch):
                 segments = [GridSegment(full, 1, n - full)]
             base_len = full + segments[0].rows * segments[0].cols
             if self.next and views[i] > 1:
-                size = image_sizes[i].tolist() if torch.is_tensor(image_sizes[i]) else image_sizes[i]
+                size = image_sizes[i]
                 rows, cols = unpadded_grid(size, self.config.image_grid_pinpoints, vc.image_size, grid)
                 segments.append(GridSegment(base_len, rows, cols, newline=True))
                 if base_len + rows * (cols + 1) != n:
@@ -213,12 +216,21 @@ class LlavaPatch(VLMPatch):
             contexts.append(ImageContext(n=n, segments=segments, pivot_scores=pivot_scores))
         return contexts
 
+    def host_sizes(self, image_sizes) -> list[list[int]] | None:
+        """LLaVA-NeXT's image sizes on the host, read once per tensor: the layout of every image follows from them,
+        and each read waits for the device (the model reads them too)."""
+        if image_sizes is None or not torch.is_tensor(image_sizes):
+            return None if image_sizes is None else [list(map(int, size)) for size in image_sizes]
+        last = self.__dict__.get("_sizes")
+        if last is None or last[0]() is not image_sizes:
+            last = self.__dict__["_sizes"] = (weakref.ref(image_sizes), image_sizes.tolist())
+        return last[1]
+
     def views_per_image(self, image_sizes, n_images: int) -> list[int]:
         if not self.next:
             return [1] * n_images
         tile = self.config.vision_config.image_size
-        return [anyres_views(s.tolist() if torch.is_tensor(s) else s, self.config.image_grid_pinpoints, tile)
-                for s in image_sizes]
+        return [anyres_views(s, self.config.image_grid_pinpoints, tile) for s in image_sizes]
 
 def install_clustered_tower(model, config, handle) -> None:
     """``token_clustering`` on a LLaVA: cluster inside the CLIP tower.

@@ -74,7 +74,7 @@ class PooledProjector:
 def pack_image(views: torch.Tensor, image_size, pinpoints, tile: int, newline: torch.Tensor | None) -> torch.Tensor:
     """One image's ``(views, n*n, C)`` features in LLaVA-NeXT's order: the thumbnail, then the unpadded grid of the
     high-resolution tiles (AnyRes always has at least one) with one ``newline`` per row."""
-    size = image_size.tolist() if torch.is_tensor(image_size) else list(image_size)
+    size = list(image_size)
     _, N, C = views.shape
     n = math.isqrt(N)
     base = views[0]
@@ -88,11 +88,13 @@ def pack_image(views: torch.Tensor, image_size, pinpoints, tile: int, newline: t
     return torch.cat([base, grid.flatten(1).T])
 
 
-def pack_views(config, image_features, image_sizes, vision_feature_select_strategy=None, image_newline=None):
-    """``pack_image_features`` for pooled views: (per-image features, their lengths)."""
+def pack_views(config, host_sizes, image_features, image_sizes, vision_feature_select_strategy=None,
+               image_newline=None):
+    """``pack_image_features`` for pooled views: (per-image features, their lengths); ``host_sizes`` reads the image
+    sizes to the host once."""
     tile = config.vision_config.image_size
     packed = [pack_image(views, size, config.image_grid_pinpoints, tile, image_newline)
-              for views, size in zip(image_features, image_sizes)]
+              for views, size in zip(image_features, host_sizes(image_sizes))]
     lengths = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
     return packed, lengths
 
@@ -141,5 +143,5 @@ def install_tokenflex(model, config: TokenFlexConfig, handle) -> None:
     patch.attach_provider(FeatureProvider("tokenflex", view_side=lambda: pooled.side), handle)
     handle.set_attr(_compat.projector_of(base), "forward", pooled)
     if patch.next:
-        handle.set_attr(base, _compat.PACK_FEATURES_ATTR, functools.partial(pack_views, host))
+        handle.set_attr(base, _compat.PACK_FEATURES_ATTR, functools.partial(pack_views, host, patch.host_sizes))
     handle.on_update(configure)

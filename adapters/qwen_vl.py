@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 
 from vtoken.adapters import _compat
 from vtoken.adapters._vlm import CacheLayout, PromptEdit, gather_rows
@@ -31,9 +32,9 @@ def _is_qwen_vl(model) -> bool:
     return isinstance(model, _compat.qwen_vl_classes())
 
 
-def grid_context(thw, merge: int, video: bool) -> ImageContext:
-    """An item's token layout: one merged grid per frame, frames in order."""
-    t, h, w = (int(v) for v in thw)
+def grid_context(thw: list[int], merge: int, video: bool) -> ImageContext:
+    """An item's token layout: one merged grid per frame, frames in order (``thw`` on the host)."""
+    t, h, w = thw
     rows, cols = h // merge, w // merge
     per_frame = rows * cols
     segments = [GridSegment(f * per_frame, rows, cols) for f in range(t)]
@@ -65,7 +66,8 @@ class QwenVLPatch(VLMPatch):
         grids = call.get(f"{modality.name}_grid_thw")
         if grids is None:
             raise ValueError(f"vtoken: {modality.features} needs {modality.name}_grid_thw to lay out the tokens")
-        return out, [grid_context(thw, self.merge, modality.name == "video") for thw in grids]
+        # one read of the grids (the model reads them too): every layout below is host arithmetic
+        return out, [grid_context(thw, self.merge, modality.name == "video") for thw in grids.tolist()]
 
     def companions(self, out) -> list[list[torch.Tensor]]:
         layers = getattr(out, "deepstack_features", None)
@@ -98,6 +100,20 @@ class QwenVLPatch(VLMPatch):
     def record(self, layout: CacheLayout) -> None:
         if self.base.rope_deltas is not None:
             layout.rope_deltas = per_row(self.base.rope_deltas.clone(), layout.batch)
+            layout.deltas_source = self.base.rope_deltas
+            if layout.renumbered:  # decode steps move generate()'s text row (row 0 of [text, t, h, w]) by the shift
+                layout.__dict__["_text_row_shift"] = F.pad(layout.shift_column()[None], (0, 0, 0, 0, 0, 3))  # (4, B, 1)
+
+    def text_positions(self, kwargs: dict, layout: CacheLayout, length_in: int):
+        """Text on a shortened cache. When generate() derived [text, t, h, w] from the caller's columns and the rope
+        deltas this prefill recorded (the model still holds them), the M-RoPE rows are already the original
+        positions and only the text row (the cache's slot) moves down by the shift: one op, or none after in-LLM
+        pruning alone. Otherwise (other callers, other releases) the positions are rebuilt."""
+        positions = kwargs.get("position_ids")
+        if (positions is not None and positions.dim() == 3 and positions.shape[0] == 4
+                and layout.deltas_source is not None and self.base.rope_deltas is layout.deltas_source):
+            return positions - layout.__dict__["_text_row_shift"] if layout.renumbered else positions
+        return self.map_positions(kwargs, layout, None, length_in)  # original positions, not renumbered ones
 
     def map_positions(self, kwargs: dict, layout: CacheLayout | None, edit: PromptEdit | None, length_in: int):
         positions = kwargs.get("position_ids")

@@ -93,7 +93,7 @@ def test_observers_see_each_sub_layer_of_the_alive_tokens():
     m = layer2.mlp
     torch.testing.assert_close(hidden.input, m.act_fn(m.gate_proj(mlp.input)) * m.up_proj(mlp.input))
     torch.testing.assert_close(hidden.output, mlp.output)
-    alive, live = pruner.state.per_layer[2]
+    alive, live, _ = pruner.state.per_layer[2]
     assert torch.equal(mlp.positions, alive)
     for b in range(2):
         real = mlp.positions[b][mlp.valid[b]].tolist()

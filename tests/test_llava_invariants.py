@@ -227,6 +227,7 @@ def pin_decisions(config) -> None:
 
     def pinned(ctx):
         first = memo.setdefault(ctx.layer, decide(ctx))
+        ctx.kept = None  # the pinned mask is not the one decide counted: the adapter counts it
         extra = torch.ones(first.shape[0], ctx.valid.shape[1] - first.shape[1], dtype=torch.bool)
         return torch.cat([first, extra], dim=1)
 

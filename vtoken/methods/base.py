@@ -94,7 +94,7 @@ class LayerContext:
     hidden: torch.Tensor  # (B, L, D) the layer's input
     valid: torch.Tensor  # (B, L) real tokens (not padding)
     visual: torch.Tensor  # (B, L) visual tokens still alive
-    n_visual_input: torch.Tensor  # (B,) visual tokens that entered the LLM (budgets resolve against this)
+    n_visual_input: list[int]  # per sample, visual tokens that entered the LLM (budgets resolve against this; host)
     # attention(rows) -> (B, H, R, L) fp32 softmax probabilities of this layer for query rows ``rows`` (B, R)
     attention: Callable[[torch.Tensor], torch.Tensor]
     # received(rows, weights) -> (B, L) fp32: sum over rows of weight x head-averaged attention each key receives,
@@ -106,6 +106,23 @@ class LayerContext:
     positions: torch.Tensor | None = None
     # per-prefill scratch space of the method, shared with its ``observe`` calls
     state: dict = field(default_factory=dict)
+    # set by ``prune`` when it knows, per sample, how many visual tokens its mask keeps (a fixed budget): the adapter
+    # then sizes the compacted batch without reading the device; left None, it reads the counts once
+    kept: list[int] | None = None
+    # per sample, on the host: real slots at this layer (every token but fillers, padding included) and visual tokens
+    # among them, so a method can size its work without reading the device (None: not known)
+    alive_counts: list[int] | None = None
+    visual_counts: list[int] | None = None
+
+    def text_width(self) -> int:
+        """An upper bound, known on the host, of any sample's non-visual tokens at this layer."""
+        if self.alive_counts is None or self.visual_counts is None:
+            return self.valid.shape[1]
+        return max(1, max(a - v for a, v in zip(self.alive_counts, self.visual_counts)))
+
+    def visual_width(self) -> int:
+        """An upper bound, known on the host, of any sample's visual tokens at this layer."""
+        return self.valid.shape[1] if self.visual_counts is None else max(1, max(self.visual_counts))
 
     @property
     def text(self) -> torch.Tensor:

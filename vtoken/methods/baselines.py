@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +47,18 @@ class RandomConfig(VisualTokenMethod):
         check_int(self.seed, "seed", 0)
 
     def reduce(self, features: torch.Tensor, ctx: ImageContext) -> Reduction:
-        k = resolve_budget(self.keep, ctx.n)
-        gen = torch.Generator().manual_seed(self.seed)
-        kept = torch.randperm(ctx.n, generator=gen)[:k].sort().values.to(features.device)
-        return Reduction(features[kept], kept)
+        kept = self.subset(ctx.n, features.device)
+        return Reduction(features.index_select(0, kept), kept)
+
+    def subset(self, n: int, device: torch.device) -> torch.Tensor:
+        """The sorted indices kept of ``n`` tokens, drawn once per count and device (a copy to the device each call
+        would stall it)."""
+        cache = self.__dict__.setdefault("_subsets", {})
+        key = (n, resolve_budget(self.keep, n), self.seed, str(device))
+        if key not in cache:
+            gen = torch.Generator().manual_seed(self.seed)
+            cache[key] = torch.randperm(n, generator=gen)[: key[1]].sort().values.to(device)
+        return cache[key]
 
 
 def pooled_grid(rows: int, cols: int, budget: int, newline: bool = False) -> tuple[int, int]:
@@ -127,36 +136,73 @@ class PoolConfig(VisualTokenMethod):
         k = resolve_budget(self.keep, ctx.n)
         if k >= ctx.n:
             return Reduction(features, None)
-        covered = torch.zeros(ctx.n, dtype=torch.bool)
-        for seg in ctx.segments:
-            covered[seg.start : seg.start + seg.length] = True
-        extras = (~covered).nonzero().squeeze(1).tolist()
-        grids: list[list[GridSegment]] = [[s] for s in ctx.segments if s.rows and s.cols]
-        if self.temporal and ctx.frames is not None:  # frame pairs pooled together
-            grids = [sum(grids[i : i + 2], []) for i in range(0, len(grids), 2)]
-        need = [1 + int(g[0].newline) for g in grids]  # one pooled token, and its separator
-        while len(grids) > 1 and sum(need) + len(extras) > k:
-            grids, need = grids[:-1], need[:-1]
-        extras = extras[: max(0, k - sum(need))]
-        budgets = split_budget(k - len(extras), [sum(s.length for s in g) for g in grids], need)
-        pieces = [(i, features[i : i + 1], torch.tensor([i])) for i in extras]
-        for group, budget in zip(grids, budgets):
-            seg = group[0]
-            index = seg.patch_index()
-            grid = torch.stack([features[s.patch_index().to(features.device)] for s in group]).float().mean(0)
-            r, c = pooled_grid(seg.rows, seg.cols, budget, seg.newline)
-            out = F.adaptive_avg_pool2d(grid.permute(2, 0, 1), (r, c)).permute(1, 2, 0).to(features.dtype)
-            rows, cols = window_centers(seg.rows, r), window_centers(seg.cols, c)
-            anchors = index[rows][:, cols]
-            if seg.newline:
-                separator = features[seg.start + seg.cols].expand(r, 1, -1)
-                out = torch.cat([out, separator], dim=1)
-                anchors = torch.cat([anchors, (index[rows, -1] + 1).unsqueeze(1)], dim=1)
-            pieces.append((seg.start, out.reshape(-1, features.shape[-1]), anchors.reshape(-1)))
-        pieces.sort(key=lambda piece: piece[0])
-        anchors = torch.cat([a for _, _, a in pieces])
-        frames = None if ctx.frames is None else ctx.frames[anchors]
-        return Reduction(torch.cat([p for _, p, _ in pieces]), None, frames=frames, anchors=anchors)
+        plan = self.plan(ctx, k, features.device)
+        pieces = []
+        for piece in plan.pieces:
+            if piece.rows == 0:  # a token outside every grid, kept as it is
+                pieces.append(features.narrow(0, piece.start, 1))
+                continue
+            grid = features.index_select(0, piece.index).view(-1, piece.rows, piece.cols, features.shape[-1])
+            grid = grid.float().mean(0).permute(2, 0, 1)
+            out = F.adaptive_avg_pool2d(grid, piece.pooled).permute(1, 2, 0).to(features.dtype)
+            if piece.separator is not None:
+                out = torch.cat([out, features[piece.separator].expand(piece.pooled[0], 1, -1)], dim=1)
+            pieces.append(out.reshape(-1, features.shape[-1]))
+        frames = None if ctx.frames is None else ctx.frames[plan.anchors]
+        return Reduction(torch.cat(pieces), None, frames=frames, anchors=plan.anchors)
+
+    def plan(self, ctx: ImageContext, k: int, device: torch.device) -> PoolPlan:
+        """What pooling an image of this layout to ``k`` tokens takes, worked out once per layout, budget and device
+        (every index a device tensor made once: a pooled image then costs a few ops and no copy)."""
+        plans = self.__dict__.setdefault("_plans", {})
+        key = (ctx.n, tuple(ctx.segments), ctx.frames is not None, k, str(device))
+        if key not in plans:
+            plans[key] = pool_plan(ctx.n, ctx.segments, self.temporal and ctx.frames is not None, k, device)
+        return plans[key]
+
+
+class PoolPiece(NamedTuple):
+    start: int  # its first input token (pieces come in this order)
+    rows: int  # the patch grid's size; 0 for a token outside every grid
+    cols: int
+    index: torch.Tensor | None  # the grid's patch tokens (frames of a pair one after the other), on the device
+    pooled: tuple[int, int]  # the pooled grid
+    separator: int | None  # the token that follows every pooled row (LLaVA-NeXT's image_newline)
+
+
+class PoolPlan(NamedTuple):
+    pieces: list[PoolPiece]
+    anchors: torch.Tensor  # per output token, the input token whose place it takes
+
+
+def pool_plan(n: int, segments: list[GridSegment], pairs: bool, k: int, device: torch.device) -> PoolPlan:
+    """The plan of :class:`PoolConfig`'s rules (host arithmetic, then one copy of each index to the device)."""
+    covered = set()
+    for seg in segments:
+        covered.update(range(seg.start, seg.start + seg.length))
+    extras = [i for i in range(n) if i not in covered]
+    grids: list[list[GridSegment]] = [[s] for s in segments if s.rows and s.cols]
+    if pairs:  # frame pairs pooled together
+        grids = [sum(grids[i : i + 2], []) for i in range(0, len(grids), 2)]
+    need = [1 + int(g[0].newline) for g in grids]  # one pooled token, and its separator
+    while len(grids) > 1 and sum(need) + len(extras) > k:
+        grids, need = grids[:-1], need[:-1]
+    extras = extras[: max(0, k - sum(need))]
+    budgets = split_budget(k - len(extras), [sum(s.length for s in g) for g in grids], need)
+    pieces = [(PoolPiece(i, 0, 0, None, (1, 1), None), [i]) for i in extras]
+    for group, budget in zip(grids, budgets):
+        seg = group[0]
+        stride = seg.cols + int(seg.newline)
+        patch = [[s.start + r * stride + c for r in range(s.rows) for c in range(s.cols)] for s in group]
+        r, c = pooled_grid(seg.rows, seg.cols, budget, seg.newline)
+        rows, cols = window_centers(seg.rows, r).tolist(), window_centers(seg.cols, c).tolist()
+        anchors = [[seg.start + i * stride + j for j in cols] + ([seg.start + i * stride + seg.cols] if seg.newline
+                                                                 else []) for i in rows]
+        index = torch.tensor(sum(patch, []), device=device)
+        separator = seg.start + seg.cols if seg.newline else None
+        pieces.append((PoolPiece(seg.start, seg.rows, seg.cols, index, (r, c), separator), sum(anchors, [])))
+    pieces.sort(key=lambda piece: piece[0].start)
+    return PoolPlan([p for p, _ in pieces], torch.tensor(sum((a for _, a in pieces), []), device=device))
 
 
 @register_method("attn_topk", hosts=VLM_HOSTS)
@@ -189,18 +235,22 @@ class AttnTopKConfig(VisualTokenMethod):
 
 
 def keep_top_visual(scores: torch.Tensor, ctx: LayerContext, keep) -> torch.Tensor:
-    """(B, L) mask keeping every non-visual token plus the ``keep`` best-scoring visual tokens per sample."""
-    budgets = torch.tensor(
-        [resolve_budget(keep, int(n)) for n in ctx.n_visual_input.tolist()], device=scores.device
-    )
+    """(B, L) mask keeping every non-visual token plus the ``keep`` best-scoring visual tokens per sample (the
+    budget of each resolved on the host from the visual tokens it fed the LLM, and reported in ``ctx.kept``)."""
+    budgets = [resolve_budget(keep, n) for n in ctx.n_visual_input]
+    ctx.kept = budgets
     return keep_top_count(scores, ctx.visual, budgets)
 
 
-def keep_top_count(scores: torch.Tensor, visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(B, L) mask keeping every non-visual token plus the ``counts`` (B,) best-scoring visual tokens per sample;
-    among equal scores the earlier token wins, so a batch and its single runs agree."""
+def keep_top_count(scores: torch.Tensor, visual: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """(B, L) mask keeping every non-visual token plus the ``counts`` (per sample) best-scoring visual tokens; among
+    equal scores the earlier token wins, so a batch and its single runs agree."""
     masked = torch.where(visual, scores.float(), float("-inf"))
     order = masked.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return ~visual | (rank < counts.to(rank.device).unsqueeze(1))
+    if len(set(counts)) == 1:  # one budget for every row: the top slots of the order
+        top = order[:, : counts[0]]
+    else:
+        top = order[:, : max(counts)]
+        top = torch.where(torch.arange(top.shape[1], device=top.device) < torch.tensor(counts, device=top.device)
+                          .unsqueeze(1), top, top[:, :1])
+    return (~visual).scatter(1, top, True) if top.shape[1] else ~visual

@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from vtoken.budget import check_budget
+from vtoken.kernels.dispatch import BACKENDS
 from vtoken.methods.base import (
     LayerContext,
     PrefillOutcome,
@@ -47,6 +48,7 @@ CORE_INFER_LAYERS = (6, 27)  # CoreInfer converts (0-based) layers 6 ... 26 of a
 RELEASE_LAYERS = (5, 19)  # the release scores (0-based) layers 5 ... 18 ("5 < len(cache) < 20")
 REFERENCE_FROM_END = 5  # the release's reference row: prompt position N - 5
 REFERENCE_DEPTH = 32
+BATCHED_LAYERS = 4  # converted layers whose activations are held to compute their decode neurons together
 
 
 def round_half_up(x: float) -> int:
@@ -57,13 +59,13 @@ def token_core_neurons(activation: torch.Tensor, rho: float) -> torch.Tensor:
     """(..., m) bool: each token's core neurons, the top ``ceil(rho * #positive)`` of its positive activations
     (ties at the threshold all count)."""
     positive = activation > 0
-    counts = torch.ceil(rho * positive.sum(-1).float()).long()  # (...)
-    top = int(counts.max()) if counts.numel() else 0
-    if top == 0:
+    counts = torch.ceil(positive.sum(-1, keepdim=True) * rho)  # (..., 1)
+    top = math.ceil(rho * activation.shape[-1])  # no token has more core neurons: sized on the host, no read
+    if top == 0 or activation.numel() == 0:
         return torch.zeros_like(positive)
     values = activation.topk(top, dim=-1).values  # descending
-    threshold = values.gather(-1, (counts - 1).clamp(min=0).unsqueeze(-1))  # > 0 wherever counts > 0
-    return (activation >= threshold) & (counts > 0).unsqueeze(-1)
+    threshold = values.gather(-1, counts.long().sub_(1).clamp_(min=0))  # the counts-th largest (any, if none)
+    return (activation >= threshold) & positive
 
 
 def sentence_core_neurons(token_core: torch.Tensor, valid: torch.Tensor, beta: float) -> torch.Tensor:
@@ -101,14 +103,20 @@ def elbow_threshold(scores: torch.Tensor) -> torch.Tensor:
 
 def elbow_keep(scores: torch.Tensor, visual: torch.Tensor, strict: bool = False) -> torch.Tensor:
     """(B, L) every non-visual token plus, per sample, the visual tokens whose score reaches the sample's elbow
-    threshold (``>=``, the paper; ``strict``: ``>``, the release)."""
-    keep = ~visual
-    for b in range(scores.shape[0]):
-        if bool(visual[b].any()):
-            tau = elbow_threshold(scores[b][visual[b]])
-            above = scores[b].float() > tau if strict else scores[b].float() >= tau
-            keep[b] = keep[b] | (visual[b] & above)
-    return keep
+    threshold (``>=``, the paper; ``strict``: ``>``, the release). All samples at once, on the device: each sample's
+    visual scores sorted in descending order, :func:`elbow_threshold`'s rule over the first ``n`` of them."""
+    exact = not scores.is_floating_point()
+    values = scores.long() if exact else scores.double()
+    low = torch.iinfo(torch.long).min if exact else float("-inf")
+    y = torch.where(visual, values, low).sort(dim=1, descending=True).values  # (B, L), visual scores first
+    n = visual.sum(1, keepdim=True)  # (B, 1)
+    first, last = y[:, :1], y.gather(1, (n - 1).clamp(min=0))
+    index = torch.arange(y.shape[1], device=y.device, dtype=y.dtype).unsqueeze(0)
+    distance = ((n - 1).to(y.dtype) * (first - y) + index * (last - first)).abs()
+    distance = torch.where(index < n, distance, -1)  # only a sample's own points compete
+    tau = y.gather(1, distance.argmax(dim=1, keepdim=True))  # argmax returns the first maximum
+    above = values > tau if strict else values >= tau
+    return ~visual | (visual & above)
 
 
 def scaled_range(span: tuple[int, int], num_layers: int) -> range:
@@ -146,7 +154,8 @@ class CoreMatchingConfig(VisualTokenMethod):
     ``layer``: the FFN activations of this (1-based) layer choose the core tokens; later layers see only them.
     ``ffn_layers``: the (0-based) layers whose decode FFN runs only the core neurons: "default" = CoreInfer's layers
     6-26 of 32 scaled to the depth, "all", "none" / None, "a-b", or a tuple. ``variant="release"`` reproduces the
-    official code's KV zeroing (no removal, no neuron sparsity) and takes none of the other arguments.
+    official code's KV zeroing (no removal, no neuron sparsity) and takes none of the other arguments. ``backend``
+    picks the compaction kernel (``"auto"`` = Triton on CUDA).
     """
 
     keep: int | float | None = None
@@ -155,6 +164,7 @@ class CoreMatchingConfig(VisualTokenMethod):
     layer: int = 2
     ffn_layers: tuple[int, ...] | str | None = "default"
     variant: str = "paper"
+    backend: str = "auto"
     prune_at_scored_layer = True
 
     def __post_init__(self):
@@ -165,8 +175,9 @@ class CoreMatchingConfig(VisualTokenMethod):
         check_int(self.layer, "layer", 1)
         self.ffn_layers = parse_ffn_layers(self.ffn_layers)
         check_choice(self.variant, "variant", VARIANTS)
+        check_choice(self.backend, "backend", BACKENDS)
         if self.variant == "release":
-            defaults = {f.name: f.default for f in fields(self) if f.name not in ("variant",)}
+            defaults = {f.name: f.default for f in fields(self) if f.name not in ("variant", "backend")}
             defaults["ffn_layers"] = "default"
             changed = [name for name, value in defaults.items() if getattr(self, name) != value]
             if changed:
@@ -215,28 +226,54 @@ class CoreMatchingConfig(VisualTokenMethod):
         if self.variant == "release":
             self.observe_release(ctx)
             return
-        # the first observed layer comes before any pruning: which rows hold visual tokens at all
-        has_visual = ctx.state.setdefault("has_visual", ctx.visual.any(1))
-        token_core = token_core_neurons(ctx.input, self.rho)
-        core = sentence_core_neurons(token_core, ctx.valid, self.beta)
-        if ctx.layer in self.converted(ctx.num_layers):  # a prompt without images decodes dense, as it does alone
-            ctx.state.setdefault("neurons", {})[ctx.layer] = torch.where(has_visual.unsqueeze(1), core, -1)
-        if ctx.layer == self.layer - 1:
+        if "has_visual" not in ctx.state:  # the first observed layer comes before any pruning
+            ctx.state["has_visual"] = ctx.visual.any(1)
+        converted = ctx.layer in self.converted(ctx.num_layers)
+        if ctx.layer == self.layer - 1:  # the selection needs its core neurons now
+            core = sentence_core_neurons(token_core_neurons(ctx.input, self.rho), ctx.valid, self.beta)
+            if converted:
+                ctx.state.setdefault("neurons", {})[ctx.layer] = core
             scores = torch.where(ctx.valid, core_token_scores(ctx.input, core), 0)
             ctx.state["scores"] = torch.zeros(scores.shape[0], ctx.n_positions, dtype=scores.dtype,
                                               device=scores.device).scatter_(1, ctx.positions, scores)
+        elif converted:  # decode neurons: a few layers at a time, as one batched computation
+            pending = ctx.state.get("pending")
+            if pending and pending[0].positions is not ctx.positions:  # other tokens since: another batch
+                self.flush(ctx.state)
+            pending = ctx.state.setdefault("pending", [])
+            pending.append(ctx)
+            if len(pending) == BATCHED_LAYERS:
+                self.flush(ctx.state)
+
+    def flush(self, state: dict) -> None:
+        """The decode neurons of the converted layers seen since the last flush, computed together."""
+        pending = state.pop("pending", [])
+        if not pending:
+            return
+        activation = torch.cat([c.input for c in pending]) if len(pending) > 1 else pending[0].input
+        valid = pending[0].valid.repeat(len(pending), 1)
+        core = sentence_core_neurons(token_core_neurons(activation, self.rho), valid, self.beta)
+        neurons = state.setdefault("neurons", {})
+        for c, part in zip(pending, core.view(len(pending), -1, core.shape[-1]).unbind(0)):
+            neurons[c.layer] = part
 
     def prune(self, ctx: LayerContext) -> torch.Tensor:
         scores = ctx.state["scores"].gather(1, ctx.positions)
         keep = elbow_keep(scores, ctx.visual) if self.keep is None else keep_top_visual(scores, ctx, self.keep)
-        ctx.record.update(kept=(keep & ctx.visual).sum(1).tolist())
+        ctx.record.update(kept=(keep & ctx.visual).sum(1))  # read when a user looks
         return keep
 
     def after_prefill(self, state: dict) -> PrefillOutcome | None:
         if self.variant == "release":
             return PrefillOutcome(zero_kv=state.get("zero", {}))
+        self.flush(state)
         neurons = state.get("neurons")
-        return PrefillOutcome(decode_neurons=neurons) if neurons else None
+        if not neurons:
+            return None
+        neurons = dict(sorted(neurons.items()))
+        # a prompt without images decodes dense, as it does alone: its rows become -1 (one op for every layer)
+        stacked = torch.where(state["has_visual"][:, None, None], torch.stack(list(neurons.values()), dim=1), -1)
+        return PrefillOutcome(decode_neurons=dict(zip(neurons, stacked.unbind(1))))
 
     # -- the released code -----------------------------------------------------------------------------------------
     def observe_release(self, ctx: SublayerContext) -> None:

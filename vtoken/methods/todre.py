@@ -50,16 +50,19 @@ def cross_modal_ratios(ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
     return t2v, v2t
 
 
-def mean_over(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The query rows of a (B, L) set, left-aligned and padded with row 0, and weights averaging over each
-    sample's rows (0 for padding): the arguments of ``LayerContext.received`` for a mean over that set."""
-    counts = rows.sum(1)
-    width = max(1, int(counts.max()))
+def mean_over(rows: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query rows of a (B, L) set and weights averaging over each sample's rows: the arguments of
+    ``LayerContext.received`` for a mean over that set. ``width`` (known on the host, at least the largest sample's
+    row count): the rows left-aligned to that many (fewer rows to score); None: every column, with weight 0 outside
+    the set (fewer ops, nothing sorted)."""
+    counts = rows.sum(1, keepdim=True).clamp(min=1)
+    if width is None or width >= rows.shape[1]:
+        index = torch.arange(rows.shape[1], device=rows.device).expand(rows.shape[0], -1)
+        return index, rows / counts
     pos = torch.arange(rows.shape[1], device=rows.device)
     index = torch.where(rows, pos, rows.shape[1]).sort(dim=1).values[:, :width]
-    real = torch.arange(width, device=rows.device) < counts.unsqueeze(1)
-    weights = real.float() / counts.clamp(min=1).unsqueeze(1)
-    return torch.where(real, index, 0), weights
+    real = index < rows.shape[1]
+    return torch.where(real, index, 0), real / counts
 
 
 @register_method("todre", hosts=VLM_HOSTS)
@@ -95,12 +98,17 @@ class ToDREConfig(VisualTokenMethod):
 
     # stage 1 -------------------------------------------------------------------------------------------------
     def choose_pivot(self, ctx: ImageContext) -> torch.Tensor:
-        scores = ctx.pivot_scores() if self.pivot == "cls" else None
-        if scores is not None and torch.isfinite(scores).any():
-            return scores.argmax()
         # Encoders without [CLS] (or pivot="random"): a seeded random pivot, which the paper's ablation shows
-        # costs at most 0.2 points.
-        return torch.randint(ctx.n, (), generator=torch.Generator().manual_seed(self.seed))
+        # costs at most 0.2 points (drawn once per token count).
+        fallbacks = self.__dict__.setdefault("_random_pivots", {})
+        if ctx.n not in fallbacks:
+            fallbacks[ctx.n] = int(torch.randint(ctx.n, (), generator=torch.Generator().manual_seed(self.seed)))
+        fallback = fallbacks[ctx.n]
+        scores = ctx.pivot_scores() if self.pivot == "cls" else None
+        if scores is None:
+            return torch.tensor(fallback)
+        # no score at all (a view without [CLS] attention): the same random pivot, chosen on the device
+        return torch.where(torch.isfinite(scores).any(), scores.argmax(), fallback)
 
     def reduce(self, features: torch.Tensor, ctx: ImageContext) -> Reduction:
         return self.reduce_batch([(features, ctx)])[0]
@@ -123,5 +131,5 @@ class ToDREConfig(VisualTokenMethod):
     def prune(self, ctx: LayerContext) -> torch.Tensor:
         t2v, v2t = cross_modal_ratios(ctx)
         drop = (t2v < self.tau) & (v2t < self.tau)
-        ctx.record.update(text_to_visual=t2v.tolist(), visual_to_text=v2t.tolist(), removed=drop.tolist())
+        ctx.record.update(text_to_visual=t2v, visual_to_text=v2t, removed=drop)  # read when a user looks
         return ~(ctx.visual & drop.unsqueeze(1))

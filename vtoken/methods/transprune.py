@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from vtoken.budget import resolve_budget
+from vtoken.kernels.dispatch import BACKENDS
 from vtoken.methods.base import LayerContext, SublayerContext, VisualTokenMethod, check_choice
 from vtoken.methods.baselines import VLM_HOSTS, keep_top_count
-from vtoken.methods.todre import mean_over
 from vtoken.registry import register_method
 
 RELEASE_DEPTH = 32
@@ -56,8 +56,20 @@ def token_transition_variation(x: torch.Tensor, y: torch.Tensor, valid: torch.Te
 
 def sum_normalised(scores: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     """(B, L) ``scores`` divided by their sum over each sample's ``members`` (+1e-8, as the release), 0 elsewhere."""
-    scores = torch.where(members, scores.float(), 0.0)
-    return scores / (scores.sum(dim=1, keepdim=True) + EPS)
+    scores = scores.float() * members
+    return scores / (scores.sum(dim=-1, keepdim=True) + EPS)
+
+
+def instruction_queries(ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The :func:`instruction_rows` as ``LayerContext.received`` takes them: (B, R) row indices and (B, R) weights
+    averaging over each sample's rows. They are the tokens after the last visual one (padding is on the left), so a
+    contiguous run from there to the end: ``R`` bounds them on the host (``text_width``) and nothing is sorted."""
+    L = ctx.valid.shape[1]
+    start = (ctx.visual * torch.arange(1, L + 1, device=ctx.valid.device)).amax(dim=1, keepdim=True)  # (B, 1)
+    rows = start + torch.arange(min(L, ctx.text_width()), device=start.device)
+    inside = rows < L
+    weights = inside / (L - start).clamp(min=1)
+    return rows.clamp(max=L - 1), weights
 
 
 def instruction_rows(ctx: LayerContext) -> torch.Tensor:
@@ -103,7 +115,8 @@ class TransPruneConfig(VisualTokenMethod):
     scaled to the decoder's depth. ``shares``: for each pruning layer, the share of the removed tokens gone after
     it, increasing to 1.0; None = the release's (1/7, 3/7, 1.0) with the default layers, even steps otherwise.
     ``direction``: ``"release"`` = ``1 - cos`` (the released code, which produced the paper's tables), ``"paper"`` =
-    ``1 - |cos|`` (the paper's formula). ``iga=False`` ranks by TTV alone.
+    ``1 - |cos|`` (the paper's formula). ``iga=False`` ranks by TTV alone. ``backend`` picks the kernels of the IGA
+    scoring and the compaction (``"auto"`` = Triton on CUDA; ``"torch"`` / ``"triton"`` force one).
     """
 
     keep: int | float = 0.125
@@ -111,12 +124,14 @@ class TransPruneConfig(VisualTokenMethod):
     shares: tuple[float, ...] | None = None
     direction: str = "release"
     iga: bool = True
+    backend: str = "auto"
     prune_at_scored_layer = True
 
     def __post_init__(self):
         super().__post_init__()
         check_choice(self.direction, "direction", DIRECTIONS)
         check_choice(self.iga, "iga", (True, False))
+        check_choice(self.backend, "backend", BACKENDS)
         if self.layers is not None:
             self.layers = check_increasing(self.layers, "layers", int)
             if self.layers[0] < 1:
@@ -153,20 +168,35 @@ class TransPruneConfig(VisualTokenMethod):
         return {"attention": accumulate, "mlp": accumulate}
 
     def observe(self, ctx: SublayerContext) -> None:
-        ttv = token_transition_variation(ctx.input, ctx.output, ctx.valid, self.direction)
-        total = ctx.state.get("ttv")
+        # kept until the next prune, which reads them all at once (every call between two prunes sees the same
+        # tokens, so their TTVs are one batched computation: a few ops per stage instead of per sub-layer)
+        ctx.state.setdefault("pending", []).append(ctx)
+        ctx.state.setdefault("n_positions", ctx.n_positions)
+
+    def accumulate(self, state: dict) -> None:
+        """Add the TTVs of the sub-layers seen since the last prune to each LLM-input position's total."""
+        pending = state.pop("pending", [])
+        if not pending:
+            return
+        first = pending[0]
+        ttv = token_transition_variation(torch.cat([c.input for c in pending]), torch.cat([c.output for c in pending]),
+                                         first.valid.repeat(len(pending), 1), self.direction)
+        ttv = ttv.view(len(pending), *first.valid.shape).sum(0)
+        total = state.get("ttv")
         if total is None:
-            total = ctx.state["ttv"] = torch.zeros(ttv.shape[0], ctx.n_positions, device=ttv.device)
-        total.scatter_add_(1, ctx.positions, ttv)  # by LLM-input position: stays aligned as tokens are pruned
+            total = state["ttv"] = torch.zeros(ttv.shape[0], state["n_positions"], device=ttv.device)
+        total.scatter_add_(1, first.positions, ttv)  # by LLM-input position: stays aligned as tokens are pruned
 
     def prune(self, ctx: LayerContext) -> torch.Tensor:
         layers, shares = self.schedule(ctx.num_layers)
         share = shares[layers.index(ctx.layer)]
-        counts = [stage_count(int(n), resolve_budget(self.keep, int(n)), share) for n in ctx.n_visual_input.tolist()]
+        counts = [stage_count(n, resolve_budget(self.keep, n), share) for n in ctx.n_visual_input]
+        self.accumulate(ctx.state)
         ttv = ctx.state["ttv"].gather(1, ctx.positions)
-        score = sum_normalised(ttv, ctx.visual)
-        if self.iga:
-            rows, weights = mean_over(instruction_rows(ctx))
-            score = score + sum_normalised(ctx.received(rows, weights), ctx.visual)
+        if self.iga:  # both terms normalised in one go: (2, B, L), then added
+            score = sum_normalised(torch.stack([ttv, ctx.received(*instruction_queries(ctx))]), ctx.visual).sum(0)
+        else:
+            score = sum_normalised(ttv, ctx.visual)
         ctx.record.update(kept=counts)
-        return keep_top_count(score, ctx.visual, torch.tensor(counts))
+        ctx.kept = counts
+        return keep_top_count(score, ctx.visual, counts)
