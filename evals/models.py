@@ -22,6 +22,8 @@ QWEN25_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=
                    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
                    rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
 QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                 vision_end_token_id=151653)
 
@@ -71,6 +73,31 @@ PRESETS: dict[str, Preset] = {
     "qwen2.5-vl-7b": Preset(
         "Qwen2.5-VL-7B shape: 448x448 image -> 256 merged tokens (or an 8-frame video) (random weights)",
         dict(kind="qwen2_5_vl", vision_config=QWEN25_VISION, text_config=QWEN25_TEXT, **QWEN_IDS),
+    ),
+    # Full depth and geometry, tiny width: for counting ops and syncs (vtoken overhead), which depend on the number of
+    # layers and tokens, not on their width. LLaVA-1.5 and -NeXT: Vicuna-7B's 32 decoder layers; Qwen2.5-VL: 28.
+    "count-llava-1.5": Preset(
+        "LLaVA-1.5-7B geometry (576 visual tokens, 32 decoder layers) at a tiny width (random weights)",
+        dict(kind="llava", vision_config=dict(CLIP_L_336, **TINY_VISION), text_config=dict(VICUNA_7B, **TINY_TEXT),
+             image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default"),
+    ),
+    "count-llava-next": Preset(
+        "LLaVA-NeXT-7B geometry (up to 2,928 visual tokens, 32 decoder layers) at a tiny width (random weights)",
+        dict(kind="llava_next", vision_config=dict(CLIP_L_336, **TINY_VISION),
+             text_config=dict(VICUNA_7B, **TINY_TEXT), image_token_id=32000, vision_feature_layer=-2,
+             vision_feature_select_strategy="default",
+             image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
+    ),
+    "count-qwen2.5-vl": Preset(
+        "Qwen2.5-VL-7B geometry (256 merged tokens from 448x448, 28 decoder layers) at a tiny width (random weights)",
+        dict(kind="qwen2_5_vl",
+             vision_config=dict(QWEN25_VISION, depth=4, hidden_size=32, intermediate_size=64, num_heads=2,
+                                out_hidden_size=64, fullatt_block_indexes=[1, 3]),
+             text_config=dict(QWEN25_TEXT, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=32000,
+                              rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                               "rope_theta": 1e6}),
+             image_token_id=31995, video_token_id=31996, vision_start_token_id=31997, vision_end_token_id=31998),
     ),
 }
 # A LLaVA-1.5 conversation prompt: ~40 tokens of system prompt and "USER:" before the image, ~24 after.

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "accuracy vs visual-token budget for every LLaVA method (ShapesVQA-Hard or ShapesVQA)"),
     "methods": ("vtoken.cli", "list the registered methods, their arguments and supported models"),
     "bench": ("vtoken.evals.bench", "dense vs methods on a LLaVA model: prefill latency, decode speed, FLOPs, memory"),
+    "overhead": ("vtoken.evals.overhead", "aten ops and device->host syncs per prefill and decode step, dense vs "
+                                          "methods (what a GPU at batch 1 pays on the host)"),
     "bench-dit": ("vtoken.evals.bench_dit", "SVG2 vs dense attention on video-DiT shapes: speed, recall, error"),
     "bench-vit": ("vtoken.evals.bench_vit", "ViT images/s dense vs token clustering, plus feature fidelity"),
     "bench-kernels": ("vtoken.evals.bench_kernels", "each fused Triton kernel vs its PyTorch reference (GPU timings)"),

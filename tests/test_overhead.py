@@ -1,0 +1,109 @@
+"""The host cost of every method, counted exactly (``vtoken overhead``), pinned so that a regression fails CI.
+
+On a GPU at batch 1 each aten op is a kernel launch and each device->host sync a stall; both are deterministic, so
+the CPU counts them as a GPU would run them (Triton kernels through the interpreter, each launch one op). Budgets,
+per ``generate()`` on the full-depth tiny models (32 decoder layers; Qwen2.5-VL 28), batch 1:
+
+* a decode step: no extra sync and at most 2 extra ops, for every method;
+* the prefill: no extra sync for a fixed-budget boundary method, at most one per pruning layer for an in-LLM method,
+  one per adaptive decision; extra ops at most a third of what the same counter measured before these budgets
+  (``BEFORE``: PyTorch kernels, per model). On Qwen-VL a boundary method reads the items' grids once (they
+  live on the device; the dense model itself reads them dozens of times per prefill).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vtoken
+from vtoken import cli
+from vtoken.evals.models import build_model, synthetic_inputs
+from vtoken.evals.overhead import OpCounter, count_methods
+
+# extra prefill ops of each method at keep=64 before these budgets (dense: 2,607 / 2,631 / 2,684 ops)
+BEFORE = {
+    "count-llava-1.5": {"random": 93, "pool": 142, "divprune": 951, "tokenflex": 98, "todre": 1311, "attn_topk": 498,
+                        "transprune": 1197, "corematching": 1191},
+    "count-llava-next": {"random": 96, "pool": 202, "divprune": 976, "tokenflex": 97, "todre": 1317, "attn_topk": 498,
+                         "transprune": 1197, "corematching": 1191},
+    "count-qwen2.5-vl": {"random": 121, "pool": 170, "divprune": 979, "todre": 1284, "attn_topk": 457,
+                         "transprune": 1162, "corematching": 1080},
+}
+# syncs a prefill may add: one per pruning layer or adaptive decision (CoreMatching: its FFN slices are one more)
+PREFILL_SYNCS = {"random": 0, "pool": 0, "divprune": 0, "tokenflex": 0, "todre": 1, "attn_topk": 1, "transprune": 3,
+                 "corematching": 1, "corematching keep=None": 2}
+TRITON = {"backend": "triton"}
+METHODS = {
+    "random": ("random", dict(keep=64)), "pool": ("pool", dict(keep=64)),
+    "divprune": ("divprune", dict(keep=64, **TRITON)), "tokenflex": ("tokenflex", dict(num_tokens=64)),
+    "todre": ("todre", dict(keep=64, **TRITON)), "attn_topk": ("attn_topk", dict(keep=64, **TRITON)),
+    "transprune": ("transprune", dict(keep=64, **TRITON)), "corematching": ("corematching", dict(keep=64, **TRITON)),
+    "corematching keep=None": ("corematching", dict(keep=None, **TRITON)),
+}
+HOSTS = {"count-llava-1.5": list(METHODS), "count-llava-next": list(METHODS),
+         "count-qwen2.5-vl": [m for m in METHODS if m not in ("tokenflex", "corematching", "corematching keep=None")]}
+
+
+@pytest.fixture(scope="module", params=sorted(HOSTS))
+def counted(request):
+    model = build_model(request.param)
+    methods = [(label, *METHODS[label]) for label in HOSTS[request.param]]
+    return request.param, count_methods(model, synthetic_inputs(model), methods, new_tokens=3, progress=False)
+
+
+def test_decode_steps_cost_what_dense_costs(counted):
+    host, counts = counted
+    dense = counts["dense"]
+    for label, c in counts.items():
+        assert c.decode_syncs == dense.decode_syncs, (host, label, c.decode_sites)
+        assert c.decode_ops <= dense.decode_ops + 2, (host, label, c.decode_ops - dense.decode_ops)
+
+
+def test_prefill_syncs_and_ops_stay_within_budget(counted):
+    host, counts = counted
+    dense = counts["dense"]
+    for label, c in counts.items():
+        if label == "dense":
+            continue
+        extra = c.prefill_syncs - dense.prefill_syncs
+        grids = int(host == "count-qwen2.5-vl" and vtoken.methods()[METHODS[label][0]].config_cls.boundary)
+        assert extra <= PREFILL_SYNCS[label] + grids, (host, label, c.prefill_sites)
+        before = BEFORE[host][label.split()[0]]
+        assert c.prefill_ops - dense.prefill_ops <= before / 3, (host, label, c.prefill_ops - dense.prefill_ops)
+
+
+def test_the_counter_sees_syncs_and_kernel_launches():
+    model = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    with OpCounter(model) as counter:
+        y = model(x)
+        y.sum().item()
+        (y > 0).nonzero()
+        y[y > 0]
+        y.tolist()
+        model(x)  # a second call: a second segment
+    first, second = counter.segments
+    assert first.syncs == 4 and first.ops >= 6 and second.syncs == 0
+    assert sum(first.sites.values()) == 4
+
+
+def test_the_command_prints_the_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    assert cli.main(["overhead", "--model", "tiny-llava-1.5", "--method", "random", "--method", "attn_topk:layer=2",
+                     "--new-tokens", "2", "--json", str(out), "--quiet", "--sites"]) == 0
+    printed = capsys.readouterr().out
+    assert "syncs / decode step" in printed and "attn_topk layer=2" in printed
+    report = json.loads(out.read_text())
+    assert set(report["counts"]) == {"dense", "random", "attn_topk layer=2"} and report["kernels"] == "triton"
+    assert report["counts"]["random"]["decode_syncs"] == report["counts"]["dense"]["decode_syncs"]
+
+
+def test_a_method_the_model_cannot_take_is_refused_before_counting(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["overhead", "--model", "tiny-llava-1.5", "--method", "svg2"])
+    assert exit_info.value.code == 2
+    assert "svg2" in capsys.readouterr().err
+    assert "overhead" in vtoken.cli.COMMANDS
