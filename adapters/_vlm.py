@@ -280,6 +280,7 @@ class CacheLayout:
     row_state: dict | None = None
     fillers: bool = False  # whether any row holds filler slots (host: decode steps then need a mask)
     renumbered: bool = False  # whether a boundary reduction removed tokens (later positions then move down)
+    uniform_shift: int | None = 0  # the shift when every row has the same one (host), None otherwise
     deltas_source: Any = None  # M-RoPE hosts: the model's own rope-deltas object when the prefill recorded them
 
     def held_ids(self) -> torch.Tensor | None:
@@ -311,7 +312,8 @@ class CacheLayout:
     def of_prefill(edit: PromptEdit, ids: torch.Tensor | None, method: str) -> CacheLayout:
         """The layout of a fresh prefill whose prompt ``edit`` shortened."""
         layout = CacheLayout(edit.col_map, edit.length_in, edit.length_out, edit.shift,
-                             None if ids is None else (ids,), method, fillers=edit.added_padding, renumbered=True)
+                             None if ids is None else (ids,), method, fillers=edit.added_padding, renumbered=True,
+                             uniform_shift=None if edit.added_padding else edit.length_in - edit.length_out)
         layout.shift_column()  # made here, not in the first decode step
         return layout
 
@@ -321,6 +323,10 @@ class CacheLayout:
 
     def attach(self, cache) -> None:
         setattr(cache, LAYOUT_ATTR, self)
+
+    @staticmethod
+    def detach(cache) -> None:
+        cache.__dict__.pop(LAYOUT_ATTR, None)
 
     def slot_columns(self, width: int) -> torch.Tensor:
         """(B, width) caller column of slots 0 ... width-1."""
@@ -358,7 +364,7 @@ class CacheLayout:
         return dataclasses.replace(
             self, source=torch.cat([self.slot_columns(self.slots), new], dim=1), columns=self.columns + length_in,
             slots=self.slots + edit.length_out, shift=self.shift + edit.shift.to(self.shift.device), ids=joined,
-            fillers=self.fillers or edit.added_padding, renumbered=True)
+            fillers=self.fillers or edit.added_padding, renumbered=True, uniform_shift=None)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -37,8 +37,14 @@ from vtoken.handle import Handle
 from vtoken.methods.base import ImageContext, Reduction, VisualTokenMethod
 
 STATIC_CACHE = (
-    "vtoken: {methods} change(s) the number of tokens the LLM holds, which needs a DynamicCache (the default); "
-    "got {cache}. Leave cache_implementation at its default (no 'static'), or remove the patch for this call."
+    "vtoken: {methods} prune(s) inside the LLM, so its layers hold different numbers of tokens, which needs a "
+    "DynamicCache (the default); got {cache}, which gives every layer one length. Leave cache_implementation at its "
+    "default for this method; the boundary methods (todre with stage2=False, divprune, random, pool, tokenflex) take "
+    "a static cache and torch.compile."
+)
+STATIC_CONTINUED = (
+    "vtoken: a static cache holds one conversation from its first token; continuing it with new images, or with rows "
+    "that kept different numbers of tokens, needs the default DynamicCache"
 )
 
 
@@ -107,6 +113,7 @@ class VLMPatch:
 
     host: ClassVar[str] = ""
     token_kwargs: ClassVar[tuple[str, ...]] = ()  # (B, L) forward arguments that follow the prompt's columns
+    static_cache: ClassVar[bool] = True  # boundary methods take a static cache here
     _patches: ClassVar[weakref.WeakKeyDictionary]
 
     def __init_subclass__(cls, **kwargs):
@@ -177,8 +184,11 @@ class VLMPatch:
         self.hooks.set_attr(model, "prepare_inputs_for_generation",
                             functools.update_wrapper(self.prepare_inputs(model.prepare_inputs_for_generation),
                                                      model.prepare_inputs_for_generation))
-        self.hooks.forward_pre_hook(self.base, self.before_llm, with_kwargs=True)
-        self.hooks.forward_hook(self.base, self.after_llm, with_kwargs=True)
+        # The bookkeeping around the LLM call keeps per-conversation state on the host (columns, slots, the cache's
+        # layout), which changes every step: compiled code runs it as it is, outside the graph (a break before and
+        # after the base model's call, never inside the decoder), instead of recompiling for each step's values.
+        self.hooks.forward_pre_hook(self.base, torch.compiler.disable(self.before_llm), with_kwargs=True)
+        self.hooks.forward_hook(self.base, torch.compiler.disable(self.after_llm), with_kwargs=True)
         self.hooks.forward_pre_hook(model, self.reject_labels, with_kwargs=True)
 
     # -- users ------------------------------------------------------------------------------------------------------
@@ -402,16 +412,26 @@ class VLMPatch:
         present = [m for m in self.modalities() if encoded.get(m.name) is not None
                    or (kwargs.get(m.pixels) is not None and kwargs[m.pixels].numel() > 0)]
         boundary = self.boundary_method()
-        if present and cache is not None and not _compat.is_dynamic_cache(cache) and (boundary or self.decoder):
+        static = cache is not None and not _compat.is_dynamic_cache(cache)
+        if present and static and self.decoder is not None:
             raise ValueError(STATIC_CACHE.format(methods=self.method_names(), cache=type(cache).__name__))
+        if present and static and not self.static_cache:
+            raise ValueError(f"vtoken: {type(self.model).__name__} with {self.method_names()} needs a DynamicCache (the "
+                             f"default); got {type(cache).__name__}, which vtoken supports on LLaVA hosts only so far. "
+                             "Leave cache_implementation at its default.")
         layout = self.layout_of(cache, kwargs, bool(present))
-        if layout is not None:
+        if layout is not None and static:
+            if present or layout.fillers:
+                raise ValueError(STATIC_CONTINUED)
+        elif layout is not None:
             self.skip_cached(kwargs, layout, cache)
         tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
         length_in = tokens.shape[1]
         ids = kwargs.get("input_ids")
         if not present:
-            if layout is not None:
+            if layout is not None and static:
+                self.map_static(kwargs, layout, length_in)
+            elif layout is not None:
                 self.map_text(kwargs, layout, length_in)
             if self.decoder is not None:
                 self.decoder.begin_decode(layout)
@@ -434,6 +454,8 @@ class VLMPatch:
             kwargs[_compat.ENCODER_OUTPUTS] = outputs
             rows = self.rows_of_items(kwargs, {name: [n for n, _, _ in items] for name, items in kept.items()})
             edit, visual_counts = self.shorten_prompt(kwargs, kept, rows)
+            if static and edit is not None and edit.added_padding:
+                raise ValueError(STATIC_CONTINUED)
         elif self.decoder is not None and all(outputs.get(m.name) is not None for m in present):
             counts = {m.name: [f.shape[0] for f in outputs[m.name].pooler_output] for m in present}
             rows = self.rows_of_items(kwargs, counts)
@@ -477,9 +499,13 @@ class VLMPatch:
     def layout_of(self, cache, kwargs, images: bool) -> CacheLayout | None:
         """The layout of the cache this call continues; None for a fresh prefill (no cache, or an empty one) and for
         text on a cache vtoken did not change (the host's own bookkeeping is right there)."""
-        if cache is None or cache.get_seq_length() == 0:
+        if cache is None:
             return None
         layout = CacheLayout.of(cache)
+        if not _compat.is_dynamic_cache(cache):  # its length lives on the device: its layout says what it holds
+            return layout
+        if cache.get_seq_length() == 0:
+            return None
         tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
         if layout is None and not images:
             return None
@@ -502,9 +528,12 @@ class VLMPatch:
             unseen = kwargs.get(_compat.GENERATE_UNSEEN)
             cache = _compat.find_cache(kwargs)
             layout = CacheLayout.of(cache)
+            tokens = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else input_ids
+            if layout is not None and unseen == tokens.shape[1]:  # a new generation on a reused (static) cache
+                CacheLayout.detach(cache)
+                layout = None
             if layout is not None and unseen is not None and layout.columns != layout.slots:
-                tokens = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else input_ids
-                if unseen == tokens.shape[1] - int(cache.get_seq_length()):
+                if unseen == tokens.shape[1] - layout.slots:
                     kwargs[_compat.GENERATE_UNSEEN] = tokens.shape[1] - layout.columns
                     check_continues(layout, input_ids if tokens is input_ids else None)
             return original(input_ids, *args, **kwargs)
@@ -557,6 +586,14 @@ class VLMPatch:
             return
         self.map_call(kwargs, layout, None, length_in)
 
+    def map_static(self, kwargs, layout: CacheLayout, length_in: int) -> None:
+        """Text on a shortened static cache (generate()'s decode steps with ``cache_implementation="static"``).
+        generate() builds the step's 4-D mask from the cache's own length, which already counts the shortened
+        prompt's slots; only the positions move down by the shift: one op, every shape fixed, as CUDA graphs need."""
+        positions = self.text_positions(kwargs, layout, length_in)
+        if positions is not None:
+            kwargs["position_ids"] = positions
+
     def text_positions(self, kwargs, layout: CacheLayout, length_in: int):
         """Positions of new text tokens on a shortened cache without fillers (None: the model's own default, which
         counts the cache's slots: the renumbered positions)."""
@@ -580,6 +617,13 @@ class VLMPatch:
                 cols = torch.cat([layout.slot_columns(layout.slots), cols], dim=1)
             if mask is None:  # filler slots must be masked out
                 mask = torch.ones(B, base + length_in, dtype=torch.long, device=device)
+            if mask.dim() == 4 and mask.shape[-1] > base + length_in:
+                # a static cache's mask spans all its slots: its later columns stay as they are, shifted left, and
+                # the slots the shortened prompt leaves empty at the end are blocked
+                total = mask.shape[-1]
+                tail = torch.arange(base + length_in, total, device=device).expand(B, -1)
+                empty = torch.full((B, total - cols.shape[1] - tail.shape[1]), -1, device=device)
+                cols = torch.cat([cols, tail, empty], dim=1)
             kwargs["attention_mask"] = remap_mask(mask, rows, cols)
         kwargs["position_ids"] = self.map_positions(kwargs, layout, edit, length_in)
 

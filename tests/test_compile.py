@@ -101,3 +101,58 @@ def test_corematching_generates_the_same_tokens_compiled(backend, config):
         compiled = torch.compile(model, backend=backend).generate(**batch, **GEN)
         assert torch.equal(compiled, eager)
         assert handle.stats.visual_tokens_per_layer == layers
+
+
+# static cache + compile: the fast Hugging Face path, for every boundary method -------------------------------------
+BOUNDARY = {"random": dict(keep=16), "pool": dict(keep=16), "divprune": dict(keep=16),
+            "todre": dict(keep=16, stage2=False), "tokenflex": dict(num_tokens=16)}
+
+
+def compiled_generate_config():
+    """transformers compiles generate()'s decode steps only on accelerators; this asks for it on any device."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="eager")
+    config._compile_all_devices = True  # the test's only way to exercise the compiled decode on a CPU
+    return config
+
+
+@pytest.mark.parametrize("rows", [1, 2], ids=["single", "padded"])
+@pytest.mark.parametrize("name", sorted(BOUNDARY))
+def test_static_cache_and_compiled_decode_give_the_eager_dynamic_tokens(name, rows):
+    torch.manual_seed(1)
+    model = tiny_llava(layers=3)
+    ids, mask = left_pad([prompt(64), prompt(64, before=(1, 5))][:rows])
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(rows, 3, 112, 112))
+    gen = dict(GEN, max_new_tokens=4)
+    with vtoken.patch(model, name, **BOUNDARY[name]), torch.no_grad():
+        eager = model.generate(**batch, **gen)
+        static = model.generate(**batch, cache_implementation="static", **gen)
+        compiled = model.generate(**batch, cache_implementation="static", compile_config=compiled_generate_config(),
+                                  **gen)
+        assert torch.equal(static, eager) and torch.equal(compiled, eager)
+        model.forward = torch.compile(model.forward, backend="eager")  # the user's own compiled forward
+        try:
+            assert torch.equal(model.generate(**batch, cache_implementation="static", **gen), eager)
+        finally:
+            del model.forward
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDARY))
+def test_a_static_decode_step_has_no_graph_break_inside_the_decoder(name):
+    from vtoken.adapters._compat import cache_keyword, find_cache
+
+    torch.manual_seed(1)
+    model = tiny_llava(layers=3)
+    ids = prompt(64).unsqueeze(0)
+    with vtoken.patch(model, name, **BOUNDARY[name]), torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             pixel_values=torch.randn(1, 3, 112, 112), cache_implementation="static",
+                             return_dict_in_generate=True, **dict(GEN, max_new_tokens=2))
+        step = dict(input_ids=out.sequences[:, -1:], position_ids=torch.tensor([[out.sequences.shape[1] - 1]]),
+                    use_cache=True, **{cache_keyword(model): find_cache(out)})
+        explanation = torch._dynamo.explain(model)(**step)
+    inside = [reason for reason in explanation.break_reasons
+              if any("modeling_llama" in frame.filename for frame in reason.user_stack)]
+    assert not inside, [reason.reason for reason in inside]
+    assert explanation.graph_break_count <= 2  # around the base model's call: vtoken's host bookkeeping, eager

@@ -48,14 +48,14 @@ def test_the_copy_guard_stays_while_any_method_remains():
 
 # static caches -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ["todre", "random", "pool", "attn_topk", "transprune", "corematching"])
-def test_a_static_cache_is_refused_with_one_message(host, name, attn):
+@pytest.mark.parametrize("name", ["todre", "attn_topk", "transprune", "corematching"])
+def test_a_static_cache_is_refused_by_in_llm_pruning_with_one_message(host, name, attn):
     model = host.model
     model.model.language_model.set_attn_implementation(attn)
     try:
         with vtoken.patch(model, method_of(name), **PRUNING[name]), torch.no_grad():
             for inputs in (host.single(0), host.batch()):
-                with pytest.raises(ValueError, match="needs a DynamicCache .* got StaticCache"):
+                with pytest.raises(ValueError, match="prune.* inside the LLM.*needs a DynamicCache .* got StaticCache"):
                     model.generate(**inputs, cache_implementation="static", **GEN)
             text = torch.tensor([[1, 5, 6, 7]])  # no image: nothing to change, the static cache is fine
             model.generate(input_ids=text, attention_mask=torch.ones_like(text), cache_implementation="static",
