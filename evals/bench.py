@@ -66,6 +66,17 @@ def parse_method(text: str) -> tuple[str, dict]:
     return name.strip(), overrides
 
 
+def static_capable(methods: list[tuple[str, dict]]) -> tuple[list, list]:
+    """(methods a static cache takes, the others): a method that prunes inside the LLM leaves its layers with
+    different lengths."""
+    def in_llm(name: str, config: dict) -> bool:
+        method = vtoken.make_config(vtoken.methods()[name], config)
+        return bool(method.score_layers(32)) if hasattr(method, "score_layers") else False
+
+    keep = [(n, c) for n, c in methods if not in_llm(n, c)]
+    return keep, [(n, c) for n, c in methods if in_llm(n, c)]
+
+
 def check_installs(model, methods: list[tuple[str, dict]]) -> None:
     """Install and remove each method once, so that one this model cannot take fails before anything is timed."""
     for name, config in methods:
@@ -100,17 +111,38 @@ class TowerTokens:
 
 
 class Stamps(LogitsProcessor):
-    """Timestamps each generation step: the first call happens right after prefill, the rest after each decode."""
+    """Timestamps each generation step: the first call happens right after prefill, the rest after each decode. On
+    CUDA each stamp is an event recorded in the stream (no sync during the run, which would add host stalls of its
+    own); the times are read once the run is over."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.times: list[float] = []
+        self.cuda = device.type == "cuda"
+        self.events: list = []
+        self.times: list[float] = []  # seconds since the start (filled by ``read``)
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # before the run: what came before is not timed
+            self.events = [torch.cuda.Event(enable_timing=True)]
+            self.events[0].record()
+        else:
+            self.t0 = time.perf_counter()
 
     def __call__(self, input_ids, scores):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.times.append(time.perf_counter())
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+        else:
+            self.times.append(time.perf_counter() - self.t0)
         return scores
+
+    def read(self) -> list[float]:
+        if self.cuda:
+            self.events[-1].synchronize()
+            self.times = [self.events[0].elapsed_time(e) / 1000.0 for e in self.events[1:]]
+        return self.times
 
 
 @dataclass
@@ -137,6 +169,9 @@ class Row:
             "visual_tokens_last_layer": self.visual_tokens_last,
             "ttft_ms": ttft,
             "ttft_ms_all": self.ttft_ms,
+            # the spread of the repeats: the middle half, and the extremes
+            "ttft_ms_quartiles": quartiles(self.ttft_ms),
+            "ttft_ms_range": [min(self.ttft_ms), max(self.ttft_ms)],
             "decode_tok_s": statistics.median(self.decode_tok_s) if self.decode_tok_s else float("nan"),
             "peak_mem_mb": self.peak_mem_mb,
             "prefill_gflops": self.flops.get("total", float("nan")) / 1e9,
@@ -157,22 +192,24 @@ class Row:
         return out
 
 
-def measure(model, inputs: dict, new_tokens: int, device: torch.device) -> tuple[float, float]:
+def measure(model, inputs: dict, new_tokens: int, device: torch.device, cache: str = "dynamic") -> tuple[float, float]:
+    """(time to first token in ms, decode tokens/s) of one greedy generate(); ``cache="static"`` takes transformers'
+    static cache, whose decode steps generate() compiles on a GPU (torch.compile with CUDA graphs)."""
     stamps = Stamps(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    stamps.start()
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        logits_processor=LogitsProcessorList([stamps]),
-                       pad_token_id=model.config.text_config.pad_token_id or 0)
-    ttft = stamps.times[0] - start
-    decode = (len(stamps.times) - 1) / (stamps.times[-1] - stamps.times[0]) if len(stamps.times) > 1 else float("nan")
-    return ttft * 1000.0, decode
+                       pad_token_id=model.config.text_config.pad_token_id or 0, **extra)
+    times = stamps.read()
+    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    return times[0] * 1000.0, decode
 
 
 def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int = 5, warmup: int = 1,
-              new_tokens: int = 16, progress: bool = True, peak: Peak | None = None) -> tuple[list[dict], Row]:
+              new_tokens: int = 16, progress: bool = True, peak: Peak | None = None,
+              cache: str = "dynamic") -> tuple[list[dict], Row]:
     device = model.device
     rows = [Row("dense", {})] + [Row(name, cfg) for name, cfg in methods]
     views = views_per_sample(inputs) * inputs["input_ids"].shape[0]
@@ -186,10 +223,10 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
         handle = apply(row)
         try:
             for _ in range(warmup):
-                measure(model, inputs, new_tokens, device)
+                measure(model, inputs, new_tokens, device, cache)
                 bar.update()
             with TowerTokens(model) as tower, PeakMemory(device) as mem:  # hooks registered after the method's
-                measure(model, inputs, new_tokens, device)
+                measure(model, inputs, new_tokens, device, cache)
             bar.update()
             row.peak_mem_mb = mem.peak_mb
             row.flops, row.visual_tokens_llm, row.records = flops_of(model, inputs, handle, views, tower.counts)
@@ -205,7 +242,7 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
         for row in rows:
             handle = apply(row)
             try:
-                ttft, decode = measure(model, inputs, new_tokens, device)
+                ttft, decode = measure(model, inputs, new_tokens, device, cache)
                 stats = llm_stats(handle)
                 if stats is not None:
                     row.selection_ms.append(stats.selection_time_s * 1000.0)
@@ -219,6 +256,14 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
     bar.close()
     dense = rows[0]
     return [row.summary(None if row is dense else dense) for row in rows], dense
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """[first, third] quartile (the values themselves when there are fewer than four)."""
+    if len(values) < 4:
+        return [min(values), max(values)]
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
 
 
 def llm_stats(handle):
@@ -261,15 +306,16 @@ def visual_cell(result: dict) -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    head = ("method", "visual->LLM (->last layer)", "prefill ms", "speed-up", "ideal (measured/ideal)",
+    head = ("method", "visual->LLM (->last layer)", "prefill ms [quartiles]", "speed-up", "ideal (measured/ideal)",
             "decode tok/s", "decode speed-up", "peak MB", "prefill GFLOPs", "FLOPs ratio (measured/ratio)",
             "overhead ms (% prefill)")
     lines = [head]
     for r in results:
         label = row_label(r)
         overhead = r["selection_ms"] + r["scoring_ms"]  # NaN: not measured
+        low, high = r["ttft_ms_quartiles"]
         lines.append((
-            label, visual_cell(r), f"{r['ttft_ms']:.1f}", f"{r.get('speedup', 1.0):.2f}x",
+            label, visual_cell(r), f"{r['ttft_ms']:.1f} [{low:.1f}-{high:.1f}]", f"{r.get('speedup', 1.0):.2f}x",
             "-" if math.isnan(r.get("ideal_speedup", math.nan)) else
             f"{r['ideal_speedup']:.2f}x ({r['of_ideal']:.2f})",
             f"{r['decode_tok_s']:.1f}", f"{r.get('decode_speedup', 1.0):.2f}x", f"{r['peak_mem_mb']:.0f}",
@@ -320,8 +366,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_int, default=1, help="images (prompts) per generate() call")
     parser.add_argument("--video", action="store_true",
                         help="Qwen-VL models: an 8-frame video per prompt instead of a 448x448 image")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per method (median reported)")
-    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per method first")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed runs per method (median and quartiles reported); default: 10 on CUDA, 5 on a CPU")
+    parser.add_argument("--warmup", type=non_negative_int, default=None,
+                        help="untimed runs per method first (compile, autotune, CUDA graphs); default: 3 on CUDA, 1 "
+                             "on a CPU")
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                        help="static: transformers' static cache, whose decode steps generate() compiles on a GPU "
+                             "(torch.compile, CUDA graphs); methods that prune inside the LLM cannot take it and are "
+                             "left out")
     parser.add_argument("--new-tokens", type=positive_int, default=16, help="tokens generated per run (decode speed)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:N]")
@@ -354,17 +407,27 @@ def run(args: argparse.Namespace) -> int:
                         random_weights=args.random_weights)
     with usage_errors():
         check_installs(model, methods)
+    if args.cache == "static":
+        methods, left_out = static_capable(methods)
+        for name, config in left_out:
+            print(f"--cache static: {name} {config} left out (it prunes inside the LLM, whose layers then hold "
+                  "different lengths; a static cache gives every layer one)")
     with usage_errors():
         inputs = synthetic_inputs(model, batch=args.batch, video=args.video)
+    cuda = device.type == "cuda"
+    repeats = args.repeats or (10 if cuda else 5)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     with sdpa_kernel(args.sdpa_kernel):
-        results, _ = run_bench(model, inputs, methods, repeats=args.repeats, warmup=args.warmup,
-                               new_tokens=args.new_tokens, progress=not args.quiet, peak=peak)
+        results, _ = run_bench(model, inputs, methods, repeats=repeats, warmup=warmup, new_tokens=args.new_tokens,
+                               progress=not args.quiet, peak=peak, cache=args.cache)
     machine = describe_machine(device, threads)
     preset = PRESETS.get(args.model)
     title = (f"{args.model}: {preset.description if preset else 'checkpoint'}; batch {args.batch}"
              f"{' (videos)' if args.video else ''}, "
              f"prompt {inputs['input_ids'].shape[1]} tokens, {args.dtype or str(dtype).split('.')[-1]}, {args.attn}"
-             + (f" ({args.sdpa_kernel} backend only)" if args.sdpa_kernel != "auto" else ""))
+             + (f" ({args.sdpa_kernel} backend only)" if args.sdpa_kernel != "auto" else "")
+             + ("; static cache" + (", compiled decode" if cuda else "") if args.cache == "static" else "")
+             + f"; median of {repeats} after {warmup} warm-up runs")
     print(title)
     print(machine_line(machine))
     print(threads.line())

@@ -32,7 +32,8 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     parts = [line.split("\t") for line in (out / "parts.tsv").read_text().splitlines()]
     assert [p[0] for p in parts] == [
-        "environment", "pytest_gpu", "bench_llava15_b1", "bench_llava15_b4", "bench_llava_next",
+        "environment", "pytest_gpu", "bench_llava15_b1", "bench_llava15_b1_static", "bench_llava15_b4",
+        "bench_llava_next",
         "bench_llava15_sdpa_math", "bench_llava_next_sdpa_math", "bench_qwen25", "bench_vit", "bench_dit",
         "bench_kernels"]
     assert all(p[1] == "ok" for p in parts), parts
