@@ -28,6 +28,11 @@ def declared_ranges(distribution: str = "vtoken", names: tuple[str, ...] | None 
         requirements = importlib.metadata.requires(distribution) or []
     except importlib.metadata.PackageNotFoundError:
         return {}
+    return ranges_of(requirements, names)
+
+
+def ranges_of(requirements: list[str], names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Package -> specifier (lower bound first) of requirement lines such as ``torch>=2.11,<2.16; extra == ...``."""
     out = {}
     for line in requirements:
         match = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*([^;]*)", line)
@@ -95,11 +100,6 @@ PASSED_LAYER_KWARGS = frozenset({"cache", "past_key_values", "use_cache", "outpu
 # generate()'s argument to ``prepare_inputs_for_generation``: how many trailing input columns the model has not seen
 # (it counts the cache's slots, which undercounts a conversation whose earlier turns vtoken shortened).
 GENERATE_UNSEEN = "next_sequence_length"
-
-
-def cache_keyword(model) -> str:
-    """The keyword that passes a KV cache to ``generate()`` / ``forward`` (``cache`` from transformers 5.24 on)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def unknown_layer_kwargs(kwargs: dict) -> list[str]:

@@ -1,7 +1,7 @@
 """Hugging Face LLaVA-1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT
 (``LlavaNextForConditionalGeneration``), transformers 5.x.
 
-The hooks themselves are the shared :class:`~vtoken.adapters._vlm_host.VLMPatch`; this file says where LLaVA keeps
+The hooks themselves are the shared :class:`~vtoken.adapters.vlm.host.VLMPatch`; this file says where LLaVA keeps
 things: one image modality encoded by ``model.model.get_image_features``, the CLIP tower's [CLS] attention (the
 ToDRE pivot, recomputed from the input of the layer LLaVA reads), the AnyRes layout of LLaVA-NeXT (thumbnail, then the
 unpadded high-resolution grid with one ``image_newline`` per row), and a fixed placeholder count per LLaVA-1.5 image.
@@ -10,7 +10,6 @@ Positions follow a processor's shorter prompt (kept tokens renumbered).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import weakref
@@ -18,20 +17,19 @@ import weakref
 import torch
 
 from vtoken.adapters import _compat
-from vtoken.adapters._vlm_host import FeatureProvider, Modality, VLMPatch
+from vtoken.adapters.vlm.host import Modality, VLMPatch
 from vtoken.budget import resolve_budget
-from vtoken.handle import Handle
 from vtoken.methods.base import GridSegment, ImageContext
 from vtoken.registry import register_host
 
 
-def _is_llava(model) -> bool:
+def is_llava(model) -> bool:
     from transformers import LlavaForConditionalGeneration
 
     return isinstance(model, LlavaForConditionalGeneration)
 
 
-def _is_llava_next(model) -> bool:
+def is_llava_next(model) -> bool:
     from transformers import LlavaNextForConditionalGeneration
 
     return isinstance(model, LlavaNextForConditionalGeneration)
@@ -91,7 +89,7 @@ class LlavaPatch(VLMPatch):
     host = "llava"
 
     def __init__(self, model):
-        self.next = _is_llava_next(model)
+        self.next = is_llava_next(model)
         super().__init__(model)
 
     def modalities(self) -> list[Modality]:
@@ -232,74 +230,12 @@ class LlavaPatch(VLMPatch):
         tile = self.config.vision_config.image_size
         return [anyres_views(s, self.config.image_grid_pinpoints, tile) for s in image_sizes]
 
-def install_clustered_tower(model, config, handle) -> None:
-    """``token_clustering`` on a LLaVA: cluster inside the CLIP tower.
-
-    ``reconstruct=True``: the tower maps back to every patch by the layer LLaVA reads (``reconstruct_after``
-    defaults to ``vision_feature_layer``), so the prompt is unchanged and only the tower gets cheaper.
-    ``reconstruct=False``: the LLM gets the M cluster tokens per image and the prompt is shortened to match.
-    """
-    from vtoken.adapters.vit import install_hf_clip
-    from vtoken.methods.clustering import MIN_DEPTH
-
-    _, tower = _compat.decoder_of(model.model)
-    depth = len(_compat.clip_parts(tower)[1])
-    feature_layer = model.config.vision_feature_layer
-    if isinstance(feature_layer, (list, tuple)):
-        raise ValueError("token_clustering on LLaVA needs a single vision_feature_layer, got "
-                         f"{feature_layer}; patch model.model.vision_tower directly instead")
-    read = feature_layer % (depth + 1)  # hidden_states index LLaVA reads = blocks run before it
-    if read < MIN_DEPTH:
-        blocks = MIN_DEPTH - 1 - feature_layer  # a negative feature layer counts from the end
-        needed = (f"with vision_feature_layer={feature_layer}: a tower of at least {blocks} blocks"
-                  if feature_layer < 0 else f"vision_feature_layer >= {MIN_DEPTH}")
-        raise ValueError(
-            f"token_clustering cannot apply to this LLaVA's vision tower: LLaVA reads the output of block {read} of "
-            f"{depth} (vision_feature_layer={feature_layer}), and clustering needs a full-resolution block before it "
-            f"and a block on the clusters up to that output, so the feature layer must be the output of block "
-            f"{MIN_DEPTH} or later ({needed})"
-        )
-    if config.reconstruct:
-        if config.reconstruct_after is None:
-            config = dataclasses.replace(config, reconstruct_after=read)
-        alpha, beta = config.placement(depth)
-        if beta > read:
-            raise ValueError(
-                f"reconstruct_after={config.reconstruct_after} reconstructs after block {beta}, but LLaVA reads the "
-                f"output of block {read} (vision_feature_layer={feature_layer}); use reconstruct_after <= {read}"
-            )
-        install_hf_clip(tower, config, handle)
-        return
-    alpha, _ = config.placement(depth)
-    if alpha >= read:
-        raise ValueError(
-            f"cluster_after={alpha} clusters after LLaVA's feature layer (the output of block {read}, "
-            f"vision_feature_layer={feature_layer}); use cluster_after < {read}"
-        )
-    tower_handle = Handle(tower, handle.method, config, "hf_clip_vision")
-    handle.on_remove(tower_handle.remove)
-    install_hf_clip(tower, config, tower_handle)
-    LlavaPatch.of(model).attach_provider(FeatureProvider("token_clustering", stats=lambda: tower_handle.stats), handle)
+def install_method(model, method, handle) -> None:
+    """A boundary or in-LLM method (or both) on this LLaVA instance's shared patch."""
+    LlavaPatch.of(model).attach_method(method, handle)
 
 
-@register_host("llava", "transformers LlavaForConditionalGeneration (LLaVA-1.5)", matches=_is_llava)
-def install_llava(model, method, handle) -> None:
-    if method.method_name == "token_clustering":
-        install_clustered_tower(model, method, handle)
-    elif method.method_name == "tokenflex":
-        from vtoken.adapters.llava_tokenflex import install_tokenflex
-
-        install_tokenflex(model, method, handle)
-    else:
-        LlavaPatch.of(model).attach_method(method, handle)
-
-
-@register_host("llava_next", "transformers LlavaNextForConditionalGeneration (LLaVA-NeXT / 1.6)",
-               matches=_is_llava_next)
-def install_llava_next(model, method, handle) -> None:
-    if method.method_name == "tokenflex":
-        from vtoken.adapters.llava_tokenflex import install_tokenflex
-
-        install_tokenflex(model, method, handle)
-    else:
-        LlavaPatch.of(model).attach_method(method, handle)
+register_host("llava", "transformers LlavaForConditionalGeneration (LLaVA-1.5)", matches=is_llava,
+              installers={"boundary": install_method, "in_llm": install_method})
+register_host("llava_next", "transformers LlavaNextForConditionalGeneration (LLaVA-NeXT / 1.6)",
+              matches=is_llava_next, installers={"boundary": install_method, "in_llm": install_method})

@@ -1,6 +1,6 @@
 """Hugging Face Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``Qwen*VLForConditionalGeneration``), images and videos.
 
-The hooks are the shared :class:`~vtoken.adapters._vlm_host.VLMPatch`; this file says where Qwen keeps things:
+The hooks are the shared :class:`~vtoken.adapters.vlm.host.VLMPatch`; this file says where Qwen keeps things:
 
 * two modalities, images (``get_image_features``) and videos (``get_video_features``), each item a merged
   (t, h/m, w/m) grid of tokens, one grid per frame (t = 1 for an image; m = the 2x2 patch merger's side);
@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from vtoken.adapters import _compat
-from vtoken.adapters._vlm import CacheLayout, PromptEdit, gather_rows
-from vtoken.adapters._vlm_host import Modality, VLMPatch, gather_positions, renumbered_positions
+from vtoken.adapters.vlm.cache import CacheLayout
+from vtoken.adapters.vlm.columns import PromptEdit, gather_rows
+from vtoken.adapters.vlm.host import Modality, VLMPatch, gather_positions, renumbered_positions
 from vtoken.methods.base import GridSegment, ImageContext
 from vtoken.registry import register_host
 
@@ -213,7 +214,11 @@ class DeepstackInjector:
         return add
 
 
-@register_host("qwen_vl", "transformers Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration / "
-               "Qwen3VLForConditionalGeneration (images and videos)", matches=_is_qwen_vl)
-def install_qwen_vl(model, method, handle) -> None:
+def install_method(model, method, handle) -> None:
+    """A boundary or in-LLM method (or both) on this Qwen-VL instance's shared patch."""
     QwenVLPatch.of(model).attach_method(method, handle)
+
+
+register_host("qwen_vl", "transformers Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration / "
+              "Qwen3VLForConditionalGeneration (images and videos)", matches=_is_qwen_vl,
+              installers={"boundary": install_method, "in_llm": install_method})

@@ -1,17 +1,7 @@
 """ViT backbones: timm ``VisionTransformer``, Hugging Face CLIP vision towers, open_clip ``VisionTransformer``.
 
-Token clustering goes in with at most three hooks per instance, so the module tree, the ``state_dict`` and the
-host's own ``forward`` stay as they are:
-
-* a forward hook on the patch-embedding conv records the patch grid (H, W) of the current input;
-* a forward pre-hook on block ``alpha`` (0-based: the first block after ``cluster_after`` full-resolution blocks)
-  replaces its input patch tokens by the cluster centres; prefix tokens ([CLS], registers) pass through;
-* with reconstruction, a forward hook on block ``beta - 1`` maps its output back to the full patch grid. It is
-  *prepended*, so the output-recording hooks transformers puts on ``CLIPEncoderLayer`` (``hidden_states``, which
-  LLaVA reads) always see the reconstructed tensor.
-
-Blocks run on whatever sequence length they get: ViT attention has no per-length state (vision attention masks
-are None), and absolute position embeddings were added before block 0.
+This adapter says where each family keeps its blocks, its patch embedding and its prefix tokens (a :class:`VitSite`);
+what runs inside the blocks comes from a bridge (token clustering: ``adapters/bridges/vit_clustering.py``).
 """
 
 from __future__ import annotations
@@ -19,17 +9,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from vtoken.adapters import _compat
-from vtoken.methods.clustering import Grid, TokenClusteringConfig
 from vtoken.registry import register_host
+
+Grid = tuple[int, int]
 
 
 @dataclass(frozen=True)
 class VitSite:
-    """Where one ViT keeps what clustering needs."""
+    """Where one ViT keeps its blocks, its patch grid and its prefix tokens."""
 
     root: nn.Module  # the ViT itself; the patch is claimed on it
     blocks: Sequence[nn.Module]
@@ -37,109 +27,7 @@ class VitSite:
     num_prefix: int
     nominal_grid: Grid
     batch_first: bool = True
-
-
-@dataclass
-class ClusteringStats:
-    """The last forward pass: the grids and sequence lengths before and after clustering (per image)."""
-
-    patch_grid: Grid
-    cluster_grid: Grid
-    cluster_after: int
-    reconstruct_after: int | None
-    tokens_before: int  # prefix + H*W
-    tokens_after: int  # prefix + h*w, what blocks cluster_after+1 ... reconstruct_after see
-    temperature: list[float]  # clustering inverse temperature of each image
-
-
-class _Pass:
-    """What one forward pass carries from the clustering hook to the reconstruction hook."""
-
-    grid: Grid | None = None
-    affinity: torch.Tensor | None = None
-
-
-def clustered_blocks(config: TokenClusteringConfig, depth: int) -> range:
-    """0-based indices of the blocks whose *output* has the clustered length."""
-    alpha, beta = config.placement(depth)
-    return range(alpha, depth if beta is None else beta - 1)
-
-
-def install_clustering(site: VitSite, config: TokenClusteringConfig, handle) -> None:
-    depth = len(site.blocks)
-    alpha, beta = config.placement(depth)
-    handle.claim(site.root, "vit_blocks")
-    clustering, reconstruction = config.clustering(), config.reconstruction()
-    prefix = site.num_prefix
-    state = _Pass()
-
-    def batch_first(x: torch.Tensor) -> torch.Tensor:
-        return x if site.batch_first else x.transpose(0, 1)
-
-    def record_grid(module, args, output):
-        state.grid = tuple(output.shape[-2:])
-
-    def patch_grid(n: int) -> Grid:
-        for grid in (state.grid, site.nominal_grid):
-            if grid is not None and grid[0] * grid[1] == n:
-                return grid
-        raise ValueError(
-            f"token clustering: {n} patch tokens reach block {alpha} but the patch grid is "
-            f"{state.grid or site.nominal_grid}; it needs every patch token in raster order (is patch dropout on?)"
-        )
-
-    def cluster(module, args, kwargs):
-        masks = [v for k, v in kwargs.items() if "mask" in k and v is not None]
-        if masks or any(isinstance(a, torch.Tensor) for a in args[1:]):
-            raise ValueError("token clustering does not support attention masks inside the ViT (they fix the length)")
-        x = batch_first(args[0])
-        patches = x[:, prefix:]
-        grid = patch_grid(patches.shape[1])
-        result = clustering(patches, grid)
-        state.affinity = reconstruction.affinity(patches, result) if beta is not None else None
-        handle.stats = ClusteringStats(
-            grid, result.grid, alpha, beta, prefix + grid[0] * grid[1], prefix + result.grid[0] * result.grid[1],
-            result.temperature.tolist(),
-        )
-        out = batch_first(torch.cat([x[:, :prefix], result.centers], dim=1))
-        return (out, *args[1:]), kwargs
-
-    def reconstruct(module, args, output):
-        if state.affinity is None:  # block called outside a patched forward pass
-            return None
-        affinity, state.affinity = state.affinity, None
-        x = batch_first(output[0] if isinstance(output, tuple) else output)
-        full = batch_first(torch.cat([x[:, :prefix], reconstruction(x[:, prefix:], affinity)], dim=1))
-        return (full, *output[1:]) if isinstance(output, tuple) else full
-
-    if site.patch_conv is not None:
-        handle.forward_hook(site.patch_conv, record_grid)
-    handle.forward_pre_hook(site.blocks[alpha], cluster, with_kwargs=True)
-    if beta is not None:
-        handle.forward_hook(site.blocks[beta - 1], reconstruct, prepend=True)
-
-
-def guard_intermediates(owner: nn.Module, config: TokenClusteringConfig, depth: int, handle) -> None:
-    """``forward_intermediates`` reshapes every tap to the full patch grid; refuse taps on clustered blocks clearly."""
-    original = owner.forward_intermediates
-    short = clustered_blocks(config, depth)
-
-    def forward_intermediates(x, indices=None, *args, **kwargs):
-        if indices is None:
-            taps = range(depth)
-        elif isinstance(indices, int):
-            taps = range(depth - indices, depth)
-        else:
-            taps = [i % depth for i in indices]
-        bad = sorted(i for i in taps if i in short)
-        if bad:
-            raise ValueError(
-                f"forward_intermediates: blocks {bad} output clustered tokens under token_clustering "
-                f"(blocks {short.start} ... {short.stop - 1} of {depth}); tap other blocks or move reconstruct_after"
-            )
-        return original(x, indices, *args, **kwargs)
-
-    handle.set_attr(owner, "forward_intermediates", forward_intermediates)
+    intermediates: nn.Module | None = None  # the module with timm / open_clip ``forward_intermediates``
 
 
 # -- hosts ----------------------------------------------------------------------------------------------------------
@@ -151,13 +39,10 @@ def is_timm_vit(model) -> bool:
     return _defined_in(model, "timm", "VisionTransformer")
 
 
-@register_host("timm_vit", "timm VisionTransformer (ViT, DeiT, CLIP-style ViTs in timm)", matches=is_timm_vit)
-def install_timm(model, config, handle) -> None:
+def timm_site(model) -> VitSite:
     parts = _compat.timm_vit_parts(model)
-    site = VitSite(root=model, blocks=parts["blocks"], patch_conv=parts["patch_conv"],
-                   num_prefix=parts["num_prefix"], nominal_grid=parts["grid"])
-    install_clustering(site, config, handle)
-    guard_intermediates(model, config, len(site.blocks), handle)
+    return VitSite(root=model, blocks=parts["blocks"], patch_conv=parts["patch_conv"], num_prefix=parts["num_prefix"],
+                   nominal_grid=parts["grid"], intermediates=model)
 
 
 HF_CLIP_CLASSES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPVisionTransformer", "CLIPModel")
@@ -171,19 +56,12 @@ def hf_clip_tower(model) -> nn.Module | None:
     return tower if hasattr(tower, "embeddings") and hasattr(tower, "encoder") else None
 
 
-@register_host(
-    "hf_clip_vision",
-    "transformers CLIPVisionModel / CLIPVisionModelWithProjection / CLIPModel (its vision tower), "
-    "e.g. llava.model.vision_tower",
-    matches=lambda model: hf_clip_tower(model) is not None,
-)
-def install_hf_clip(model, config, handle) -> None:
+def hf_clip_site(model) -> VitSite:
     tower = hf_clip_tower(model)
     embeddings, layers, has_cls = _compat.clip_parts(tower)
     side = embeddings.image_size // embeddings.patch_size
-    site = VitSite(root=tower, blocks=layers, patch_conv=embeddings.patch_embedding, num_prefix=int(has_cls),
+    return VitSite(root=tower, blocks=layers, patch_conv=embeddings.patch_embedding, num_prefix=int(has_cls),
                    nominal_grid=(side, side))
-    install_clustering(site, config, handle)
 
 
 def open_clip_visual(model) -> nn.Module | None:
@@ -193,15 +71,20 @@ def open_clip_visual(model) -> nn.Module | None:
     return None
 
 
-@register_host(
-    "open_clip_vit",
-    "open_clip VisionTransformer, or an open_clip CLIP model (its .visual)",
-    matches=lambda model: open_clip_visual(model) is not None,
-)
-def install_open_clip(model, config, handle) -> None:
+def open_clip_site(model) -> VitSite:
     visual = open_clip_visual(model)
     parts = _compat.open_clip_parts(visual)
-    site = VitSite(root=visual, blocks=parts["blocks"], patch_conv=parts["patch_conv"],
-                   num_prefix=parts["num_prefix"], nominal_grid=parts["grid"], batch_first=parts["batch_first"])
-    install_clustering(site, config, handle)
-    guard_intermediates(visual, config, len(site.blocks), handle)
+    return VitSite(root=visual, blocks=parts["blocks"], patch_conv=parts["patch_conv"], num_prefix=parts["num_prefix"],
+                   nominal_grid=parts["grid"], batch_first=parts["batch_first"], intermediates=visual)
+
+
+# host -> (what it is, how to recognise one, where its blocks are); the stages come from bridges (adapters/bridges)
+SITES = {
+    "timm_vit": ("timm VisionTransformer (ViT, DeiT, CLIP-style ViTs in timm)", is_timm_vit, timm_site),
+    "hf_clip_vision": ("transformers CLIPVisionModel / CLIPVisionModelWithProjection / CLIPModel (its vision tower), "
+                       "e.g. llava.model.vision_tower", lambda model: hf_clip_tower(model) is not None, hf_clip_site),
+    "open_clip_vit": ("open_clip VisionTransformer, or an open_clip CLIP model (its .visual)",
+                      lambda model: open_clip_visual(model) is not None, open_clip_site),
+}
+for _name, (_description, _matches, _) in SITES.items():
+    register_host(_name, _description, _matches, installers={})

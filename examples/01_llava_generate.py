@@ -10,7 +10,7 @@ trained on pictures of coloured shapes). With a real checkpoint only the loading
 import torch
 
 import vtoken
-from vtoken.evals.shapes_vqa import load_shapes_model, make_split
+from vtoken.evals.shapes.evaluate import load_shapes_model, make_split
 
 model, processor = load_shapes_model()  # (LlavaForConditionalGeneration, LlavaProcessor), nothing downloaded
 questions = make_split("test", 8)  # ShapesVQA test questions: PIL image, question, one-word answer

@@ -12,8 +12,8 @@ import statistics
 import time
 
 import vtoken
-from vtoken.evals.shapes_model import num_visual_tokens
-from vtoken.evals.shapes_vqa import evaluate, load_shapes_model, make_split
+from vtoken.evals.shapes.evaluate import evaluate, load_shapes_model, make_split
+from vtoken.evals.shapes.model import num_visual_tokens
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--keep", type=float, default=0.1, help="fraction of the visual tokens kept (default 0.1)")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import vtoken
-from vtoken.evals.shapes_vqa import make_split
+from vtoken.evals.shapes.evaluate import make_split
 
 vit = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()  # 12 blocks, 14x14 patches + [CLS]
 transform = timm.data.create_transform(**timm.data.resolve_model_data_config(vit))

@@ -14,7 +14,7 @@ docs/token_clustering.md.
 import argparse
 
 import vtoken
-from vtoken.evals.shapes_vqa import evaluate, load_shapes_model, make_split
+from vtoken.evals.shapes.evaluate import evaluate, load_shapes_model, make_split
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--n", type=int, default=40, help="ShapesVQA test questions (default 40)")

@@ -20,9 +20,9 @@ from pathlib import Path
 from lmms_eval.evaluator import simple_evaluate
 from lmms_eval.tasks import TaskManager
 
-from vtoken.evals.lmms_tasks import write_task
-from vtoken.evals.shapes_model import ASSET_DIR
-from vtoken.evals.shapes_vqa import make_split
+from vtoken.evals.lmms.tasks import write_task
+from vtoken.evals.shapes.evaluate import make_split
+from vtoken.evals.shapes.model import ASSET_DIR
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--limit", type=int, default=16, help="test questions (default 16)")

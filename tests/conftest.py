@@ -40,7 +40,8 @@ def _torch_threads():
 @pytest.fixture(scope="session")
 def tiny_shapes_checkpoint(tmp_path_factory):
     """A tiny untrained ShapesVQA-format checkpoint: `vtoken demo` / `quality` end to end in seconds."""
-    from vtoken.evals import shapes_model, train_shapes
+    from vtoken.evals.shapes import model as shapes_model
+    from vtoken.evals.shapes import training as train_shapes
 
     path = tmp_path_factory.mktemp("tiny_shapes")
     processor = shapes_model.build_processor()
@@ -75,7 +76,9 @@ def gpu_device() -> torch.device:
 @pytest.fixture(scope="session")
 def tiny_hard_checkpoint(tmp_path_factory):
     """The same, with ShapesVQA-Hard's vocabulary and decoder shape."""
-    from vtoken.evals import shapes_hard, shapes_model, train_shapes
+    from vtoken.evals.shapes import hard as shapes_hard
+    from vtoken.evals.shapes import model as shapes_model
+    from vtoken.evals.shapes import training as train_shapes
 
     path = tmp_path_factory.mktemp("tiny_hard")
     processor = shapes_model.build_processor(shapes_hard.vocabulary())

@@ -8,9 +8,10 @@ import pytest
 from tiny_models import tiny_llava, tiny_llava_next
 
 from vtoken.cli import main
-from vtoken.evals.bench import format_table, parse_method, run_bench
-from vtoken.evals.flops import decoder_layer_flops
-from vtoken.evals.models import synthetic_inputs
+from vtoken.evals.bench.flops import decoder_layer_flops
+from vtoken.evals.bench.llava import format_table, run_bench
+from vtoken.evals.bench.models import synthetic_inputs
+from vtoken.evals.common.methods import parse_method
 
 
 def test_parse_method():
@@ -48,7 +49,7 @@ def test_decoder_flops_formula():
 
 
 def test_cli_bench_writes_json_and_plot(tmp_path, monkeypatch):
-    import vtoken.evals.bench as bench
+    import vtoken.evals.bench.llava as bench
 
     monkeypatch.setattr(bench, "build_model", lambda *a, **k: tiny_llava())
     out, png = tmp_path / "b.json", tmp_path / "b.png"
@@ -62,7 +63,7 @@ def test_cli_bench_writes_json_and_plot(tmp_path, monkeypatch):
 def test_peak_memory_sees_a_live_cpu_allocation():
     import torch
 
-    from vtoken.evals.memory import PeakMemory
+    from vtoken.evals.bench.memory import PeakMemory
 
     with PeakMemory("cpu", interval_s=0.0001) as mem:
         x = torch.ones(16, 2**20)  # 64 MiB
@@ -94,7 +95,7 @@ def test_qwen_vision_flops_by_hand():
     temporal patch; SwiGLU MLP; one 2x2 merger into the LLM width."""
     from transformers import Qwen2_5_VLConfig
 
-    from vtoken.evals.flops import qwen_vision_parts
+    from vtoken.evals.bench.flops import qwen_vision_parts
 
     vcfg = Qwen2_5_VLConfig(vision_config=dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2,
                                                temporal_patch_size=2, hidden_size=32, out_hidden_size=64,
@@ -124,7 +125,7 @@ def test_run_bench_measures_transprune_and_corematching():
 
 
 def test_corematching_sweep_writes_tables_json_and_plot(tmp_path, monkeypatch, capsys):
-    import vtoken.evals.sweep_corematching as sweep
+    import vtoken.evals.studies.corematching_sweep as sweep
 
     monkeypatch.setattr(sweep, "build_model", lambda *a, **k: tiny_llava())
     out, png = tmp_path / "s.json", tmp_path / "s.png"

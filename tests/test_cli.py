@@ -15,7 +15,7 @@ from tiny_models import tiny_llava, tiny_llava_next
 
 import vtoken
 from vtoken import cli
-from vtoken.evals import machine
+from vtoken.evals.common import machine
 
 FAST_BENCH = ["--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--quiet"]
 
@@ -33,7 +33,7 @@ def usage_error(argv: list[str], capsys) -> str:
 @pytest.fixture
 def tiny_bench_model(monkeypatch):
     """``vtoken bench`` on a tiny LLaVA (4 tower blocks: token clustering needs some before LLaVA's feature layer)."""
-    import vtoken.evals.bench as bench
+    import vtoken.evals.bench.llava as bench
 
     built = []
     monkeypatch.setattr(bench, "build_model", lambda *a, **k: built.append(tiny_llava(vision_layers=4)) or built[-1])
@@ -64,7 +64,7 @@ def test_debug_shows_the_traceback(where):
 
 
 def test_an_internal_error_keeps_its_traceback(monkeypatch, tiny_bench_model, quiet_machine):
-    import vtoken.evals.bench as bench
+    import vtoken.evals.bench.llava as bench
 
     def broken(*args, **kwargs):
         raise ValueError("a bug, not a usage error")
@@ -81,10 +81,11 @@ def test_bench_names_the_command_for_a_method_of_another_model_family(capsys):
 
 
 def test_vit_only_methods_are_sent_to_bench_vit():
-    from vtoken.evals.arguments import not_for_llava
-    from vtoken.registry import MethodInfo
+    from types import SimpleNamespace
 
-    info = MethodInfo("vit_only", object, ("timm_vit", "open_clip_vit"), "")
+    from vtoken.evals.common.arguments import not_for_llava
+
+    info = SimpleNamespace(name="vit_only", hosts=("timm_vit", "open_clip_vit"))  # what its stages would give
     message = not_for_llava(info)
     assert "vit_only is not a LLaVA method" in message and "timm VisionTransformer" in message
     assert message.endswith("use vtoken bench-vit")
@@ -117,7 +118,7 @@ def test_bench_counts_the_clustered_tower_in_the_flops(tmp_path, tiny_bench_mode
 
 
 def test_bench_refuses_a_method_the_model_does_not_support_before_timing(monkeypatch, capsys, quiet_machine):
-    import vtoken.evals.bench as bench
+    import vtoken.evals.bench.llava as bench
 
     monkeypatch.setattr(bench, "build_model", lambda *a, **k: tiny_llava_next())
     monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("timed a method that cannot be installed"))

@@ -1,5 +1,5 @@
 """Token clustering / reconstruction layers as pure tensor code, checked against straightforward re-derivations of the
-spec (shared/methods/token_clustering.md §3-4) and for the properties the adapters rely on."""
+paper's equations (docs/token_clustering.md) and for the properties the adapters rely on."""
 
 import math
 
@@ -54,7 +54,7 @@ def test_local_mask_matches_the_spec_formula(grid, clusters, window):
 
 # -- clustering -------------------------------------------------------------------------------------------------------
 def reference_clustering(z, grid, clusters, iterations, t, window):
-    """Straight from the spec: cdist, +1e16 on inadmissible pairs, softmax over centres, weighted means."""
+    """Straight from the paper: cdist, +1e16 on inadmissible pairs, softmax over centres, weighted means."""
     B, N, C = z.shape
     centers = F.adaptive_avg_pool2d(z.transpose(1, 2).reshape(B, C, *grid), clusters).flatten(2).transpose(1, 2)
     penalty = (~local_mask(grid, clusters, window)).double() * 1e16

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import IMAGE_TOKEN, PAD, left_pad, prompt, tiny_llava
+from tiny_models import IMAGE_TOKEN, PAD, cache_keyword, left_pad, prompt, tiny_llava
 
 import vtoken
 
@@ -140,7 +140,7 @@ def test_static_cache_and_compiled_decode_give_the_eager_dynamic_tokens(name, ro
 
 @pytest.mark.parametrize("name", sorted(BOUNDARY))
 def test_a_static_decode_step_has_no_graph_break_inside_the_decoder(name):
-    from vtoken.adapters._compat import cache_keyword, find_cache
+    from vtoken.adapters._compat import find_cache
 
     torch.manual_seed(1)
     model = tiny_llava(layers=3)

@@ -1,7 +1,7 @@
 """CoreMatching: core neurons, core-token scores and the elbow threshold against hand-computed values; the selection
 against a plain re-derivation from the unpatched model's activations; decode FFN sparsity (sliced weights = the dense
 FFN with the other neurons zeroed, per row, carried with each conversation's cache); the released code's K/V zeroing.
-The ARCHITECTURE.md invariants run from the tables in test_llava_invariants.py."""
+The invariants of docs/design.md run from the tables in test_llava_invariants.py."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_llava_invariants import Host, greedy
-from tiny_models import IMAGE_TOKEN, PAD, left_pad, prompt, tiny_llava
+from tiny_models import IMAGE_TOKEN, PAD, cache_keyword, left_pad, prompt, tiny_llava
 from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
 
 import vtoken
 from vtoken.adapters import _compat
-from vtoken.adapters._compat import cache_keyword, find_cache
-from vtoken.adapters._ffn import SlicedFFN
-from vtoken.adapters._vlm import CacheLayout
+from vtoken.adapters._compat import find_cache
+from vtoken.adapters.vlm.cache import CacheLayout
+from vtoken.adapters.vlm.ffn import SlicedFFN
 from vtoken.methods.corematching import (
     CoreMatchingConfig,
     core_token_scores,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 
 import torch
-from tiny_models import left_pad, tiny_llava
+from tiny_models import cache_keyword, left_pad, tiny_llava
 from transformers.cache_utils import DynamicCache
 
-from vtoken.adapters._compat import cache_keyword
-from vtoken.adapters._vlm import DecoderPruner, VLMStats
+from vtoken.adapters.vlm.decoder import DecoderPruner
+from vtoken.adapters.vlm.stats import VLMStats
 from vtoken.handle import Handle
 from vtoken.methods.base import PrefillOutcome, VisualTokenMethod
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vtoken.evals import gpu_suite
+from vtoken.evals.bench import gpu_suite
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "evals" / "gpu_suite.sh"

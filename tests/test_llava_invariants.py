@@ -1,4 +1,4 @@
-"""The ARCHITECTURE.md invariants for every LLaVA-side method, on tiny random-weight LLaVA and LLaVA-NeXT."""
+"""The invariants of docs/design.md for every LLaVA-side method, on tiny random-weight LLaVA and LLaVA-NeXT."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tiny_models import IMAGE_TOKEN, left_pad, prompt, tiny_llava, tiny_llava_ne
 
 import vtoken
 from vtoken.adapters._compat import find_cache
-from vtoken.adapters._vlm import CacheLayout
+from vtoken.adapters.vlm.cache import CacheLayout
 from vtoken.methods.tokenflex import TokenFlexProjector
 
 

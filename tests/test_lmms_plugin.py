@@ -16,8 +16,8 @@ pytest.importorskip("lmms_eval", reason="the lmms-eval plugin needs the eval ext
 
 from lmms_eval.api.instance import Instance  # noqa: E402
 
-from vtoken.evals.lmms_plugin import VTokenLMM, manifest  # noqa: E402
-from vtoken.evals.lmms_tasks import write_task  # noqa: E402
+from vtoken.evals.lmms.plugin import VTokenLMM, manifest  # noqa: E402
+from vtoken.evals.lmms.tasks import write_task  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 QUESTION = "What colour is the square?"
@@ -123,7 +123,7 @@ def pairs(results):
 # -- construction and model_args ---------------------------------------------------------------------------------
 def test_manifest_and_entry_point():
     m = manifest()
-    assert m.model_id == "vtoken" and m.simple_class_path == "vtoken.evals.lmms_plugin.VTokenLMM"
+    assert m.model_id == "vtoken" and m.simple_class_path == "vtoken.evals.lmms.plugin.VTokenLMM"
     found = [ep for ep in importlib.metadata.entry_points(group="lmms_eval.models") if ep.name == "vtoken"]
     assert found, "no lmms_eval.models entry point 'vtoken': reinstall the package (pip install -e .)"
     assert found[0].load() is manifest
@@ -217,8 +217,8 @@ def test_generate_until_honours_until_and_sampling(llava_dir):
 
 def test_until_works_with_a_word_level_tokenizer(tmp_path):
     # HF's stop_strings option raises "substring not found" on word-level vocabularies (ShapesVQA's model).
-    from vtoken.evals import shapes_model as sm
-    from vtoken.evals import train_shapes as ts
+    from vtoken.evals.shapes import model as sm
+    from vtoken.evals.shapes import training as ts
 
     processor = sm.build_processor()
     sm.build_model(processor, seed=0, **ts.TINY).save_pretrained(tmp_path)

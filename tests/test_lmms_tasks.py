@@ -7,8 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from vtoken.evals import eval_cli
-from vtoken.evals.lmms_tasks import write_task
+from vtoken.evals.lmms import cli as eval_cli
+from vtoken.evals.lmms.tasks import write_task
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 

@@ -19,11 +19,11 @@ from test_llava_invariants import (
     pin_decisions,
     sparse_ffn_reference,
 )
-from tiny_models import IMAGE_TOKEN, PAD, left_pad
+from tiny_models import IMAGE_TOKEN, PAD, cache_keyword, left_pad
 
 import vtoken
-from vtoken.adapters._compat import cache_keyword, find_cache
-from vtoken.adapters._vlm import CacheLayout
+from vtoken.adapters._compat import find_cache
+from vtoken.adapters.vlm.cache import CacheLayout
 
 GEN = dict(max_new_tokens=3, do_sample=False, pad_token_id=PAD, suppress_tokens=[IMAGE_TOKEN])
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from vtoken.cli import main
-from vtoken.evals import shapes_hard
-from vtoken.evals import shapes_model as sm
-from vtoken.evals import train_shapes as ts
-from vtoken.evals.position_probe import position_probe
+from vtoken.evals.shapes import hard as shapes_hard
+from vtoken.evals.shapes import model as sm
+from vtoken.evals.shapes import training as ts
+from vtoken.evals.shapes.probe import position_probe
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The ARCHITECTURE.md invariants on tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL models built from configs: images of
+"""The invariants of docs/design.md on tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL models built from configs: images of
 different resolutions, videos, mixed batches, M-RoPE positions, cached decoding, multi-turn chat."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tiny_models import (
     QWEN_FAMILIES,
     QWEN_IMAGE,
     QWEN_VIDEO,
+    cache_keyword,
     hooks_of,
     left_pad,
     qwen_pixels,
@@ -32,8 +33,8 @@ from tiny_models import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtoken
-from vtoken.adapters._compat import cache_keyword, find_cache
-from vtoken.adapters._vlm import CacheLayout
+from vtoken.adapters._compat import find_cache
+from vtoken.adapters.vlm.cache import CacheLayout
 
 # every LLaVA-side method Qwen-VL takes (TokenFLEX is LLaVA-only); pruning from layer 1 runs inside Qwen3-VL's
 # deepstack span (features added after layers 0 and 1)

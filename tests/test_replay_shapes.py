@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from vtoken import cli
 from vtoken.cli import UsageError
-from vtoken.evals import replay_shapes
-from vtoken.evals import shapes_model as sm
-from vtoken.evals import train_shapes as ts
+from vtoken.evals.shapes import model as sm
+from vtoken.evals.shapes import replay as replay_shapes
+from vtoken.evals.shapes import training as ts
 
 COMMON = ["--task", "hard", "--tiny", "--vision-batch-size", "2", "--scenes", "4", "--batch-size", "2", "--turns", "2",
           "--eval-every", "0", "--test-size", "0", "--threads", "1"]

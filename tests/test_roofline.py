@@ -9,9 +9,9 @@ from tiny_models import tiny_llava
 from transformers import LlavaConfig
 
 from vtoken.cli import main
-from vtoken.evals.flops import decoder_layer_weights, prefill_flops, prefill_parts
-from vtoken.evals.models import PRESETS
-from vtoken.evals.roofline import datasheet_peak, device_peak, ideal_ms
+from vtoken.evals.bench.flops import decoder_layer_weights, prefill_flops, prefill_parts
+from vtoken.evals.bench.models import PRESETS
+from vtoken.evals.bench.roofline import datasheet_peak, device_peak, ideal_ms
 
 
 def count(module) -> int:

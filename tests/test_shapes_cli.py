@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vtoken.cli import UsageError
-from vtoken.evals import demo, quality
+from vtoken.evals.shapes import demo, quality
 
 
 def shapes_task(checkpoint) -> list[str]:

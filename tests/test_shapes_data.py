@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vtoken.evals import shapes_data as sd
+from vtoken.evals.shapes import data as sd
 
 
 def image_hash(image) -> str:

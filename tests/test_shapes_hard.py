@@ -11,9 +11,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vtoken.evals import shapes_hard as hard
-from vtoken.evals.lmms_tasks import write_task
-from vtoken.evals.shapes_data import COLORS, COUNT_WORDS
+from vtoken.evals.lmms.tasks import write_task
+from vtoken.evals.shapes import hard
+from vtoken.evals.shapes.data import COLORS, COUNT_WORDS
 
 N = 80  # 20 questions of each type
 

@@ -6,7 +6,7 @@ import torch
 from svg2_utils import one_thread  # noqa: F401  (autouse fixture)
 
 from vtoken.cli import main
-from vtoken.evals.bench_dit import SHAPES, structured_qkv
+from vtoken.evals.bench.dit import SHAPES, structured_qkv
 
 
 def test_bench_dit_writes_json_and_png(tmp_path, capsys):

@@ -10,12 +10,10 @@ from svg2_utils import one_thread  # noqa: F401  (autouse fixture)
 import vtoken
 from vtoken.kernels.svg2 import naive
 from vtoken.methods.svg2 import (
-    Stopwatch,
     SVG2Config,
     allowed_pairs,
     cluster_mass,
     init_centroids,
-    invert_permutation,
     key_ranges,
     kmeans,
     permute_tokens,
@@ -23,6 +21,13 @@ from vtoken.methods.svg2 import (
     svg2_attention,
     unpermute_tokens,
 )
+from vtoken.timing import Stopwatch
+
+
+def invert_permutation(order: torch.Tensor) -> torch.Tensor:
+    """``inverse`` with ``inverse[:, order[:, r]] = r``."""
+    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ranks)
 
 
 def clustered(bh=2, n=240, d=32, groups=6, spread=0.3, seed=0):

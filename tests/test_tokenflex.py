@@ -367,9 +367,10 @@ def test_quality_measures_tokenflex_at_its_share_of_the_grid(tiny_shapes_checkpo
     import argparse
     import json
 
-    from vtoken.evals import quality
+    from vtoken.evals.common import methods
+    from vtoken.evals.shapes import quality
 
-    assert quality.budget_config("tokenflex", 0.25) == {"num_tokens": 0.25}
+    assert methods.budget_config("tokenflex", 0.25) == {"num_tokens": 0.25}
     parser = argparse.ArgumentParser()
     quality.add_arguments(parser)
     out = tmp_path / "q.json"

@@ -78,7 +78,7 @@ def test_transformers_and_vtoken_kernels_import_from_root_with_kernels_installed
         import vtoken
         from vtoken.kernels.attention import attention_received
         from vtoken.kernels.dispatch import BACKENDS
-        import vtoken.adapters.llava, vtoken.evals.flops
+        import vtoken.adapters.llava, vtoken.evals.bench.flops
         assert vtoken.kernels.attention.__file__.startswith({str(ROOT / "kernels")!r})
         assert "llava" in vtoken.hosts()
         print("ok")

@@ -130,7 +130,7 @@ def test_the_llm_trains_too_when_asked(tmp_path):
 
 
 def write_jsonl(tmp_path, n: int = 6) -> str:
-    from vtoken.evals.shapes_data import make_split
+    from vtoken.evals.shapes.data import make_split
 
     rows = []
     for e in make_split("train", n):
@@ -155,9 +155,9 @@ def test_train_tokenflex_command_end_to_end(tiny_shapes_checkpoint, tmp_path, ca
     assert cli.main(base + ["--resume"]) == 0
     assert "trained 2 steps" in capsys.readouterr().out
 
-    from vtoken.evals.shapes_data import make_split
-    from vtoken.evals.shapes_model import load_shapes_model
-    from vtoken.evals.shapes_vqa import prompt_inputs
+    from vtoken.evals.shapes.data import make_split
+    from vtoken.evals.shapes.evaluate import prompt_inputs
+    from vtoken.evals.shapes.model import load_shapes_model
 
     model, processor = load_shapes_model(tiny_shapes_checkpoint)
     inputs = prompt_inputs(processor, make_split("test", 2), model.device, model.dtype)
@@ -292,7 +292,7 @@ def test_bad_training_data_is_reported_line_by_line_before_anything_is_written(t
 
 
 def test_at_most_twenty_bad_lines_are_listed(tmp_path):
-    from vtoken.evals.shapes_model import build_processor
+    from vtoken.evals.shapes.model import build_processor
     from vtoken.training import JsonlData
 
     data = tmp_path / "bad.jsonl"

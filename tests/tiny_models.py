@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 IMAGE_TOKEN = 99
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 100
+
+
+def cache_keyword(model) -> str:
+    """The keyword that passes a KV cache to ``generate()`` / ``forward`` (``cache`` from transformers 5.24 on)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def text_config(layers: int = 4) -> dict:

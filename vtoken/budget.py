@@ -22,6 +22,11 @@ def check_budget(keep: Budget, arg: str = "keep") -> Budget:
     return keep
 
 
+def round_half_up(x: float) -> int:
+    """The nearest integer, halves up (Python's ``round`` rounds them to even)."""
+    return math.floor(x + 0.5)
+
+
 def resolve_budget(keep: Budget, n: int, arg: str = "keep", what: str = "visual tokens") -> int:
     """Number of tokens to keep out of ``n``.
 

@@ -1,7 +1,7 @@
 """``vtoken`` console script. Each subcommand lives in its own module with ``add_arguments`` and ``run``.
 
 A mistake in the command line ends like argparse's own errors: ``vtoken <cmd>: error: <message>`` on stderr and
-exit code 2. Values that can be judged alone are checked while parsing (``vtoken.evals.arguments``); a command
+exit code 2. Values that can be judged alone are checked while parsing (``vtoken.evals.common.arguments``); a command
 raises :class:`UsageError` for the rest, or runs its checks of the user's request under :func:`usage_errors`.
 Any other exception is a bug and keeps its traceback. ``--debug`` (before or after the command) shows the traceback
 of usage errors too.
@@ -17,25 +17,27 @@ from contextlib import contextmanager
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("vtoken.evals.demo", "the main job: accuracy, tokens and speed of a few methods on a ShapesVQA model"),
-    "quality": ("vtoken.evals.quality",
+    "demo": ("vtoken.evals.shapes.demo",
+             "the main job: accuracy, tokens and speed of a few methods on a ShapesVQA model"),
+    "quality": ("vtoken.evals.shapes.quality",
                 "accuracy vs visual-token budget for every LLaVA method (ShapesVQA-Hard or ShapesVQA)"),
     "methods": ("vtoken.cli", "list the registered methods, their arguments and supported models"),
-    "bench": ("vtoken.evals.bench", "dense vs methods on a LLaVA model: prefill latency, decode speed, FLOPs, memory"),
-    "overhead": ("vtoken.evals.overhead", "aten ops and device->host syncs per prefill and decode step, dense vs "
-                                          "methods (what a GPU at batch 1 pays on the host)"),
-    "bench-dit": ("vtoken.evals.bench_dit", "SVG2 vs dense attention on video-DiT shapes: speed, recall, error"),
-    "bench-vit": ("vtoken.evals.bench_vit", "ViT images/s dense vs token clustering, plus feature fidelity"),
-    "bench-kernels": ("vtoken.evals.bench_kernels", "each fused Triton kernel vs its PyTorch reference (GPU timings)"),
-    "probe-position": ("vtoken.evals.position_probe", "how well each vision-tower layer of a ShapesVQA model "
-                                                       "still knows where each patch is (linear read-out)"),
-    "train-shapes": ("vtoken.evals.train_shapes", "train the ShapesVQA LLaVA (the shipped accuracy model) on CPU"),
-    "replay-shapes": ("vtoken.evals.replay_shapes", "retrain a ShapesVQA model from its training report: every run "
+    "bench": ("vtoken.evals.bench.llava",
+              "dense vs methods on a LLaVA model: prefill latency, decode speed, FLOPs, memory"),
+    "overhead": ("vtoken.evals.bench.overhead", "aten ops and device->host syncs per prefill and decode step, dense vs "
+                                                "methods (what a GPU at batch 1 pays on the host)"),
+    "bench-dit": ("vtoken.evals.bench.dit", "SVG2 vs dense attention on video-DiT shapes: speed, recall, error"),
+    "bench-vit": ("vtoken.evals.bench.vit", "ViT images/s dense vs token clustering, plus feature fidelity"),
+    "bench-kernels": ("vtoken.evals.bench.kernels", "each fused Triton kernel vs its PyTorch reference (GPU timings)"),
+    "probe-position": ("vtoken.evals.shapes.probe", "how well each vision-tower layer of a ShapesVQA model "
+                                                    "still knows where each patch is (linear read-out)"),
+    "train-shapes": ("vtoken.evals.shapes.training", "train the ShapesVQA LLaVA (the shipped accuracy model) on CPU"),
+    "replay-shapes": ("vtoken.evals.shapes.replay", "retrain a ShapesVQA model from its training report: every run "
                                                     "of its chain, oldest first"),
-    "eval": ("vtoken.evals.eval_cli", "lmms-eval tasks with --model vtoken; fails unless every task has metrics"),
+    "eval": ("vtoken.evals.lmms.cli", "lmms-eval tasks with --model vtoken; fails unless every task has metrics"),
     "train-tokenflex": ("vtoken.training", "train a TokenFLEX projector (any visual-token count) for a LLaVA on JSONL"),
-    "tokenflex-proof": ("vtoken.evals.tokenflex_proof", "TokenFLEX vs fixed-N projectors on ShapesVQA: train, "
-                                                        "evaluate, table and plot"),
+    "tokenflex-proof": ("vtoken.evals.studies.tokenflex_proof", "TokenFLEX vs fixed-N projectors on ShapesVQA: "
+                                                                "train, evaluate, table and plot"),
 }
 DEBUG_HELP = "on a usage error, show the full traceback instead of the one-line message"
 

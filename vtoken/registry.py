@@ -1,23 +1,41 @@
-"""Registries of methods (config dataclasses) and hosts (model families an adapter can patch).
+"""Registries of methods and hosts, joined by stages.
 
-Methods live in ``vtoken.methods`` and say which hosts they support; adapters live in ``vtoken.adapters``
-and say how to recognise a host and how to install a method on it. ``vtoken.patch`` joins the two.
+A method declares the stages it works at (``register_method``); a host (a model family's adapter) registers how to
+install each stage it implements (``register_host``), and glue that is specific to one method on one host (a
+bridge, ``adapters/bridges/``) adds a stage to that host (``add_stage``). Neither side names the other: a method
+runs on every host that implements all of its stages, and ``vtoken.patch`` installs it with the host's installer of
+the method's first stage (which takes the others along).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+# stage -> where in a model it acts
+STAGES = {
+    "boundary": "after the multimodal projector: fewer visual tokens reach the LLM",
+    "in_llm": "between decoder layers during prefill (and what later decode steps run)",
+    "projector": "in place of the multimodal projector: a chosen number of tokens per view",
+    "vision_blocks": "inside a vision transformer's blocks",
+    "attention": "in a video diffusion transformer's self-attention processors",
+}
+Installer = Callable[[Any, Any, Any], None]  # install(model, config, handle)
 
 
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
     config_cls: type
-    hosts: tuple[str, ...]
+    stages: tuple[str, ...]
     summary: str
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The hosts that implement every stage of this method, in registration order."""
+        return tuple(name for name, host in host_registry().items() if set(self.stages) <= set(host.installers))
 
     def fields(self) -> dict[str, Any]:
         """Config fields and their defaults (what ``vtoken.patch(model, name, **fields)`` accepts)."""
@@ -39,46 +57,75 @@ class HostInfo:
     name: str
     description: str
     matches: Callable[[Any], bool]
-    install: Callable[[Any, Any, Any], None]
+    installers: dict[str, Installer] = field(default_factory=dict)  # stage -> install(model, config, handle)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(self.installers)
+
+    def install(self, model: Any, config: Any, handle: Any) -> None:
+        self.installers[type(config).stages[0]](model, config, handle)
 
 
 _METHODS: dict[str, MethodInfo] = {}
 _HOSTS: dict[str, HostInfo] = {}
 
 
-def register_method(name: str, hosts: tuple[str, ...], summary: str = ""):
-    """Class decorator for a method's config dataclass."""
+def check_stages(stages, what: str) -> tuple[str, ...]:
+    unknown = [s for s in stages if s not in STAGES]
+    if not stages or unknown:
+        raise ValueError(f"{what}: stages must be some of {', '.join(STAGES)}; got {tuple(stages)}")
+    return tuple(stages)
+
+
+def register_method(name: str, stages: tuple[str, ...], summary: str = ""):
+    """Class decorator for a method's config dataclass: the stages it works at, first the one that installs it."""
 
     def deco(cls):
         if name in _METHODS and _METHODS[name].config_cls is not cls:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].config_cls.__qualname__}")
         doc = (cls.__doc__ or "").strip().splitlines()
         cls.method_name = name
-        _METHODS[name] = MethodInfo(name, cls, tuple(hosts), summary or (doc[0] if doc else ""))
+        cls.stages = check_stages(stages, f"method {name!r}")
+        _METHODS[name] = MethodInfo(name, cls, cls.stages, summary or (doc[0] if doc else ""))
         return cls
 
     return deco
 
 
-def register_host(name: str, description: str, matches: Callable[[Any], bool]):
-    """Function decorator for an adapter's ``install(model, config, handle)``."""
+def register_host(name: str, description: str, matches: Callable[[Any], bool],
+                  installers: dict[str, Installer]) -> None:
+    """A model family an adapter recognises (``matches``) and its installer of each stage it implements (none: its
+    stages all come from bridges)."""
+    if installers:
+        check_stages(tuple(installers), f"host {name!r}")
+    _HOSTS[name] = HostInfo(name, description, matches, dict(installers))
 
-    def deco(install):
-        _HOSTS[name] = HostInfo(name, description, matches, install)
-        return install
 
-    return deco
+def add_stage(host: str, stage: str, install: Installer) -> None:
+    """A bridge's installer of ``stage`` on an already registered ``host``."""
+    check_stages((stage,), f"bridge for host {host!r}")
+    _HOSTS[host].installers[stage] = install
 
 
 def _load_builtins() -> None:
-    # Imported lazily so that ``import vtoken`` stays light and adapters may import the core freely. The adapters'
-    # folder is a namespace package (no ``__init__.py``: see docs/design.md, "Top-level names"), so each host module
-    # registers itself on import here.
-    import vtoken.adapters.llava  # noqa: F401
-    import vtoken.adapters.qwen_vl  # noqa: F401
-    import vtoken.adapters.video_dit  # noqa: F401
-    import vtoken.adapters.vit  # noqa: F401
+    # Imported lazily so that ``import vtoken`` stays light and adapters may import the core freely. Every module
+    # directly in the adapters' folder is a host adapter that registers itself on import, and every module in
+    # ``adapters/bridges/`` a bridge, so a new host or bridge is one new file. The folder is a namespace package
+    # (no ``__init__.py``: see docs/design.md, "Top-level names"); ``_``-prefixed modules and sub-packages are
+    # shared code, not hosts.
+    import importlib
+    import pkgutil
+
+    import vtoken.adapters
+    import vtoken.adapters.bridges
     import vtoken.methods  # noqa: F401
+
+    for package, pick in ((vtoken.adapters, lambda m: not m.ispkg and not m.name.startswith("_")),
+                          (vtoken.adapters.bridges, lambda m: not m.name.startswith("_"))):
+        for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+            if pick(module):
+                importlib.import_module(f"{package.__name__}.{module.name}")
 
 
 def method_registry() -> dict[str, MethodInfo]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vtoken.methods.base import check_choice, check_float, check_int
+from vtoken.checks import check_choice, check_float, check_int
 from vtoken.methods.tokenflex import TokenFlexProjector, check_counts, scaled_counts
 
 IGNORE = -100
@@ -246,19 +246,6 @@ def checkpoints(out: Path) -> list[Path]:
 RESUMABLE_CHANGES = {"save_every", "progress", "cpu"}
 
 
-def check_model(model) -> int:
-    """Refuse what the trainer cannot train on; returns the native tokens per view."""
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-
-    if not isinstance(model, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)):
-        raise ValueError(f"train_tokenflex trains on HF LLaVA / LLaVA-NeXT models; got {type(model).__name__}")
-    if model.config.vision_feature_select_strategy == "full":
-        raise ValueError("TokenFLEX pools the patch grid; this model feeds the [CLS] token too "
-                         "(vision_feature_select_strategy='full'); only 'default' is supported")
-    vc = model.config.vision_config
-    return (vc.image_size // vc.patch_size) ** 2
-
-
 def train_tokenflex(model, data: Data, config: TrainConfig | None = None, out: str | os.PathLike | None = None,
                     projector: TokenFlexProjector | None = None, resume: bool = False) -> TrainResult:
     """Train a TokenFLEX projector for ``model`` (HF LLaVA) on ``data``; returns it with the loss history.
@@ -271,10 +258,10 @@ def train_tokenflex(model, data: Data, config: TrainConfig | None = None, out: s
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from vtoken.adapters.llava_tokenflex import check_projector, feature_widths
+    from vtoken.adapters.bridges.llava_tokenflex import check_projector, feature_widths, trainable_native_tokens
 
     config = config or TrainConfig()
-    native = check_model(model)
+    native = trainable_native_tokens(model)
     counts = check_counts(config.token_counts or scaled_counts(native), native)
     out = Path(out) if out is not None else None
     if resume and (out is None or not checkpoints(out)):

@@ -4,19 +4,15 @@
 subpackage rebinds the parent's attribute, so the package itself is made callable instead of fighting that.
 """
 
+import importlib
+import pkgutil
 import sys
 import types
 
-from vtoken.methods import (  # noqa: F401  (registration side effects)
-    baselines,
-    clustering,
-    corematching,
-    divprune,
-    svg2,
-    todre,
-    tokenflex,
-    transprune,
-)
+# Every module here registers its methods on import (``register_method``), so a new method is one new file.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+del _module
 
 
 class _RegistryModule(types.ModuleType):

@@ -15,22 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from vtoken.budget import resolve_budget
+from vtoken.checks import check_choice, check_int
 from vtoken.kernels.dispatch import BACKENDS
-from vtoken.methods.base import (
-    GridSegment,
-    ImageContext,
-    LayerContext,
-    Reduction,
-    VisualTokenMethod,
-    check_choice,
-    check_int,
-)
+from vtoken.methods.base import GridSegment, ImageContext, LayerContext, Reduction, VisualTokenMethod
 from vtoken.registry import register_method
 
-VLM_HOSTS = ("llava", "llava_next", "qwen_vl")
 
-
-@register_method("random", hosts=VLM_HOSTS)
+@register_method("random", stages=("boundary",))
 @dataclass
 class RandomConfig(VisualTokenMethod):
     """Keep a seeded random subset of each image's visual tokens (after the projector).
@@ -40,7 +31,6 @@ class RandomConfig(VisualTokenMethod):
     """
 
     seed: int = 0
-    boundary = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -103,7 +93,7 @@ def window_centers(size: int, bins: int) -> torch.Tensor:
     return (start + end - 1) // 2
 
 
-@register_method("pool", hosts=VLM_HOSTS)
+@register_method("pool", stages=("boundary",))
 @dataclass
 class PoolConfig(VisualTokenMethod):
     """2-D adaptive average pooling of each patch grid to about ``keep`` tokens (after the projector).
@@ -126,7 +116,6 @@ class PoolConfig(VisualTokenMethod):
     """
 
     temporal: bool = False
-    boundary = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -205,7 +194,7 @@ def pool_plan(n: int, segments: list[GridSegment], pairs: bool, k: int, device: 
     return PoolPlan([p for p, _ in pieces], torch.tensor(sum((a for _, a in pieces), []), device=device))
 
 
-@register_method("attn_topk", hosts=VLM_HOSTS)
+@register_method("attn_topk", stages=("in_llm",))
 @dataclass
 class AttnTopKConfig(VisualTokenMethod):
     """FastV: after decoder layer K, keep the visual tokens the last prompt token attends to most.

@@ -1,5 +1,5 @@
 """Token clustering + token reconstruction layers for ViTs (Liang et al., "Expediting Large-Scale Vision
-Transformer for Dense Prediction without Fine-tuning", NeurIPS 2022; spec: shared/methods/token_clustering.md).
+Transformer for Dense Prediction without Fine-tuning", NeurIPS 2022; docs/token_clustering.md).
 
 After ``cluster_after`` blocks the H x W patch tokens are replaced by an h x w grid of cluster centres (local soft
 k-means seeded by adaptive average pooling); the following blocks run on 1 + M tokens instead of 1 + N. A fixed
@@ -19,13 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtoken.methods.base import check_choice, check_float, check_int
+from vtoken.checks import check_choice, check_float, check_int
 from vtoken.registry import register_method
 
 Grid = tuple[int, int]
 ClusterSpec = int | float | tuple[int, int]
 
-VIT_HOSTS = ("timm_vit", "hf_clip_vision", "open_clip_vit", "llava")
 
 
 # -- geometry ----------------------------------------------------------------------------------------------------
@@ -221,7 +220,7 @@ def check_cluster_spec(value) -> ClusterSpec:
     return value
 
 
-@register_method("token_clustering", hosts=VIT_HOSTS)
+@register_method("token_clustering", stages=("vision_blocks",))
 @dataclass
 class TokenClusteringConfig:
     """Token clustering inside a ViT (Expedit): blocks after cluster_after run on M cluster tokens.

@@ -29,18 +29,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from vtoken.budget import check_budget
+from vtoken.budget import check_budget, round_half_up
+from vtoken.checks import check_choice, check_float, check_int
 from vtoken.kernels.dispatch import BACKENDS
-from vtoken.methods.base import (
-    LayerContext,
-    PrefillOutcome,
-    SublayerContext,
-    VisualTokenMethod,
-    check_choice,
-    check_float,
-    check_int,
-)
-from vtoken.methods.baselines import VLM_HOSTS, keep_top_visual
+from vtoken.methods.base import LayerContext, PrefillOutcome, SublayerContext, VisualTokenMethod
+from vtoken.methods.baselines import keep_top_visual
 from vtoken.registry import register_method
 
 VARIANTS = ("paper", "release")
@@ -50,9 +43,6 @@ REFERENCE_FROM_END = 5  # the release's reference row: prompt position N - 5
 REFERENCE_DEPTH = 32
 BATCHED_LAYERS = 4  # converted layers whose activations are held to compute their decode neurons together
 
-
-def round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
 
 
 def token_core_neurons(activation: torch.Tensor, rho: float) -> torch.Tensor:
@@ -143,7 +133,7 @@ def parse_ffn_layers(spec) -> tuple[int, ...] | str:
                      "tuple of distinct 0-based layer indices")
 
 
-@register_method("corematching", hosts=VLM_HOSTS)
+@register_method("corematching", stages=("in_llm",))
 @dataclass
 class CoreMatchingConfig(VisualTokenMethod):
     """CoreMatching: FFN core neurons pick the core tokens (adaptive threshold); decode runs only the core neurons.

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from vtoken.checks import check_choice
 from vtoken.kernels.dispatch import BACKENDS
-from vtoken.methods.base import ImageContext, Reduction, VisualTokenMethod, check_choice
-from vtoken.methods.baselines import VLM_HOSTS
+from vtoken.methods.base import ImageContext, Reduction, VisualTokenMethod
 from vtoken.methods.diverse import diverse_reductions
 from vtoken.registry import register_method
 
@@ -37,7 +37,7 @@ def most_isolated(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     return nearest.argmax(dim=1)  # first maximum: the lowest index wins a tie
 
 
-@register_method("divprune", hosts=VLM_HOSTS)
+@register_method("divprune", stages=("boundary",))
 @dataclass
 class DivPruneConfig(VisualTokenMethod):
     """DivPrune: greedy max-min cosine diversity selection after the projector, from the most isolated token.
@@ -47,7 +47,6 @@ class DivPruneConfig(VisualTokenMethod):
     """
 
     backend: str = "auto"
-    boundary = True
 
     def __post_init__(self):
         super().__post_init__()

@@ -12,7 +12,8 @@ Per layer, per head, per denoising step of a video DiT's self-attention:
 4. Permute queries and keys so that every cluster is a contiguous run of rows, run variable-block sparse attention
    over the kept (query cluster, key run) blocks, and undo the query permutation (``sparse_attention``).
 
-This module is pure tensor code; ``vtoken.adapters.video_dit`` decides when it runs and keeps the centroid caches.
+This module is pure tensor code; ``vtoken.adapters.bridges.dit_svg2`` decides when it runs and keeps the centroid
+caches.
 Deviations from the official code, all deliberate: k-means runs a fixed number of iterations (no host sync for a
 tolerance test); the initial centroids are distinct tokens (sampling with replacement duplicates centroids); scores,
 masses, cumulative sums and centroids are fp32; ``top_p = 1`` keeps every key cluster, so it is exactly dense.
@@ -21,17 +22,16 @@ masses, cumulative sums and centroids are fp32; ``top_p = 1`` keeps every key cl
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from vtoken.checks import check_choice, check_float, check_int
 from vtoken.kernels.svg2 import BACKENDS, LabelGroups, kmeans_assign, kmeans_update, varblock_attention
-from vtoken.methods.base import check_choice, check_float, check_int
 from vtoken.registry import register_method
+from vtoken.timing import Stopwatch
 
 # Cluster counts (query, key) per host when the user sets none: the official scripts' per-model counts; any other
 # caller of ``svg2_attention`` gets the paper's generic 100 / 500 (Table 1).
@@ -39,7 +39,7 @@ MODEL_CLUSTERS = {"wan": (300, 1000), "hunyuan_video": (400, 1000)}
 GENERIC_CLUSTERS = (100, 500)
 
 
-@register_method("svg2", hosts=("wan", "hunyuan_video"))
+@register_method("svg2", stages=("attention",))
 @dataclass
 class SVG2Config:
     """Sparse VideoGen2: k-means-clustered, top-p budgeted, variable-block sparse self-attention for video DiTs.
@@ -275,12 +275,6 @@ def unpermute_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x).scatter_(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
 
 
-def invert_permutation(order: torch.Tensor) -> torch.Tensor:
-    """``inverse`` with ``inverse[:, order[:, r]] = r``."""
-    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, ranks)
-
-
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -319,33 +313,12 @@ def allowed_pairs(plan: SparsePlan, q_labels: torch.Tensor, k_labels: torch.Tens
 # -- one call ---------------------------------------------------------------------------------------------------
 
 
-class Stopwatch:
-    """Splits a call into named stages. CUDA events on a GPU (one synchronisation, in ``laps``), wall time on a CPU."""
-
-    def __init__(self, device: torch.device, enabled: bool = True):
-        self.cuda = enabled and device.type == "cuda"
-        self.enabled = enabled
-        self.marks: list[tuple[str, object]] = []
-        self.mark("start")
-
-    def mark(self, stage: str) -> None:
-        if not self.enabled:
-            return
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append((stage, event))
-        else:
-            self.marks.append((stage, time.perf_counter()))
-
-    def laps(self) -> dict[str, float]:
-        """Milliseconds per stage (time since the previous mark)."""
-        if len(self.marks) < 2:
-            return {}
-        if self.cuda:
-            self.marks[-1][1].synchronize()
-            return {s: a.elapsed_time(b) for (_, a), (s, b) in itertools.pairwise(self.marks)}
-        return {s: (b - a) * 1e3 for (_, a), (s, b) in itertools.pairwise(self.marks)}
+def step_clusters(x: torch.Tensor, k: int, config: SVG2Config, init: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> Clusters:
+    """One denoising step's k-means of ``x``: warm from the previous step's centroids ``init``
+    (``kmeans_step_iters``), or seeded from ``generator`` (``kmeans_init_iters``) when there are none."""
+    iters = config.kmeans_step_iters if init is not None else config.kmeans_init_iters
+    return kmeans(x, k, iters, init, generator, config.backend)
 
 
 @dataclass
@@ -380,11 +353,8 @@ def svg2_attention(
     scale = 1.0 / math.sqrt(q.shape[-1])
     watch = stopwatch or Stopwatch(q.device, enabled=False)
     with torch.no_grad():
-        qc = kmeans(q, config.q_clusters, config.kmeans_step_iters if q_init is not None else config.kmeans_init_iters,
-                    q_init, generator, config.backend)
-        kc = kmeans(k[:, :n], config.k_clusters,
-                    config.kmeans_step_iters if k_init is not None else config.kmeans_init_iters,
-                    k_init, generator, config.backend)
+        qc = step_clusters(q, config.q_clusters, config, q_init, generator)
+        kc = step_clusters(k[:, :n], config.k_clusters, config, k_init, generator)
         watch.mark("kmeans")
         plan = make_plan(qc, kc, scale, config.top_p, config.min_key_clusters, extra_keys)
         watch.mark("plan")

@@ -19,18 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from vtoken.checks import check_choice, check_float, check_int
 from vtoken.kernels.dispatch import BACKENDS
 from vtoken.kernels.diversity import RULES
-from vtoken.methods.base import (
-    ImageContext,
-    LayerContext,
-    Reduction,
-    VisualTokenMethod,
-    check_choice,
-    check_float,
-    check_int,
-)
-from vtoken.methods.baselines import VLM_HOSTS
+from vtoken.methods.base import ImageContext, LayerContext, Reduction, VisualTokenMethod
 from vtoken.methods.diverse import diverse_reductions
 from vtoken.registry import register_method
 
@@ -65,7 +57,7 @@ def mean_over(rows: torch.Tensor, width: int | None = None) -> tuple[torch.Tenso
     return torch.where(real, index, 0), real / counts
 
 
-@register_method("todre", hosts=VLM_HOSTS)
+@register_method("todre", stages=("boundary", "in_llm"))
 @dataclass
 class ToDREConfig(VisualTokenMethod):
     """ToDRE: [CLS]-pivoted greedy diversity selection after the projector + late task-relevance removal.
@@ -83,7 +75,6 @@ class ToDREConfig(VisualTokenMethod):
     tau: float = 0.10
     seed: int = 0
     backend: str = "auto"
-    boundary = True
 
     def __post_init__(self):
         super().__post_init__()

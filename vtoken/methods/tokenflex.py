@@ -1,7 +1,7 @@
 """TokenFLEX (Hu et al., 2025, arXiv:2504.03154): one VLM that works at any visual-token count N.
 
-Two parts (spec: ../shared/methods/tokenflex.md; no official code is public, the projector follows the authors'
-related released model, Ristretto-3B, as the spec's section 2 records):
+Two parts (no official code is public; the projector follows the authors' related released model, Ristretto-3B,
+as docs/tokenflex.md records):
 
 * the **token-adaptive projector** (:class:`TokenFlexProjector`): each view's patch grid is resized bilinearly to a
   multiple of ``n = sqrt(N)``, average-pooled to ``n x n``, then LayerNorm -> SwiGLU MLP (hidden ``3 x`` the vision
@@ -10,7 +10,7 @@ related released model, Ristretto-3B, as the spec's section 2 records):
   (``vtoken.training``).
 
 ``projector=None`` is the training-free form of the same idea: the host's own projector on the pooled grid.
-This module is pure tensor code; ``vtoken.adapters.llava_tokenflex`` puts it into LLaVA / LLaVA-NeXT.
+This module is pure tensor code; ``vtoken.adapters.bridges.llava_tokenflex`` puts it into LLaVA / LLaVA-NeXT.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtoken.methods.base import check_int
+from vtoken.checks import check_int
 from vtoken.registry import register_method
 
 # The paper's counts and their 2:3:5 sampling weights, for SigLIP-so400m/14 at 384 px: a 27 x 27 patch grid.
@@ -192,7 +192,7 @@ def check_counts(counts: dict[int, float], native: int | None = None) -> dict[in
     return {int(c): float(w) / total for c, w in sorted(counts.items())}
 
 
-@register_method("tokenflex", hosts=("llava", "llava_next"))
+@register_method("tokenflex", stages=("projector",))
 @dataclass
 class TokenFlexConfig:
     """TokenFLEX: the LLM sees exactly ``num_tokens`` visual tokens per image view, from a token-adaptive projector.

@@ -19,15 +19,15 @@ in all (1/7, 3/7, all), and the layers scale with the decoder's depth.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from vtoken.budget import resolve_budget
+from vtoken.budget import resolve_budget, round_half_up
+from vtoken.checks import check_choice
 from vtoken.kernels.dispatch import BACKENDS
-from vtoken.methods.base import LayerContext, SublayerContext, VisualTokenMethod, check_choice
-from vtoken.methods.baselines import VLM_HOSTS, keep_top_count
+from vtoken.methods.base import LayerContext, SublayerContext, VisualTokenMethod
+from vtoken.methods.baselines import keep_top_count
 from vtoken.registry import register_method
 
 RELEASE_DEPTH = 32
@@ -36,9 +36,6 @@ RELEASE_SHARES = (1 / 7, 3 / 7, 1.0)  # 576 -> 504 -> 360 -> 72: 72, 216 and all
 DIRECTIONS = ("release", "paper")
 EPS = 1e-8
 
-
-def round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
 
 
 def token_transition_variation(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, direction: str) -> torch.Tensor:
@@ -105,7 +102,7 @@ def check_increasing(values, arg: str, kind: type) -> tuple:
     return values
 
 
-@register_method("transprune", hosts=VLM_HOSTS)
+@register_method("transprune", stages=("in_llm",))
 @dataclass
 class TransPruneConfig(VisualTokenMethod):
     """TransPrune: progressive in-LLM pruning by token transition variation + instruction-guided attention.

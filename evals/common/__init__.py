@@ -1,0 +1,1 @@
+"""What every evaluation command shares: argument types, method specs, timing, the machine's description."""
