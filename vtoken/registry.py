@@ -1,10 +1,10 @@
 """Registries of methods and hosts, joined by stages.
 
 A method declares the stages it works at (``register_method``); a host (a model family's adapter) registers how to
-install each stage it implements (``register_host``), and glue that is specific to one method on one host (a
-bridge, ``adapters/bridges/``) adds a stage to that host (``add_stage``). Neither side names the other: a method
-runs on every host that implements all of its stages, and ``vtoken.patch`` installs it with the host's installer of
-the method's first stage (which takes the others along).
+install each stage it implements for any method (``register_host``). Neither side names the other: a method runs on
+every host that implements all of its stages, and ``vtoken.patch`` installs it with the host's installer of the
+method's first stage (which takes the others along). Glue that is specific to one method on one host (a bridge,
+``adapters/bridges/``) installs that method there (``add_bridge``), whatever the host's stages.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class MethodInfo:
     @property
     def hosts(self) -> tuple[str, ...]:
         """The hosts that implement every stage of this method, in registration order."""
-        return tuple(name for name, host in host_registry().items() if set(self.stages) <= set(host.installers))
+        return tuple(name for name, host in host_registry().items() if host.supports(self.name, self.stages))
 
     def fields(self) -> dict[str, Any]:
         """Config fields and their defaults (what ``vtoken.patch(model, name, **fields)`` accepts)."""
@@ -58,13 +58,18 @@ class HostInfo:
     description: str
     matches: Callable[[Any], bool]
     installers: dict[str, Installer] = field(default_factory=dict)  # stage -> install(model, config, handle)
+    bridges: dict[str, Installer] = field(default_factory=dict)  # method name -> its own install on this host
 
     @property
     def stages(self) -> tuple[str, ...]:
         return tuple(self.installers)
 
+    def supports(self, method: str, stages: tuple[str, ...]) -> bool:
+        return method in self.bridges or set(stages) <= set(self.installers)
+
     def install(self, model: Any, config: Any, handle: Any) -> None:
-        self.installers[type(config).stages[0]](model, config, handle)
+        install = self.bridges.get(type(config).method_name) or self.installers[type(config).stages[0]]
+        install(model, config, handle)
 
 
 _METHODS: dict[str, MethodInfo] = {}
@@ -95,17 +100,18 @@ def register_method(name: str, stages: tuple[str, ...], summary: str = ""):
 
 def register_host(name: str, description: str, matches: Callable[[Any], bool],
                   installers: dict[str, Installer]) -> None:
-    """A model family an adapter recognises (``matches``) and its installer of each stage it implements (none: its
-    stages all come from bridges)."""
+    """A model family an adapter recognises (``matches``) and its installer of each stage it implements for any method
+    (none: every method it runs comes from a bridge)."""
     if installers:
         check_stages(tuple(installers), f"host {name!r}")
     _HOSTS[name] = HostInfo(name, description, matches, dict(installers))
 
 
-def add_stage(host: str, stage: str, install: Installer) -> None:
-    """A bridge's installer of ``stage`` on an already registered ``host``."""
-    check_stages((stage,), f"bridge for host {host!r}")
-    _HOSTS[host].installers[stage] = install
+def add_bridge(host: str, method: str, install: Installer) -> None:
+    """A bridge: how ``method`` installs on the already registered ``host``."""
+    if host not in _HOSTS:
+        raise ValueError(f"bridge for method {method!r}: no host {host!r} is registered")
+    _HOSTS[host].bridges[method] = install
 
 
 def _load_builtins() -> None:

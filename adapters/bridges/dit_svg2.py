@@ -40,7 +40,7 @@ from vtoken.adapters.video_dit import (
     wan_qkv,
 )
 from vtoken.methods.svg2 import SVG2Config, check_cluster_count, step_clusters, svg2_attention
-from vtoken.registry import add_stage
+from vtoken.registry import add_bridge
 from vtoken.timing import Stopwatch
 
 MAX_BRANCHES = 4  # calls beyond this many at one timestep (without a cache_context name) share the last branch
@@ -352,5 +352,5 @@ def install_hunyuan(model, config, handle) -> None:
     _install(model, config, handle, "hunyuan_video", HUNYUAN, hunyuan_layers, SVG2HunyuanProcessor)
 
 
-add_stage("wan", "attention", install_wan)
-add_stage("hunyuan_video", "attention", install_hunyuan)
+add_bridge("wan", "svg2", install_wan)
+add_bridge("hunyuan_video", "svg2", install_hunyuan)

@@ -34,7 +34,7 @@ from vtoken.adapters import _compat
 from vtoken.adapters.llava import LlavaPatch, best_resolution, is_llava, is_llava_next, unpadded_grid
 from vtoken.adapters.vlm.host import FeatureProvider
 from vtoken.methods.tokenflex import TokenFlexConfig, TokenFlexProjector, pool_grid, resolve_num_tokens
-from vtoken.registry import add_stage
+from vtoken.registry import add_bridge
 
 _UNSET = object()
 
@@ -161,4 +161,4 @@ def install_tokenflex(model, config: TokenFlexConfig, handle) -> None:
 
 
 for _host in ("llava", "llava_next"):
-    add_stage(_host, "projector", install_tokenflex)
+    add_bridge(_host, "tokenflex", install_tokenflex)

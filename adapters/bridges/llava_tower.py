@@ -15,7 +15,7 @@ from vtoken.adapters.llava import LlavaPatch
 from vtoken.adapters.vlm.host import FeatureProvider
 from vtoken.handle import Handle
 from vtoken.methods.clustering import MIN_DEPTH
-from vtoken.registry import add_stage
+from vtoken.registry import add_bridge
 
 
 def install_clustered_tower(model, config, handle) -> None:
@@ -60,4 +60,4 @@ def install_clustered_tower(model, config, handle) -> None:
     LlavaPatch.of(model).attach_provider(FeatureProvider("token_clustering", stats=lambda: tower_handle.stats), handle)
 
 
-add_stage("llava", "vision_blocks", install_clustered_tower)
+add_bridge("llava", "token_clustering", install_clustered_tower)

@@ -23,7 +23,7 @@ from torch import nn
 
 from vtoken.adapters.vit import SITES, VitSite
 from vtoken.methods.clustering import Grid, TokenClusteringConfig
-from vtoken.registry import add_stage
+from vtoken.registry import add_bridge
 
 
 @dataclass
@@ -143,4 +143,4 @@ def installer(site_of):
 
 install_hf_clip = installer(SITES["hf_clip_vision"][2])  # LLaVA's tower bridge clusters its CLIP tower with it
 for _host, (_, _, _site_of) in SITES.items():
-    add_stage(_host, "vision_blocks", installer(_site_of))
+    add_bridge(_host, "token_clustering", installer(_site_of))
