@@ -205,6 +205,11 @@ def decoder_attention(layer) -> DecoderAttention:
                             getattr(attn, "k_norm", None), attn.head_dim, attn.scaling)
 
 
+def decoder_final_norm(decoder):
+    """The norm a decoder applies after its last layer (Llama, Qwen2 and Qwen3 text models: ``norm``)."""
+    return decoder.norm
+
+
 def decoder_sublayer(layer, kind: str):
     """The module whose forward call carries a decoder sub-layer's input and output (``methods.base.SUBLAYER_KINDS``):
     the attention block, the MLP, or the MLP's down projection (its input is the hidden activation)."""

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import IMAGE_TOKEN, left_pad, prompt, tiny_llava, tiny_llava_next, visual_count
+from tiny_models import EOS, IMAGE_TOKEN, left_pad, prompt, tiny_llava, tiny_llava_next, visual_count
 
 import vtoken
 from vtoken.adapters._compat import find_cache
@@ -30,6 +30,8 @@ KEEP_ALL = {
     "attn_topk": dict(keep=1.0),
     "transprune": dict(keep=1.0),
     "corematching": dict(keep=1.0, beta=1.0),  # beta=1: every neuron is a core neuron, decode stays dense
+    "pyramiddrop": dict(keep=1.0),
+    "dart": dict(keep=1.0),
 }
 PRUNING = {
     "todre": dict(keep=0.25),
@@ -43,6 +45,11 @@ PRUNING = {
     "transprune_ttv_paper": dict(keep=0.25, iga=False, direction="paper"),
     "corematching": dict(),  # adaptive threshold, decode FFN sparsity in the default layers
     "corematching_keep": dict(keep=0.3, ffn_layers="all"),
+    "pyramiddrop": dict(keep=0.25),
+    "pyramiddrop_layers": dict(keep=10, layers=(1, 3)),
+    "dart": dict(keep=0.25),
+    "dart_layer1": dict(keep=0.25, layer=1, text_pivots=2),
+    "visionzip": dict(keep=16),  # LLaVA-1.5 only; its keep-all case ('full' strategy) is in test_visionzip.py
     # TokenFLEX takes a token count per view, not a keep budget: 9 = 3 x 3 pools both tiny grids (8 x 8 and
     # LLaVA-NeXT's 4 x 4 views); its keep-all case (N = the native grid) is in test_tokenflex.py
     "tokenflex": dict(num_tokens=9),
@@ -367,11 +374,21 @@ def test_beam_search_equals_unpatched_beam_search_on_the_shortened_input(host, n
     assert torch.equal(pruned, expected)
 
 
+def answers(sequences: torch.Tensor, prompt_width: int) -> list[list[int]]:
+    """The tokens each row generated, up to and including its first EOS (a finished row is padded after it, and a
+    single run whose every beam finished stops early)."""
+    out = []
+    for row in sequences[:, prompt_width:].tolist():
+        out.append(row[: row.index(EOS) + 1] if EOS in row else row)
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(PRUNING))
 def test_beam_search_batch_equals_singles(host, name):
     model = host.model
     beams = dict(max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0, suppress_tokens=[IMAGE_TOKEN])
     with vtoken.patch(model, method_of(name), **PRUNING[name]), torch.no_grad():
-        singles = torch.cat([model.generate(**host.single(i), **beams)[:, -3:] for i in range(3)])
-        batched = model.generate(**host.batch(), **beams)[:, -3:]
-    assert torch.equal(batched, singles)
+        singles = [answers(model.generate(**host.single(i), **beams), len(host.rows[i]))[0] for i in range(3)]
+        batch = host.batch()
+        batched = answers(model.generate(**batch, **beams), batch["input_ids"].shape[1])
+    assert batched == singles

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import math
 
+import plain_decoder
 import pytest
 import torch
-from tiny_models import IMAGE_TOKEN, prompt, tiny_llava
+from tiny_models import IMAGE_TOKEN, tiny_llava
 
 import vtoken
-from vtoken.methods.base import LayerContext
+from vtoken.methods.base import LayerContext, instruction_rows
 from vtoken.methods.todre import mean_over
 from vtoken.methods.transprune import (
     TransPruneConfig,
-    instruction_rows,
     release_schedule,
     stage_count,
     sum_normalised,
@@ -130,11 +130,6 @@ def test_layers_beyond_the_decoder_are_refused():
 
 
 # -- the whole method against a plain loop -------------------------------------------------------------------------
-def rotate_half(t: torch.Tensor) -> torch.Tensor:
-    half = t.shape[-1] // 2
-    return torch.cat([-t[..., half:], t[..., :half]], -1)
-
-
 def plain_transprune(model, inputs, layers, counts, direction, iga):
     """The release's algorithm for one sample, written out: run the decoder layer by layer, store each accumulation
     layer's TTV as a vector over the current tokens (re-indexed at every prune), and before (0-based) layer p score
@@ -142,16 +137,7 @@ def plain_transprune(model, inputs, layers, counts, direction, iga):
     attention), keep the best ``counts`` in order. Returns the visual positions alive after each stage and the last
     token's logits."""
     lm = model.model.language_model
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.update(hidden=args[0] if args else kwargs["hidden_states"], rope=kwargs["position_embeddings"])
-
-    hook = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)
-    hook.remove()
-    hidden, (cos, sin) = seen["hidden"], seen["rope"]
+    hidden, rope = plain_decoder.decoder_input(model, inputs)
     visual_input = inputs["input_ids"][0] == IMAGE_TOKEN
     alive = torch.arange(hidden.shape[1])
     stored, kept = [], []
@@ -163,19 +149,9 @@ def plain_transprune(model, inputs, layers, counts, direction, iga):
             ttv = torch.stack(stored).sum(0)[visual]
             score = ttv / (ttv.sum() + 1e-8)
             if iga:
-                attn = layer.self_attn
-                u = layer.input_layernorm(hidden)
-                n, hd = u.shape[1], attn.head_dim
-                q = attn.q_proj(u).view(1, n, -1, hd).transpose(1, 2)
-                k = attn.k_proj(u).view(1, n, -1, hd).transpose(1, 2)
-                c, s = cos[:, alive][:, None], sin[:, alive][:, None]
-                q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
-                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-                logits = (q @ k.transpose(-1, -2)) * attn.scaling
-                logits = logits.masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool)), float("-inf"))
-                probs = logits.softmax(-1).mean(1)[0]
+                probs = plain_decoder.attention(layer, hidden, alive, rope)
                 last_visual = int(visual.nonzero().max())
-                rows = torch.arange(last_visual + 1, n)
+                rows = torch.arange(last_visual + 1, hidden.shape[1])
                 g = probs[rows][:, visual].mean(0)
                 score = score + g / (g.sum() + 1e-8)
             top = score.argsort(descending=True, stable=True)[: counts[layers.index(i)]]
@@ -188,12 +164,7 @@ def plain_transprune(model, inputs, layers, counts, direction, iga):
         hooks = [layer.self_attn.register_forward_hook(
                      lambda m, a, kw, out: io.update(attn=(kw["hidden_states"], out[0])), with_kwargs=True),
                  layer.mlp.register_forward_hook(lambda m, a, out: io.update(mlp=(a[0], out)))]
-        n = hidden.shape[1]
-        causal = torch.zeros(1, 1, n, n).masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool)),
-                                                     torch.finfo(torch.float32).min)
-        with torch.no_grad():
-            hidden = layer(hidden, attention_mask=causal, position_ids=alive[None],
-                           position_embeddings=(cos[:, alive], sin[:, alive]))
+        hidden = plain_decoder.run_layer(layer, hidden, alive, rope)
         for h in hooks:
             h.remove()
         if i in accumulate:
@@ -205,8 +176,7 @@ def plain_transprune(model, inputs, layers, counts, direction, iga):
                 change = 1 - (cos_xy.abs() if direction == "paper" else cos_xy)
                 total = total + ratio * change.exp() / change.exp().sum()
             stored.append(total)
-    with torch.no_grad():
-        return kept, model.lm_head(lm.norm(hidden))[:, -1]
+    return kept, plain_decoder.last_logits(model, hidden)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -216,10 +186,7 @@ def plain_transprune(model, inputs, layers, counts, direction, iga):
     dict(keep=8, layers=(2,), iga=False, direction="paper"),
 ])
 def test_transprune_equals_the_plain_loop(config, attn):
-    model = tiny_llava(attn)
-    torch.manual_seed(3)
-    ids = prompt(64, after=(7, 8, 9, 10, 11, 12)).unsqueeze(0)
-    inputs = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 112, 112), attention_mask=torch.ones_like(ids))
+    model, inputs = plain_decoder.one_image_prompt(attn)
     cfg = TransPruneConfig(**config)
     layers, shares = cfg.schedule(4)
     counts = [stage_count(64, cfg.keep if isinstance(cfg.keep, int) else round(cfg.keep * 64), s) for s in shares]

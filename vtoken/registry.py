@@ -18,7 +18,7 @@ from typing import Any
 STAGES = {
     "boundary": "after the multimodal projector: fewer visual tokens reach the LLM",
     "in_llm": "between decoder layers during prefill (and what later decode steps run)",
-    "projector": "in place of the multimodal projector: a chosen number of tokens per view",
+    "projector": "at the multimodal projector: a chosen number of tokens per view go through it",
     "vision_blocks": "inside a vision transformer's blocks",
     "attention": "in a video diffusion transformer's self-attention processors",
 }

@@ -44,6 +44,11 @@ class Stopwatch:
         yield
         self.blocks.append((start, self.stamp(device)))
 
+    def take(self, other: Stopwatch) -> None:
+        """Move ``other``'s timed blocks into this one (work timed elsewhere that belongs to this stretch)."""
+        self.blocks += other.blocks
+        other.blocks = []
+
     @property
     def seconds(self) -> float:
         """Seconds in the timed blocks so far."""

@@ -87,6 +87,7 @@ class DecoderPruner:
 
     def __init__(self, decoder, method: VisualTokenMethod, stats: VLMStats, handle):
         self.layers = decoder.layers
+        self.final_norm = _compat.decoder_final_norm(decoder)
         self.config = decoder.config
         self.method = method
         self.stats = stats
@@ -275,6 +276,8 @@ class DecoderPruner:
             n_visual_input=st.input_visual_counts,
             attention=lambda rows: self._attention_rows(layer, hidden, kwargs, rows),
             received=lambda rows, weights: self._attention_received(layer, hidden, kwargs, rows, weights),
+            keys=lambda: self._attention_keys(layer, hidden, kwargs, rope=False)[1],
+            final_norm=self.final_norm,
             positions=positions,
             state=st.scratch,
             alive_counts=list(st.live_counts),
@@ -334,23 +337,22 @@ class DecoderPruner:
         rows = gather_rows(mask, alive, dim=2)
         return forbid_columns(gather_rows(rows, alive, dim=3), ~live)
 
-    def _attention_keys(self, layer, hidden, kwargs):
-        """The layer's normalised input and its keys (B, Hk, K, D) with RoPE, recomputed from the layer's input
-        (norm, k projection, RoPE), so the model keeps running SDPA / FlashAttention and never needs
-        ``output_attentions``. Made once per scoring, however many attention queries the method asks."""
+    def _attention_keys(self, layer, hidden, kwargs, rope: bool = True):
+        """The layer's normalised input and its keys (B, Hk, K, D) with RoPE (``rope=False``: before it),
+        recomputed from the layer's input (norm, k projection, RoPE), so the model keeps running SDPA /
+        FlashAttention and never needs ``output_attentions``. Made once per scoring, however many attention queries
+        the method asks."""
         made = kwargs.get(_KEYS)
-        if made is not None and made[0] is hidden:
-            return made[1]
-        attn = _compat.decoder_attention(layer)
-        B, K, _ = hidden.shape
-        u = attn.input_norm(hidden)
-        k = attn.k_proj(u).view(B, K, -1, attn.head_dim).transpose(1, 2)
-        if attn.k_norm is not None:  # Qwen3-style per-head norms
-            k = attn.k_norm(k)
-        cos, sin = (t.expand(B, *t.shape[1:]) for t in kwargs["position_embeddings"])
-        keys = u, k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
-        kwargs[_KEYS] = (hidden, keys)
-        return keys
+        if made is None or made[0] is not hidden:
+            attn = _compat.decoder_attention(layer)
+            B, K, _ = hidden.shape
+            u = attn.input_norm(hidden)
+            k = attn.k_proj(u).view(B, K, -1, attn.head_dim).transpose(1, 2)
+            if attn.k_norm is not None:  # Qwen3-style per-head norms
+                k = attn.k_norm(k)
+            cos, sin = (t.expand(B, *t.shape[1:]) for t in kwargs["position_embeddings"])
+            made = kwargs[_KEYS] = (hidden, u, k, k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1))
+        return made[1], made[3] if rope else made[2]
 
     def _attention_queries(self, layer, u, kwargs, rows: torch.Tensor) -> torch.Tensor:
         """(B, Hq, R, D) queries of rows ``rows`` (B, R), with RoPE."""

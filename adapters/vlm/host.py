@@ -28,6 +28,7 @@ from vtoken.adapters.vlm.decoder import DecoderPruner
 from vtoken.adapters.vlm.stats import OnRead, VLMStats
 from vtoken.handle import Handle
 from vtoken.methods.base import ImageContext, Reduction, VisualTokenMethod
+from vtoken.timing import Stopwatch
 
 STATIC_CACHE = (
     "vtoken: {methods} prune(s) inside the LLM, so its layers hold different numbers of tokens, which needs a "
@@ -83,6 +84,8 @@ class FeatureProvider:
     stats: Callable[[], object] = lambda: None  # what ``handle.stats.vision`` shows after a call
     # side of each view's square grid, for LLaVA-NeXT's packing (None: the vision tower's own patch grid)
     view_side: Callable[[], int] | None = None
+    # the provider's own selection work in the vision path, counted in ``handle.stats.selection_time_s``
+    selection: Stopwatch | None = None
 
 
 class _ProvidedTokens(VisualTokenMethod):
@@ -432,6 +435,8 @@ class VLMPatch:
             return (), kwargs
 
         self.stats.reset()
+        if self.provider is not None and self.provider.selection is not None:
+            self.stats.selection.take(self.provider.selection)  # it ran in the encoder call, before this reset
         self.complete_positions(module, kwargs, layout)
         edit, visual_counts = None, None
         outputs = dict(kwargs.get(_compat.ENCODER_OUTPUTS) or {})

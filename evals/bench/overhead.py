@@ -216,7 +216,8 @@ def format_sites(counts: dict[str, Counts]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ command line
-DEFAULT_METHODS = ("random", "pool", "divprune", "tokenflex", "todre", "attn_topk", "transprune", "corematching")
+DEFAULT_METHODS = ("random", "pool", "divprune", "tokenflex", "todre", "attn_topk", "transprune", "corematching",
+                   "pyramiddrop", "dart")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

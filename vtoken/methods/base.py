@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from vtoken.budget import Budget, check_budget
+from vtoken.budget import Budget, check_budget, round_half_up
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,11 @@ class LayerContext:
     # received(rows, weights) -> (B, L) fp32: sum over rows of weight x head-averaged attention each key receives,
     # computed without holding every row's probabilities (the fused scoring kernel's contract)
     received: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # keys() -> (B, H_kv, L, D) this layer's key states before RoPE (k projection of its normalised input, with the
+    # per-head norm where the model has one), as its attention computes them from ``hidden``; position-independent
+    keys: Callable[[], torch.Tensor] | None = None
+    # final_norm(x) -> the decoder's final norm of ``x`` (B, L, D), the one before the LM head
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     # per-sample diagnostics a method wants in ``handle.stats`` (e.g. ToDRE's attention ratios)
     record: dict = field(default_factory=dict)
     # (B, L) LLM-input position of each row: aligns this layer's rows with what ``observe`` saw at earlier layers
@@ -224,7 +229,24 @@ class VisualTokenMethod:
         return None
 
 
+def instruction_rows(ctx: LayerContext) -> torch.Tensor:
+    """(B, L) the real text tokens after each sample's last visual token: the question and the chat template's
+    suffix (TransPrune's IGA queries, DART's text pivots)."""
+    pos = torch.arange(ctx.valid.shape[1], device=ctx.valid.device)
+    last_visual = torch.where(ctx.visual, pos, -1).amax(dim=1, keepdim=True)
+    return ctx.text & (pos > last_visual)
+
+
+def scale_layers(layers: tuple[int, ...], depth: int, num_layers: int) -> dict[int, int]:
+    """A schedule's layers of a ``depth``-layer decoder moved to ``num_layers`` layers (``round(p * L / depth)``, halves
+    up, within 1 ... L-1). Layers that land on the same one merge: each moved layer maps to the 1-based number of
+    the last original layer it holds, so a merged stage goes as far as the later of its stages."""
+    moved: dict[int, int] = {}
+    for number, p in enumerate(layers, start=1):
+        moved[min(max(round_half_up(p * num_layers / depth), 1), num_layers - 1)] = number
+    return moved
+
 __all__ = [
     "SUBLAYER_KINDS", "GridSegment", "ImageContext", "LayerContext", "PrefillOutcome", "Reduction", "SublayerContext",
-    "VisualTokenMethod",
+    "VisualTokenMethod", "instruction_rows", "scale_layers",
 ]

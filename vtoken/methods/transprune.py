@@ -26,7 +26,7 @@ import torch
 from vtoken.budget import resolve_budget, round_half_up
 from vtoken.checks import check_choice
 from vtoken.kernels.dispatch import BACKENDS
-from vtoken.methods.base import LayerContext, SublayerContext, VisualTokenMethod
+from vtoken.methods.base import LayerContext, SublayerContext, VisualTokenMethod, scale_layers
 from vtoken.methods.baselines import keep_top_count
 from vtoken.registry import register_method
 
@@ -58,9 +58,10 @@ def sum_normalised(scores: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
 
 
 def instruction_queries(ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """The :func:`instruction_rows` as ``LayerContext.received`` takes them: (B, R) row indices and (B, R) weights
-    averaging over each sample's rows. They are the tokens after the last visual one (padding is on the left), so a
-    contiguous run from there to the end: ``R`` bounds them on the host (``text_width``) and nothing is sorted."""
+    """The :func:`~vtoken.methods.base.instruction_rows` as ``LayerContext.received`` takes them: (B, R) row
+    indices and (B, R) weights averaging over each sample's rows. They are the tokens after the last visual one
+    (padding is on the left), so a contiguous run from there to the end: ``R`` bounds them on the host
+    (``text_width``) and nothing is sorted."""
     L = ctx.valid.shape[1]
     start = (ctx.visual * torch.arange(1, L + 1, device=ctx.valid.device)).amax(dim=1, keepdim=True)  # (B, 1)
     rows = start + torch.arange(min(L, ctx.text_width()), device=start.device)
@@ -69,22 +70,11 @@ def instruction_queries(ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.clamp(max=L - 1), weights
 
 
-def instruction_rows(ctx: LayerContext) -> torch.Tensor:
-    """(B, L) the real text tokens after each sample's last visual token: the question and the chat template's
-    suffix, the release's IGA query rows."""
-    pos = torch.arange(ctx.valid.shape[1], device=ctx.valid.device)
-    last_visual = torch.where(ctx.visual, pos, -1).amax(dim=1, keepdim=True)
-    return ctx.text & (pos > last_visual)
-
-
 def release_schedule(num_layers: int, shares: tuple[float, ...] = RELEASE_SHARES) -> tuple[tuple[int, ...], tuple]:
-    """The release's pruning layers scaled to ``num_layers`` (``round(p * L / 32)``, within 1 ... L-1); stages that
-    land on the same layer merge into one that goes as far as the later of them."""
-    merged: dict[int, float] = {}
-    for p, share in zip(RELEASE_LAYERS, shares):
-        layer = min(max(round_half_up(p * num_layers / RELEASE_DEPTH), 1), num_layers - 1)
-        merged[layer] = share
-    return tuple(merged), tuple(merged.values())
+    """The release's pruning layers scaled to ``num_layers`` (:func:`~vtoken.methods.base.scale_layers`); stages
+    that land on the same layer merge into one that goes as far as the later of them."""
+    moved = scale_layers(RELEASE_LAYERS, RELEASE_DEPTH, num_layers)
+    return tuple(moved), tuple(shares[number - 1] for number in moved.values())
 
 
 def stage_count(n_visual: int, final: int, share: float) -> int:
