@@ -48,7 +48,7 @@ class QwenVLPatch(VLMPatch):
 
     host = "qwen_vl"
     token_kwargs = ("mm_token_type_ids",)
-    static_cache = False  # generate() hands a static cache per-layer-type masks and M-RoPE rows not mapped here yet
+    static_cache = False  # generate() hands a static cache M-RoPE rows not mapped here yet
 
     def __init__(self, model):
         super().__init__(model)

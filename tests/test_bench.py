@@ -90,6 +90,23 @@ def test_run_bench_on_a_qwen_model(video):
     assert "0.25" in format_table(results)
 
 
+@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+def test_run_bench_on_a_llava_onevision_model(video):
+    """A 2 x 2-tile image: the base view (16 tokens), then the 8 x 8 grid scaled down to 5 x 5 (anyres_max_2) with a
+    separator per row (30); an 8-frame video: 2 x 2 pooled tokens per frame and one separator."""
+    from tiny_models import tiny_llava_onevision
+
+    model = tiny_llava_onevision()
+    inputs = synthetic_inputs(model, video=video)
+    assert ("pixel_values_videos" in inputs) == video and ("pixel_values" in inputs) != video
+    results, _ = run_bench(model, inputs, [("divprune", {"keep": 0.25})], repeats=1, warmup=0, new_tokens=2,
+                           progress=False)
+    dense, divprune = results
+    n = 8 * 4 + 1 if video else 16 + 5 * 6
+    assert dense["visual_tokens_llm"] == n and divprune["visual_tokens_llm"] == int(n / 4 + 0.5)
+    assert divprune["flops_ratio"] > 1.0
+
+
 def test_qwen_vision_flops_by_hand():
     """Qwen2.5-VL's encoder: windowed blocks attend within 56 px squares (4x4 = 16 patches), full blocks within a
     temporal patch; SwiGLU MLP; one 2x2 merger into the LLM width."""

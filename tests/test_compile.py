@@ -140,8 +140,6 @@ def test_static_cache_and_compiled_decode_give_the_eager_dynamic_tokens(name, ro
 
 @pytest.mark.parametrize("name", sorted(BOUNDARY))
 def test_a_static_decode_step_has_no_graph_break_inside_the_decoder(name):
-    from vtoken.adapters._compat import find_cache
-
     torch.manual_seed(1)
     model = tiny_llava(layers=3)
     ids = prompt(64).unsqueeze(0)
@@ -149,10 +147,18 @@ def test_a_static_decode_step_has_no_graph_break_inside_the_decoder(name):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              pixel_values=torch.randn(1, 3, 112, 112), cache_implementation="static",
                              return_dict_in_generate=True, **dict(GEN, max_new_tokens=2))
-        step = dict(input_ids=out.sequences[:, -1:], position_ids=torch.tensor([[out.sequences.shape[1] - 1]]),
-                    use_cache=True, **{cache_keyword(model): find_cache(out)})
-        explanation = torch._dynamo.explain(model)(**step)
+        assert_a_static_step_breaks_only_around_the_base_model(model, out, "modeling_llama")
+
+
+def assert_a_static_step_breaks_only_around_the_base_model(model, out, decoder_file: str) -> None:
+    """One decode step continuing ``out``'s static cache, explained by Dynamo: no graph break inside the decoder (its
+    modeling file), at most one before and one after the base model's call (vtoken's host bookkeeping, eager)."""
+    from vtoken.adapters._compat import find_cache
+
+    step = dict(input_ids=out.sequences[:, -1:], position_ids=torch.tensor([[out.sequences.shape[1] - 1]]),
+                use_cache=True, **{cache_keyword(model): find_cache(out)})
+    explanation = torch._dynamo.explain(model)(**step)
     inside = [reason for reason in explanation.break_reasons
-              if any("modeling_llama" in frame.filename for frame in reason.user_stack)]
+              if any(decoder_file in frame.filename for frame in reason.user_stack)]
     assert not inside, [reason.reason for reason in inside]
-    assert explanation.graph_break_count <= 2  # around the base model's call: vtoken's host bookkeeping, eager
+    assert explanation.graph_break_count <= 2

@@ -1,4 +1,5 @@
-"""The invariants of docs/design.md for every LLaVA-side method, on tiny random-weight LLaVA and LLaVA-NeXT."""
+"""The invariants of docs/design.md for every LLaVA-side method, on tiny random-weight LLaVA, LLaVA-NeXT and
+LLaVA-OneVision (images; OneVision's videos are in test_llava_onevision.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import EOS, IMAGE_TOKEN, left_pad, prompt, tiny_llava, tiny_llava_next, visual_count
+from tiny_models import (
+    EOS,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    left_pad,
+    prompt,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_llava_onevision,
+    visual_count,
+)
 
 import vtoken
 from vtoken.adapters._compat import find_cache
@@ -22,6 +33,8 @@ def seeded_projector() -> TokenFlexProjector:
         return TokenFlexProjector(32, 64)
 
 
+# random weights may emit a placeholder id, which would add an image (or a OneVision video) without pixels
+SUPPRESS = [IMAGE_TOKEN, VIDEO_TOKEN]
 KEEP_ALL = {
     "todre": dict(keep=1.0, tau=0.0),  # tau=0: stage 2 scores but never fires
     "divprune": dict(keep=1.0),
@@ -71,7 +84,8 @@ def method_of(name: str) -> str:
 
 
 class Host:
-    """A tiny model plus a few inputs of different sizes (LLaVA-NeXT: different token counts per image)."""
+    """A tiny model plus a few inputs of different sizes (LLaVA-NeXT, OneVision: different token counts per image;
+    OneVision's first image is large enough for its grid to be scaled down)."""
 
     def __init__(self, name: str, attn: str = "sdpa"):
         self.name = name
@@ -80,10 +94,14 @@ class Host:
             self.model = tiny_llava(attn)
             self.pixels = [torch.randn(1, 3, 112, 112) for _ in range(3)]
             self.sizes = [None] * 3
-        else:
+        elif name == "llava_next":
             self.model = tiny_llava_next(attn)
             self.sizes = [torch.tensor([[112, 84]]), torch.tensor([[56, 56]]), torch.tensor([[84, 112]])]
             self.pixels = [torch.randn(1, 5, 3, 56, 56) for _ in range(3)]
+        else:
+            self.model = tiny_llava_onevision(attn)
+            self.sizes = [torch.tensor([[168, 140]]), torch.tensor([[56, 56]]), torch.tensor([[84, 112]])]
+            self.pixels = [torch.randn(1, 10, 3, 56, 56) for _ in range(3)]
         self.counts = [visual_count(self.model, p, s)[0] for p, s in zip(self.pixels, self.sizes)]
         # different prompt lengths too, so the batch is left-padded
         self.rows = [prompt(c, after=(7, 8, 9, 10)[: 2 + i]) for i, c in enumerate(self.counts)]
@@ -103,7 +121,7 @@ class Host:
         return out
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next"])
+@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision"])
 def host(request):
     return Host(request.param)
 
@@ -115,9 +133,8 @@ def logits(model, **inputs) -> torch.Tensor:
 
 def greedy(model, n: int = 5, **inputs) -> torch.Tensor:
     with torch.no_grad():
-        # random weights may emit the image token itself; that would add a placeholder without an image
         out = model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0,
-                             suppress_tokens=[IMAGE_TOKEN])
+                             suppress_tokens=SUPPRESS)
     return out[:, -n:]
 
 
@@ -297,7 +314,7 @@ def test_cached_generate_equals_no_cache_loop(host, name):
         pin_decisions(handle.config)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0,
-                                 suppress_tokens=[IMAGE_TOKEN], return_dict_in_generate=True)
+                                 suppress_tokens=SUPPRESS, return_dict_in_generate=True)
         cached = out.sequences[:, -5:]
         ffn = decode_ffn_layers(model, handle)
         layout = CacheLayout.of(find_cache(out))
@@ -310,7 +327,7 @@ def test_cached_generate_equals_no_cache_loop(host, name):
         for _ in range(5):
             with torch.no_grad(), sparse_ffn_reference(model, ffn, neurons, generated):
                 out = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
-            out[:, IMAGE_TOKEN] = float("-inf")
+            out[:, SUPPRESS] = float("-inf")
             nxt = out.argmax(-1, keepdim=True)
             steps.append(nxt)
             ids = torch.cat([ids, nxt], 1)
@@ -355,7 +372,7 @@ def test_text_only_input_is_a_no_op(host, name):
 def test_beam_search_equals_unpatched_beam_search_on_the_shortened_input(host, name):
     model, inputs = host.model, host.single(0)
     beams = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0,
-                 suppress_tokens=[IMAGE_TOKEN])
+                 suppress_tokens=SUPPRESS)
     with torch.no_grad():
         kw = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True, **kw)
@@ -386,7 +403,7 @@ def answers(sequences: torch.Tensor, prompt_width: int) -> list[list[int]]:
 @pytest.mark.parametrize("name", sorted(PRUNING))
 def test_beam_search_batch_equals_singles(host, name):
     model = host.model
-    beams = dict(max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0, suppress_tokens=[IMAGE_TOKEN])
+    beams = dict(max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0, suppress_tokens=SUPPRESS)
     with vtoken.patch(model, method_of(name), **PRUNING[name]), torch.no_grad():
         singles = [answers(model.generate(**host.single(i), **beams), len(host.rows[i]))[0] for i in range(3)]
         batch = host.batch()

@@ -1,5 +1,6 @@
-"""The lmms-eval model ``vtoken`` on tiny random-weight LLaVA / LLaVA-NeXT checkpoints saved to disk with an offline
-character-level tokenizer: direct unit tests of the model class, then one end-to-end ``vtoken eval`` run."""
+"""The lmms-eval model ``vtoken`` on tiny random-weight LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL checkpoints
+saved to disk with an offline character-level tokenizer: direct unit tests of the model class, then one end-to-end
+``vtoken eval`` run."""
 
 import glob
 import importlib.metadata
@@ -27,18 +28,19 @@ TEMPLATE = ("{% for message in messages %}{{ message['role'].upper() }}: {% for 
             "{% endfor %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
-def char_tokenizer():
+def char_tokenizer(video: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate([chr(i) for i in range(32, 127)] + ["\n"])}
-    for special in ["<pad>", "<s>", "</s>", "<image>"]:
+    marks = {"image_token": "<image>", **({"video_token": "<video>"} if video else {})}
+    for special in ["<pad>", "<s>", "</s>", *marks.values()]:
         vocab[special] = len(vocab)
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tk.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   extra_special_tokens={"image_token": "<image>"})
+                                   extra_special_tokens=marks)
 
 
 def save_tiny(path, next_: bool = False) -> str:
@@ -290,6 +292,53 @@ def test_llava_next(tmp_path):
     assert stats.visual_tokens_kept == [int(n * 0.25 + 0.5) for n in stats.visual_tokens_in]
     scores = pairs(model.loglikelihood(LOGLIKELIHOOD[:3]))
     assert all(s[0] > 0 for s in scores)
+
+
+def save_tiny_onevision(path) -> str:
+    """A tiny LLaVA-OneVision (SigLIP on 56 px tiles, AnyRes, a Qwen2 decoder) with its processor, offline."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    tok = char_tokenizer(video=True)
+    pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112]]
+    text = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=56, patch_size=14, vision_use_head=False)
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        video_token_id=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_2"))
+    size = {"height": 56, "width": 56}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size=size), tokenizer=tok, num_image_tokens=16,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_2", chat_template=TEMPLATE)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def test_a_llava_onevision_checkpoint(tmp_path):
+    """LLaVA-OneVision through the plugin: AnyRes counts from its processor, batched equals single, tokens counted."""
+    path = save_tiny_onevision(tmp_path / "onevision")
+    single = load(path, method="divprune", keep=0.25)
+    batched = load(path, method="divprune", keep=0.25, batch_size=3)
+    one, many = (m.generate_until(GENERATE[:3]) for m in (single, batched))
+    assert [r.text for r in one] == [r.text for r in many]
+    stats = batched.handle.stats
+    assert len(set(stats.visual_tokens_in)) > 1  # AnyRes: image sizes give different counts
+    assert stats.visual_tokens_kept == [int(n * 0.25 + 0.5) for n in stats.visual_tokens_in]
+    scores = pairs(batched.loglikelihood(LOGLIKELIHOOD[:3]))
+    alone = pairs(single.loglikelihood(LOGLIKELIHOOD[:3]))
+    assert [s[0] for s in scores] == pytest.approx([s[0] for s in alone], abs=1e-4)
 
 
 def save_tiny_qwen(path) -> str:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+)
 
 IMAGE_TOKEN = 99
 PAD, BOS, EOS = 0, 1, 2
@@ -44,6 +51,22 @@ def tiny_llava_next(attn: str = "sdpa", layers: int = 4):
                           image_token_id=IMAGE_TOKEN,
                           image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]])
     return LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+
+
+VIDEO_TOKEN = 98
+ONEVISION_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112], [112, 168], [168, 112], [168, 168]]
+
+
+def tiny_llava_onevision(attn: str = "sdpa", layers: int = 4):
+    """LLaVA-OneVision-shaped: a SigLIP tower (no [CLS]) on 56 px tiles (4 x 4 patches), a Qwen2 decoder, and
+    ``anyres_max_2`` so that a large image's grid is scaled down, as ``anyres_max_9`` does to real ones."""
+    torch.manual_seed(0)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=56, patch_size=14, vision_use_head=False)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=dict(text_config(layers), model_type="qwen2"),
+                               image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+                               image_grid_pinpoints=ONEVISION_PINPOINTS, vision_aspect_ratio="anyres_max_2")
+    return LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
 
 
 def visual_count(model, pixel_values, image_sizes=None) -> list[int]:

@@ -140,6 +140,10 @@ class VLMPatch:
         """The encoder's arguments from the multimodal forward's (when generate() did not encode beforehand)."""
         raise NotImplementedError
 
+    def packed(self, modality: Modality, output):
+        """The reduced encoder output in the form the host's forward reads (default: a list, one entry per item)."""
+        return output
+
     def companions(self, out) -> list[list[torch.Tensor]]:
         """Per item, other per-token tensors of the encoder output that must be reduced alike."""
         return []
@@ -447,7 +451,8 @@ class VLMPatch:
                     outputs[modality.name] = getattr(module, modality.features)(**self.encoder_call(modality, kwargs))
                 if self.provider is not None:
                     self.stats.vision = self.provider.stats()
-                outputs[modality.name], kept[modality.name] = self.reduce_items(modality, outputs[modality.name])
+                reduced, kept[modality.name] = self.reduce_items(modality, outputs[modality.name])
+                outputs[modality.name] = self.packed(modality, reduced)
                 kwargs[modality.pixels] = None
             kwargs[_compat.ENCODER_OUTPUTS] = outputs
             rows = self.rows_of_items(kwargs, {name: [n for n, _, _ in items] for name, items in kept.items()})
@@ -615,14 +620,22 @@ class VLMPatch:
                 cols = torch.cat([layout.slot_columns(layout.slots), cols], dim=1)
             if mask is None:  # filler slots must be masked out
                 mask = torch.ones(B, base + length_in, dtype=torch.long, device=device)
-            if mask.dim() == 4 and mask.shape[-1] > base + length_in:
-                # a static cache's mask spans all its slots: its later columns stay as they are, shifted left, and
-                # the slots the shortened prompt leaves empty at the end are blocked
-                total = mask.shape[-1]
-                tail = torch.arange(base + length_in, total, device=device).expand(B, -1)
-                empty = torch.full((B, total - cols.shape[1] - tail.shape[1]), -1, device=device)
-                cols = torch.cat([cols, tail, empty], dim=1)
-            kwargs["attention_mask"] = remap_mask(mask, rows, cols)
+
+            def remapped(mask: torch.Tensor) -> torch.Tensor:
+                slots = cols
+                if mask.dim() == 4 and mask.shape[-1] > base + length_in:
+                    # a static cache's mask spans all its slots: its later columns stay as they are, shifted left,
+                    # and the slots the shortened prompt leaves empty at the end are blocked
+                    total = mask.shape[-1]
+                    tail = torch.arange(base + length_in, total, device=device).expand(B, -1)
+                    empty = torch.full((B, total - cols.shape[1] - tail.shape[1]), -1, device=device)
+                    slots = torch.cat([cols, tail, empty], dim=1)
+                return remap_mask(mask, rows, slots)
+
+            # generate() hands a decoder with several layer types (Qwen2's full and sliding attention) one mask each
+            kwargs["attention_mask"] = ({kind: m if m is None else remapped(m) for kind, m in mask.items()}
+                                        if isinstance(mask, dict)
+                                        else remapped(mask))
         kwargs["position_ids"] = self.map_positions(kwargs, layout, edit, length_in)
 
     def after_llm(self, module, args, kwargs, output):

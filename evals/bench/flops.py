@@ -20,7 +20,7 @@ def decoder_layer_flops(n: int, cfg) -> float:
 
 def vision_parts(views: int, vcfg, block_tokens: list[int] | None = None) -> list[tuple[str, float, float]]:
     """(name, FLOPs, weights) of the patch embedding and of every block of the tower, over ``views`` crops."""
-    full = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
+    full = (vcfg.image_size // vcfg.patch_size) ** 2 + int("siglip" not in vcfg.model_type)  # CLIP's [CLS]
     block_tokens = block_tokens or [full] * vcfg.num_hidden_layers
     d, m = vcfg.hidden_size, vcfg.intermediate_size
     patch_weights = 3 * vcfg.patch_size**2 * d + full * d  # convolution + position embedding

@@ -358,7 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="budget for every method: int tokens or fraction (token_clustering: clusters)")
     parser.add_argument("--batch", type=positive_int, default=1, help="images (prompts) per generate() call")
     parser.add_argument("--video", action="store_true",
-                        help="Qwen-VL models: an 8-frame video per prompt instead of a 448x448 image")
+                        help="Qwen-VL and LLaVA-OneVision models: an 8-frame video per prompt instead of an image")
     parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed runs per method (median and quartiles reported); default: 10 on CUDA, 5 on a CPU")
     parser.add_argument("--warmup", type=non_negative_int, default=None,

@@ -23,6 +23,13 @@ QWEN25_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=
                    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
                    rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# LLaVA-OneVision-7B: SigLIP-so400m/14 at 384 px (27 x 27 = 729 tokens per view, no [CLS]) + Qwen2-7B
+SIGLIP_SO400M = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                     num_attention_heads=16, image_size=384, patch_size=14, vision_use_head=False)
+QWEN2_7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, vocab_size=152128, max_position_embeddings=32768,
+                rms_norm_eps=1e-6, rope_theta=1e6, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+ONEVISION_IDS = dict(image_token_id=151646, video_token_id=151647)
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
 QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
@@ -75,6 +82,20 @@ PRESETS: dict[str, Preset] = {
         "Qwen2.5-VL-7B shape: 448x448 image -> 256 merged tokens (or an 8-frame video) (random weights)",
         dict(kind="qwen2_5_vl", vision_config=QWEN25_VISION, text_config=QWEN25_TEXT, **QWEN_IDS),
     ),
+    "llava-onevision-7b": Preset(
+        "LLaVA-OneVision-7B shape: SigLIP 384 px, AnyRes (a 768x768 image: 5 views, 3,699 visual tokens; or an "
+        "8-frame video, 1,569 tokens), Qwen2-7B (random weights)",
+        dict(kind="llava_onevision", vision_config=SIGLIP_SO400M, text_config=QWEN2_7B, **ONEVISION_IDS),
+    ),
+    "tiny-llava-onevision": Preset(
+        "LLaVA-OneVision-7B-shaped: the same 384 px views and AnyRes layout, reduced width/depth (random weights)",
+        dict(kind="llava_onevision",
+             vision_config=dict(SIGLIP_SO400M, hidden_size=192, intermediate_size=768, num_hidden_layers=7,
+                                num_attention_heads=3),
+             text_config=dict(QWEN2_7B, hidden_size=896, intermediate_size=4864, num_hidden_layers=7,
+                              num_attention_heads=7, num_key_value_heads=1, vocab_size=32000),
+             image_token_id=31998, video_token_id=31999),
+    ),
     # Full depth and geometry, tiny width: for counting ops and syncs (vtoken overhead), which depend on the number of
     # layers and tokens, not on their width. LLaVA-1.5 and -NeXT: Vicuna-7B's 32 decoder layers; Qwen2.5-VL: 28.
     "count-llava-1.5": Preset(
@@ -103,7 +124,7 @@ PRESETS: dict[str, Preset] = {
 }
 # A LLaVA-1.5 conversation prompt: ~40 tokens of system prompt and "USER:" before the image, ~24 after.
 TEXT_BEFORE, TEXT_AFTER = 40, 24
-QWEN_IMAGE_SIDE, QWEN_VIDEO_FRAMES = 448, 8
+QWEN_IMAGE_SIDE, VIDEO_FRAMES = 448, 8
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default: str, families: str) -> None:
@@ -164,6 +185,7 @@ def build_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
 
 
 MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                 "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                  "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                  "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
@@ -174,7 +196,7 @@ def _model_class(config):
     if config.model_type in MODEL_CLASSES:
         return getattr(transformers, MODEL_CLASSES[config.model_type])
     raise ValueError(f"--model: {config.model_type!r} models are not supported by the benchmark; use a LLaVA, "
-                     f"LLaVA-NeXT or Qwen-VL checkpoint or one of the presets: {', '.join(PRESETS)}")
+                     f"LLaVA-NeXT, LLaVA-OneVision or Qwen-VL checkpoint or one of the presets: {', '.join(PRESETS)}")
 
 
 def is_qwen(model) -> bool:
@@ -185,7 +207,7 @@ def qwen_inputs(model, batch: int, video: bool, g: torch.Generator) -> dict:
     """A 448x448 image (or an 8-frame video of 448x448 frames) and a chat-length prompt for a Qwen-VL model."""
     cfg, vc = model.config, model.config.vision_config
     side = QWEN_IMAGE_SIDE // vc.patch_size
-    t = QWEN_VIDEO_FRAMES // vc.temporal_patch_size if video else 1
+    t = VIDEO_FRAMES // vc.temporal_patch_size if video else 1
     grid = torch.tensor([[t, side, side]] * batch)
     pixels = torch.randn(batch * t * side * side, 3 * vc.temporal_patch_size * vc.patch_size**2, generator=g)
     token = cfg.video_token_id if video else cfg.image_token_id
@@ -206,40 +228,57 @@ def qwen_inputs(model, batch: int, video: bool, g: torch.Generator) -> dict:
 
 
 def synthetic_inputs(model, batch: int = 1, seed: int = 0, video: bool = False) -> dict:
-    """Random image(s) (Qwen-VL: or videos) and a chat-length prompt with the right number of placeholders."""
+    """Random image(s) (Qwen-VL, LLaVA-OneVision: or 8-frame videos) and a chat-length prompt with the right number
+    of placeholders."""
     g = torch.Generator().manual_seed(seed)
     if is_qwen(model):
         return qwen_inputs(model, batch, video, g)
-    if video:
-        raise ValueError("--video: only Qwen-VL models take videos")
+    if video and model.config.model_type != "llava_onevision":
+        raise ValueError("--video: only Qwen-VL and LLaVA-OneVision models take videos")
     cfg = model.config
     size = cfg.vision_config.image_size
     device, dtype = model.device, model.dtype
     extra = {}
-    if cfg.model_type == "llava_next":
-        from vtoken.adapters.llava import anyres_views
-
-        image_size = max(cfg.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
-        views = anyres_views(image_size, cfg.image_grid_pinpoints, size)
-        pixels = torch.randn(batch, views, 3, size, size, generator=g)
-        extra["image_sizes"] = torch.tensor([image_size] * batch, device=device)
+    if video:
+        pixels = torch.randn(batch, VIDEO_FRAMES, 3, size, size, generator=g).to(device, dtype)
+        with torch.no_grad():
+            n_image = model.model.get_video_features(pixel_values_videos=pixels[:1],
+                                                     return_dict=True).pooler_output.shape[1]
+        token = cfg.video_token_id
+        extra["pixel_values_videos"] = pixels
     else:
-        pixels = torch.randn(batch, 3, size, size, generator=g)
-    pixels = pixels.to(device, dtype)
-    with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=pixels[:1], return_dict=True, **{
-            k: v[:1] for k, v in extra.items()})
-    n_image = feats.pooler_output[0].shape[0]
+        if cfg.model_type in ("llava_next", "llava_onevision"):
+            from vtoken.adapters.llava import anyres_views
+
+            if cfg.model_type == "llava_next":
+                image_size = max(cfg.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
+            else:
+                image_size = [2 * size, 2 * size]  # 2 x 2 tiles and the base view (768 x 768 at 384 px)
+            views = anyres_views(image_size, cfg.image_grid_pinpoints, size)
+            pixels = torch.randn(batch, views, 3, size, size, generator=g)
+            extra["image_sizes"] = torch.tensor([image_size] * batch, device=device)
+        else:
+            pixels = torch.randn(batch, 3, size, size, generator=g)
+        extra["pixel_values"] = pixels = pixels.to(device, dtype)
+        with torch.no_grad():
+            feats = model.model.get_image_features(return_dict=True, **{k: v[:1] for k, v in extra.items()})
+        n_image = feats.pooler_output[0].shape[0]
+        token = cfg.image_token_id
     vocab = cfg.text_config.vocab_size
     low = 3
-    high = min(vocab, cfg.image_token_id) if cfg.image_token_id > low else vocab
+    specials = [t for t in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if t is not None and t > low]
+    high = min([vocab, *specials])
     text = torch.randint(low, high, (batch, TEXT_BEFORE + TEXT_AFTER), generator=g)
-    image = torch.full((batch, n_image), cfg.image_token_id)
+    image = torch.full((batch, n_image), token)
     bos = torch.full((batch, 1), cfg.text_config.bos_token_id or 1)
     ids = torch.cat([bos, text[:, :TEXT_BEFORE], image, text[:, TEXT_BEFORE:]], dim=1).to(device)
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, **extra)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), **extra)
+
 
 
 def views_per_sample(inputs: dict) -> int:
+    """Tower passes per prompt: AnyRes views of an image, or frames of a video."""
     pixels = inputs.get("pixel_values")
+    if pixels is None:
+        pixels = inputs.get("pixel_values_videos")
     return pixels.shape[1] if pixels is not None and pixels.dim() == 5 else 1

@@ -1,4 +1,5 @@
-"""lmms-eval model ``vtoken``: a Hugging Face LLaVA / LLaVA-NeXT with any vtoken method applied.
+"""lmms-eval model ``vtoken``: a Hugging Face LLaVA, LLaVA-NeXT, LLaVA-OneVision or Qwen-VL with any vtoken method
+applied.
 
     python -m lmms_eval eval --model vtoken --tasks mme \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=todre,keep=64,dtype=float16
@@ -33,7 +34,8 @@ LOGLIKELIHOOD_SCORES = ("mean_loss", "sum_logprob")
 PASSED_GEN_KWARGS = ("num_beams", "top_p", "top_k", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
                      "min_new_tokens")
 MODEL_ARGS = {
-    "pretrained": "HF id or local path of a LLaVA / LLaVA-NeXT checkpoint with its processor (required)",
+    "pretrained": "HF id or local path of a LLaVA, LLaVA-NeXT, LLaVA-OneVision or Qwen-VL checkpoint with its "
+                  "processor (required)",
     "method": "a registered vtoken method, or none / dense for the unpatched model (default none)",
     "device": "cpu, cuda, cuda:1, ... (default: cuda if available; under accelerate launch, each process's GPU)",
     "device_map": "passed to from_pretrained to shard one model over several GPUs (e.g. auto); single process only",
