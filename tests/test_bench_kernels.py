@@ -17,7 +17,7 @@ def test_smoke_runs_every_kernel_through_the_interpreter(tmp_path, capsys):
     report = json.loads((tmp_path / "bench_kernels.json").read_text())
     assert report["interpreter"] is True
     kernels = [r["kernel"] for r in report["results"]]
-    assert kernels == ["compaction", "attention scoring", "attention scoring", "greedy selection"]
+    assert kernels == ["compaction", "attention scoring", "attention scoring", "greedy selection", "dpp greedy map"]
     for r in report["results"]:
         assert r["triton_ms"] > 0 and r["speedup"] is None  # interpreter times are no speed
         assert r["agree"] == "exact" or r["agree"].startswith("max abs diff")
@@ -28,7 +28,7 @@ def test_cpu_without_smoke_times_the_references_only(capsys):
     assert main(["bench-kernels", "--sizes", "llava-1.5", "--reps", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "only the PyTorch references are timed" in out
-    assert out.count("needs a GPU") == 4 and "| llava-1.5 | 1 |" in out
+    assert out.count("needs a GPU") == 5 and "| llava-1.5 | 1 |" in out
 
 
 def test_unknown_size_is_a_usage_error(capsys):

@@ -71,6 +71,18 @@ def test_greedy_selection_kernel(gpu_device, dtype, maxmin):
         assert torch.equal(greedy_from_gram_triton(gram, k, pivot, maxmin), expected)
 
 
+def test_dpp_greedy_map_kernel(gpu_device):
+    """CDPruner's kernels are fp32 (the method builds them so from any dtype): LLaVA-1.5 and LLaVA-NeXT sizes."""
+    from vtoken.kernels.dpp import dpp_greedy_map
+
+    for n, k in sized(gpu_device, [(576, 64), (2880, 288)], [(100, 30)]):
+        x = F.normalize(torch.randn(2, n, 4096 if gpu_device.type == "cuda" else 64, device=gpu_device), dim=-1)
+        r = torch.rand(2, n, device=gpu_device) + 0.1
+        kernel = r[:, :, None] * (x @ x.transpose(1, 2)) * r[:, None, :]
+        expected = dpp_greedy_map(kernel, k, backend="torch")
+        assert torch.equal(dpp_greedy_map(kernel, k, backend="triton"), expected)
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_svg2_kernels(gpu_device, dtype):
     # Wan 2.1 1.3B heads (128 wide) and cluster counts; 4 heads x 8,192 tokens keep the loop reference affordable

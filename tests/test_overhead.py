@@ -32,12 +32,13 @@ BEFORE = {
     "count-qwen2.5-vl": {"random": 121, "pool": 170, "divprune": 979, "todre": 1284, "attn_topk": 457,
                          "transprune": 1162, "corematching": 1080},
 }
-# extra prefill ops of methods added after those budgets: what they cost when added (+266 to +284), plus 10%
-ADDED_OPS = {"pyramiddrop": 315, "dart": 300}
+# extra prefill ops of methods added after those budgets: what they cost when added, plus 10% (PyramidDrop, DART:
+# +266 to +284; CDPruner with its greedy-MAP kernel: +76 to +91)
+ADDED_OPS = {"pyramiddrop": 315, "dart": 300, "cdpruner": 100}
 # syncs a prefill may add: one per pruning layer or adaptive decision (CoreMatching: its FFN slices are one more);
-# PyramidDrop and DART keep fixed budgets, so they add none
+# PyramidDrop, DART and CDPruner keep fixed budgets, so they add none
 PREFILL_SYNCS = {"random": 0, "pool": 0, "divprune": 0, "tokenflex": 0, "todre": 1, "attn_topk": 1, "transprune": 3,
-                 "corematching": 1, "corematching keep=None": 2, "pyramiddrop": 0, "dart": 0}
+                 "corematching": 1, "corematching keep=None": 2, "pyramiddrop": 0, "dart": 0, "cdpruner": 0}
 TRITON = {"backend": "triton"}
 METHODS = {
     "random": ("random", dict(keep=64)), "pool": ("pool", dict(keep=64)),
@@ -46,6 +47,7 @@ METHODS = {
     "transprune": ("transprune", dict(keep=64, **TRITON)), "corematching": ("corematching", dict(keep=64, **TRITON)),
     "corematching keep=None": ("corematching", dict(keep=None, **TRITON)),
     "pyramiddrop": ("pyramiddrop", dict(keep=64, **TRITON)), "dart": ("dart", dict(keep=64, **TRITON)),
+    "cdpruner": ("cdpruner", dict(keep=64, **TRITON)),
 }
 HOSTS = {"count-llava-1.5": list(METHODS), "count-llava-next": list(METHODS),
          "count-qwen2.5-vl": [m for m in METHODS if m not in ("tokenflex", "corematching", "corematching keep=None")]}

@@ -312,6 +312,30 @@ class VLMPatch:
                                            for c in extra] for e, r, extra in zip(entries, reductions, companions)])
         return reduced, [(e.shape[0], r.features.shape[0], r.places()) for e, r in zip(entries, reductions)]
 
+    def attach_instructions(self, kwargs, present: list[Modality], outputs: dict, rows: dict[str, list[int]]) -> None:
+        """Give every item's context its prompt row's instruction (see ``ImageContext.instruction``), for a boundary
+        method conditioned on it. Device ops only: the rows were counted with the prompt's layout."""
+        cache = {}
+
+        def instruction(row: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if "embeds" not in cache:
+                embeds = kwargs.get("inputs_embeds")
+                if embeds is None:
+                    embeds = self.base.get_input_embeddings()(kwargs["input_ids"])
+                placeholders = None
+                for modality in self.modalities():
+                    mask = self.placeholder_mask(kwargs, modality)
+                    placeholders = mask if placeholders is None else placeholders | mask
+                valid = mask_valid(kwargs.get("attention_mask"), placeholders.shape, placeholders.device)
+                pos = torch.arange(placeholders.shape[1], device=placeholders.device)
+                after = pos > torch.where(placeholders, pos, -1).amax(dim=1, keepdim=True)
+                cache["embeds"], cache["mask"] = embeds, valid & ~placeholders & after
+            return cache["embeds"][row], cache["mask"][row]
+
+        for modality in present:
+            for entry, row in zip(outputs[modality.name].pooler_output, rows[modality.name]):
+                self.items[id(entry)].context.instruction = functools.partial(instruction, row)
+
     def placeholder_mask(self, kwargs, modality: Modality) -> torch.Tensor:
         ids = kwargs.get("input_ids")
         if ids is not None:
@@ -445,17 +469,23 @@ class VLMPatch:
         edit, visual_counts = None, None
         outputs = dict(kwargs.get(_compat.ENCODER_OUTPUTS) or {})
         if boundary is not None:
-            kept = {}
             for modality in present:
                 if outputs.get(modality.name) is None:
                     outputs[modality.name] = getattr(module, modality.features)(**self.encoder_call(modality, kwargs))
                 if self.provider is not None:
                     self.stats.vision = self.provider.stats()
+            rows = self.rows_of_items(kwargs, {m.name: [e.shape[0] for e in outputs[m.name].pooler_output]
+                                               for m in present})
+            if boundary.conditioned:
+                self.attach_instructions(kwargs, present, outputs, rows)
+            kept = {}
+            for modality in present:
                 reduced, kept[modality.name] = self.reduce_items(modality, outputs[modality.name])
                 outputs[modality.name] = self.packed(modality, reduced)
                 kwargs[modality.pixels] = None
+            for item in self.items.values():
+                item.context.instruction = None  # this call's prompt is not kept alive
             kwargs[_compat.ENCODER_OUTPUTS] = outputs
-            rows = self.rows_of_items(kwargs, {name: [n for n, _, _ in items] for name, items in kept.items()})
             edit, visual_counts = self.shorten_prompt(kwargs, kept, rows)
             if static and edit is not None and edit.added_padding:
                 raise ValueError(STATIC_CONTINUED)

@@ -1,7 +1,8 @@
 """``vtoken bench-kernels``: each fused kernel against its PyTorch reference, at the sizes the methods meet.
 
 Kernels: ragged compaction (DecoderPruner, after an in-LLM decision), attention-row scoring (attn_topk's last row,
-ToDRE stage 2's text rows) and greedy diversity selection (ToDRE / DivPrune stage 1). Sizes: ``llava-1.5``
+ToDRE stage 2's text rows), greedy diversity selection (ToDRE / DivPrune stage 1) and the greedy MAP of a DPP
+(CDPruner). Sizes: ``llava-1.5``
 (576 visual tokens in a 641-token prompt, LLaMA-7B width 4096, 32 heads x 128) and ``llava-next`` (2,880 visual
 tokens, the AnyRes count of a 672x672 image before unpadding). Both paths run through the same dispatch call the
 library makes (``backend="torch"`` / ``"triton"``), so the times include what a call really costs, and every row says
@@ -71,11 +72,12 @@ class Result:
 def agreement(kernel: str, ref, got) -> tuple[str, bool]:
     """How the Triton output compares with the reference's, and whether that is acceptable: compaction must match
     exactly; scores may differ by rounding (fp32 sums in another order); a greedy selection may part at a near-tie
-    of fp32 sums computed in another order (the matrix-vector loop vs the Gram matrix), in at most 1% of its picks."""
+    of fp32 sums computed in another order (the matrix-vector loop vs the Gram matrix; the DPP's batched products vs
+    the kernel's running sums), in at most 1% of its picks."""
     refs, gots = (ref, got) if isinstance(ref, tuple) else ((ref,), (got,))
     if all(torch.equal(r, g) for r, g in zip(refs, gots)):
         return "exact", True
-    if kernel == "greedy selection":
+    if kernel in ("greedy selection", "dpp greedy map"):
         differ = sum(int(torch.isin(r, g, invert=True).sum()) for r, g in zip(ref, got))  # kept sets, per image
         return f"{differ} of {ref.numel()} kept tokens differ", differ <= 0.01 * ref.numel()
     diff = max(float((r.float() - g.float()).abs().max()) for r, g in zip(refs, gots))
@@ -100,6 +102,7 @@ def cases(size: Size, batch: int, device, dtype, gen: torch.Generator):
     from vtoken.kernels.attention import attention_received
     from vtoken.kernels.compaction import compact
     from vtoken.kernels.diversity import greedy_select
+    from vtoken.kernels.dpp import dpp_greedy_map
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(device, dtype)
@@ -127,6 +130,12 @@ def cases(size: Size, batch: int, device, dtype, gen: torch.Generator):
     pivots = torch.zeros(batch, dtype=torch.long, device=device)
     yield ("greedy selection", f"{size.keep} of {size.visual} (max-sum)",
            lambda backend: greedy_select(features, size.keep, pivots, "maxsum", backend))
+
+    x = features.float()
+    relevance = torch.rand(batch, size.visual, generator=gen).to(device) + 0.1
+    kernel = relevance[:, :, None] * (x @ x.transpose(1, 2)) * relevance[:, None, :]  # CDPruner's, always fp32
+    yield ("dpp greedy map", f"{size.keep} of {size.visual} (CDPruner)",
+           lambda backend: dpp_greedy_map(kernel, size.keep, backend))
 
 
 def run_benchmark(sizes: list[str], batches: list[int], device: torch.device, dtype: torch.dtype, reps: int,

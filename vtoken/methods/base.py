@@ -67,6 +67,9 @@ class ImageContext:
     modality: str = "image"  # "image" or "video"
     # video: the frame (temporal position) of every token, (n,); its segments are one grid per frame, in order
     frames: torch.Tensor | None = None
+    # instruction() -> ((L, D) the LLM input embeddings of the item's prompt row, (L,) bool: its instruction tokens,
+    # the real text after the row's last visual placeholder); set for methods with ``conditioned = True``
+    instruction: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -182,6 +185,7 @@ class VisualTokenMethod:
     keep: Budget = 0.25
     method_name: ClassVar[str] = ""
     stages: ClassVar[tuple[str, ...]] = ()  # where it works (``vtoken.registry.STAGES``), set by register_method
+    conditioned: ClassVar[bool] = False  # its boundary stage reads the prompt's instruction (ImageContext.instruction)
 
     @property
     def boundary(self) -> bool:
