@@ -266,6 +266,13 @@ def clip_attention(layer) -> EncoderAttention:
     return EncoderAttention(layer.layer_norm1, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, attn.scale)
 
 
+def vision_blocks(tower) -> Any:
+    """The transformer blocks of a VLM's vision tower (CLIP / SigLIP: ``encoder.layers``; InternViT:
+    ``encoder.layer``)."""
+    encoder = vision_encoder(tower).encoder
+    return encoder.layers if hasattr(encoder, "layers") else encoder.layer
+
+
 def clip_parts(tower) -> tuple[Any, Any, bool]:
     """(embeddings, encoder layers, has [CLS]) of a CLIP-like vision transformer."""
     encoder = vision_encoder(tower)

@@ -107,6 +107,22 @@ def test_run_bench_on_a_llava_onevision_model(video):
     assert divprune["flops_ratio"] > 1.0
 
 
+def test_run_bench_on_an_internvl_model():
+    """An image is 7 tiles of 16 tokens each, every tile reduced on its own; the tower's blocks are counted."""
+    from tiny_models import tiny_internvl
+
+    from vtoken.evals.bench.models import views_per_sample
+
+    model = tiny_internvl()
+    inputs = synthetic_inputs(model, batch=2)
+    assert inputs["pixel_values"].shape[0] == 14 and views_per_sample(inputs) == 7
+    results, _ = run_bench(model, inputs, [("divprune", {"keep": 0.25})], repeats=1, warmup=0, new_tokens=2,
+                           progress=False)
+    dense, divprune = results
+    assert dense["visual_tokens_llm"] == 7 * 16 and divprune["visual_tokens_llm"] == 7 * 4
+    assert divprune["flops_ratio"] > 1.0
+
+
 def test_qwen_vision_flops_by_hand():
     """Qwen2.5-VL's encoder: windowed blocks attend within 56 px squares (4x4 = 16 patches), full blocks within a
     temporal patch; SwiGLU MLP; one 2x2 merger into the LLM width."""

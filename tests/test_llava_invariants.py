@@ -1,5 +1,5 @@
-"""The invariants of docs/design.md for every LLaVA-side method, on tiny random-weight LLaVA, LLaVA-NeXT and
-LLaVA-OneVision (images; OneVision's videos are in test_llava_onevision.py)."""
+"""The invariants of docs/design.md for every LLaVA-side method, on tiny random-weight LLaVA, LLaVA-NeXT,
+LLaVA-OneVision (images; OneVision's videos are in test_llava_onevision.py) and InternVL (images of several tiles)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tiny_models import (
     VIDEO_TOKEN,
     left_pad,
     prompt,
+    tiny_internvl,
     tiny_llava,
     tiny_llava_next,
     tiny_llava_onevision,
@@ -23,6 +24,7 @@ from tiny_models import (
 import vtoken
 from vtoken.adapters._compat import find_cache
 from vtoken.adapters.vlm.cache import CacheLayout
+from vtoken.methods.base import Reduction
 from vtoken.methods.tokenflex import TokenFlexProjector
 
 
@@ -45,6 +47,7 @@ KEEP_ALL = {
     "corematching": dict(keep=1.0, beta=1.0),  # beta=1: every neuron is a core neuron, decode stays dense
     "pyramiddrop": dict(keep=1.0),
     "dart": dict(keep=1.0),
+    "cdpruner": dict(keep=1.0),
 }
 PRUNING = {
     "todre": dict(keep=0.25),
@@ -62,6 +65,8 @@ PRUNING = {
     "pyramiddrop_layers": dict(keep=10, layers=(1, 3)),
     "dart": dict(keep=0.25),
     "dart_layer1": dict(keep=0.25, layer=1, text_pivots=2),
+    "cdpruner": dict(keep=0.25),
+    "cdpruner_similar": dict(keep=0.25, relevance="similar"),
     "visionzip": dict(keep=16),  # LLaVA-1.5 only; its keep-all case ('full' strategy) is in test_visionzip.py
     # TokenFLEX takes a token count per view, not a keep budget: 9 = 3 x 3 pools both tiny grids (8 x 8 and
     # LLaVA-NeXT's 4 x 4 views); its keep-all case (N = the native grid) is in test_tokenflex.py
@@ -74,6 +79,7 @@ BOUNDARY_ONLY = {
     "divprune": dict(keep=0.25),
     "random": dict(keep=0.25),
     "pool": dict(keep=0.25),
+    "cdpruner": dict(keep=0.25),
 }
 
 
@@ -98,11 +104,15 @@ class Host:
             self.model = tiny_llava_next(attn)
             self.sizes = [torch.tensor([[112, 84]]), torch.tensor([[56, 56]]), torch.tensor([[84, 112]])]
             self.pixels = [torch.randn(1, 5, 3, 56, 56) for _ in range(3)]
-        else:
+        elif name == "llava_onevision":
             self.model = tiny_llava_onevision(attn)
             self.sizes = [torch.tensor([[168, 140]]), torch.tensor([[56, 56]]), torch.tensor([[84, 112]])]
             self.pixels = [torch.randn(1, 10, 3, 56, 56) for _ in range(3)]
-        self.counts = [visual_count(self.model, p, s)[0] for p, s in zip(self.pixels, self.sizes)]
+        else:  # InternVL: an image is its tiles, each reduced on its own (the first image has one tile)
+            self.model = tiny_internvl(attn)
+            self.sizes = [None] * 3
+            self.pixels = [torch.randn(tiles, 3, 112, 112) for tiles in (1, 3, 2)]
+        self.counts = [sum(visual_count(self.model, p, s)) for p, s in zip(self.pixels, self.sizes)]
         # different prompt lengths too, so the batch is left-padded
         self.rows = [prompt(c, after=(7, 8, 9, 10)[: 2 + i]) for i, c in enumerate(self.counts)]
 
@@ -121,7 +131,7 @@ class Host:
         return out
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision"])
+@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision", "internvl"])
 def host(request):
     return Host(request.param)
 
@@ -132,10 +142,12 @@ def logits(model, **inputs) -> torch.Tensor:
 
 
 def greedy(model, n: int = 5, **inputs) -> torch.Tensor:
+    """The ``n`` tokens generated after the prompt, right-padded with the pad id (0) when every row stopped early at
+    EOS, as a batch pads a row that finished before the others."""
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0,
-                             suppress_tokens=SUPPRESS)
-    return out[:, -n:]
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0, suppress_tokens=SUPPRESS)
+    new = out[:, inputs["input_ids"].shape[1]:] if inputs.get("input_ids") is not None else out
+    return F.pad(new, (0, n - new.shape[1]), value=0)
 
 
 # 1. keep-all is lossless ------------------------------------------------------------------------------------------
@@ -245,6 +257,16 @@ def pin_decisions(config) -> None:
     Without a cache every step re-runs prefill on prompt + generated tokens, and score-based rules would see a
     different last token. Pinning isolates what this test is about: the pruned sequence and its cache.
     """
+    if getattr(config, "conditioned", False):  # a boundary choice that reads the prompt's text (CDPruner): the loop's
+        reduce_batch, first = config.reduce_batch, {}  # prompts grow by the generated tokens, its question does not
+
+        def pinned_batch(images):  # one call per modality of a prefill: pinned by what it reduces
+            key = tuple((ctx.modality, f.shape[0]) for f, ctx in images)
+            kept = first.get(key) or first.setdefault(key, [r.kept for r in reduce_batch(images)])
+            return [Reduction(f, None) if k is None else Reduction(f.index_select(0, k), k)
+                    for (f, _), k in zip(images, kept)]
+
+        config.reduce_batch = pinned_batch
     if not hasattr(config, "prune"):  # no in-LLM decisions to pin (TokenFLEX)
         return
     decide, memo = config.prune, {}
@@ -315,24 +337,33 @@ def test_cached_generate_equals_no_cache_loop(host, name):
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0,
                                  suppress_tokens=SUPPRESS, return_dict_in_generate=True)
-        cached = out.sequences[:, -5:]
+        cached = out.sequences[:, inputs["input_ids"].shape[1]:]  # fewer than 5 once every row has stopped
         ffn = decode_ffn_layers(model, handle)
         layout = CacheLayout.of(find_cache(out))
         assert bool(ffn) == (layout is not None and layout.row_state is not None)
         neurons = layout.row_state["decode_neurons"] if ffn else None
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        steps = []
+        steps, done = [], torch.zeros(ids.shape[0], 1, dtype=torch.bool)
         generated = lambda length: range(length - len(steps), length)  # noqa: E731  (rows of generated tokens)
-        for _ in range(5):
+        for _ in range(cached.shape[1]):
             with torch.no_grad(), sparse_ffn_reference(model, ffn, neurons, generated):
                 out = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
-            out[:, SUPPRESS] = float("-inf")
-            nxt = out.argmax(-1, keepdim=True)
+            nxt, done = next_greedy(out, done)
             steps.append(nxt)
             ids = torch.cat([ids, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
     assert torch.equal(cached, torch.cat(steps, 1))
+    assert cached.shape[1] == 5 or bool(done.all())  # generate() stops early only when every row has finished
+
+
+def next_greedy(logits: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What generate() appends for the last positions' ``logits`` (B, V): the greedy token with the placeholders
+    suppressed, or the pad id (0) in rows that already emitted EOS (``done``, (B, 1), updated)."""
+    logits = logits.clone()
+    logits[:, SUPPRESS] = float("-inf")
+    nxt = torch.where(done, 0, logits.argmax(-1, keepdim=True))
+    return nxt, done | (nxt == EOS)
 
 
 # 6. SDPA and eager agree -----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from test_llava_invariants import (
     decode_ffn_layers,
     logits,
     method_of,
+    next_greedy,
     pin_decisions,
     sparse_ffn_reference,
 )
@@ -202,23 +203,23 @@ def test_boundary_equals_unpatched_on_the_shortened_video(model, rows, name):
 @pytest.mark.parametrize("name", sorted(ONEVISION))
 def test_cached_generate_equals_the_no_cache_loop(model, rows, name):
     inputs = rows.inputs([0, 1, 2, 3])
-    steps = GEN["max_new_tokens"]
+    prompt = inputs["input_ids"].shape[1]
     with vtoken.patch(model, method_of(name), **PRUNING[name]) as handle:
         pin_decisions(handle.config)
         with torch.no_grad():
             out = model.generate(**inputs, **GEN, return_dict_in_generate=True)
-        cached = out.sequences[:, -steps:]
+        cached = out.sequences[:, prompt:]
         ffn = decode_ffn_layers(model, handle)
         neurons = CacheLayout.of(find_cache(out)).row_state["decode_neurons"] if ffn else None
         ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-        made = []
+        made, done = [], torch.zeros(ids.shape[0], 1, dtype=torch.bool)
         generated = lambda length: range(length - len(made), length)  # noqa: E731  (rows of generated tokens)
-        for _ in range(steps):
+        for _ in range(cached.shape[1]):
             with torch.no_grad(), sparse_ffn_reference(model, ffn, neurons, generated):
                 last = model(input_ids=ids, attention_mask=mask, use_cache=False, **inputs).logits[:, -1]
-            last[:, SUPPRESS] = float("-inf")
-            made.append(last.argmax(-1, keepdim=True))
-            ids, mask = torch.cat([ids, made[-1]], 1), torch.cat([mask, torch.ones_like(made[-1])], 1)
+            nxt, done = next_greedy(last, done)
+            made.append(nxt)
+            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
     assert torch.equal(cached, torch.cat(made, 1))
 
 

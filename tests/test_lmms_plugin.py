@@ -28,12 +28,14 @@ TEMPLATE = ("{% for message in messages %}{{ message['role'].upper() }}: {% for 
             "{% endfor %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
-def char_tokenizer(video: bool = False):
+def char_tokenizer(marks: dict[str, str] | None = None):
+    """One token per character, plus pad / BOS / EOS and the processor's special tokens (``marks``: attribute name
+    -> token, by default LLaVA's ``<image>``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    marks = marks or {"image_token": "<image>"}
     vocab = {c: i for i, c in enumerate([chr(i) for i in range(32, 127)] + ["\n"])}
-    marks = {"image_token": "<image>", **({"video_token": "<video>"} if video else {})}
     for special in ["<pad>", "<s>", "</s>", *marks.values()]:
         vocab[special] = len(vocab)
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
@@ -304,7 +306,7 @@ def save_tiny_onevision(path) -> str:
         LlavaOnevisionVideoProcessor,
     )
 
-    tok = char_tokenizer(video=True)
+    tok = char_tokenizer({"image_token": "<image>", "video_token": "<video>"})
     pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112]]
     text = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
@@ -328,24 +330,69 @@ def save_tiny_onevision(path) -> str:
 
 def test_a_llava_onevision_checkpoint(tmp_path):
     """LLaVA-OneVision through the plugin: AnyRes counts from its processor, batched equals single, tokens counted."""
-    path = save_tiny_onevision(tmp_path / "onevision")
+    tokens_in, kept = batched_equals_single(save_tiny_onevision(tmp_path / "onevision"))
+    assert len(set(tokens_in)) > 1  # AnyRes: image sizes give different counts
+    assert kept == [int(n * 0.25 + 0.5) for n in tokens_in]
+
+
+def batched_equals_single(path: str) -> tuple[list[int], list[int]]:
+    """divprune at 25% through the plugin, one request at a time and three at once: the same texts and scores.
+    Returns the visual tokens in and kept per item of the batched generate_until."""
     single = load(path, method="divprune", keep=0.25)
     batched = load(path, method="divprune", keep=0.25, batch_size=3)
     one, many = (m.generate_until(GENERATE[:3]) for m in (single, batched))
     assert [r.text for r in one] == [r.text for r in many]
     stats = batched.handle.stats
-    assert len(set(stats.visual_tokens_in)) > 1  # AnyRes: image sizes give different counts
-    assert stats.visual_tokens_kept == [int(n * 0.25 + 0.5) for n in stats.visual_tokens_in]
+    counts = list(stats.visual_tokens_in), list(stats.visual_tokens_kept)
     scores = pairs(batched.loglikelihood(LOGLIKELIHOOD[:3]))
     alone = pairs(single.loglikelihood(LOGLIKELIHOOD[:3]))
     assert [s[0] for s in scores] == pytest.approx([s[0] for s in alone], abs=1e-4)
+    return counts
+
+
+def save_tiny_internvl(path) -> str:
+    """A tiny InternVL (112 px tiles of 16 tokens each, up to 4 tiles and a thumbnail, a Qwen2 decoder) with its
+    processor, offline."""
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    tok = char_tokenizer({"start_image_token": "<img>", "end_image_token": "</img>",
+                          "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    text = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                tie_word_embeddings=False)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=[112, 112], patch_size=[14, 14])
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        downsample_ratio=0.5, tie_word_embeddings=False))
+    size = {"height": 112, "width": 112}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=4),
+        video_processor=InternVLVideoProcessor(size=size), tokenizer=tok, image_seq_length=16,
+        chat_template=TEMPLATE.replace("<image>\n", "<IMG_CONTEXT>\n"))
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def test_an_internvl_checkpoint(tmp_path):
+    """InternVL through the plugin: tiles from its processor (each reduced on its own), batched equals single."""
+    tokens_in, kept = batched_equals_single(save_tiny_internvl(tmp_path / "internvl"))
+    assert set(tokens_in) == {16} and len(tokens_in) > 3  # tiles of 16 tokens each
+    assert kept == [4] * len(tokens_in)
 
 
 def save_tiny_qwen(path) -> str:
     """A tiny Qwen2-VL (2x2 merger, 14 px patches, images of 4..16 merged tokens) with its processor, offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
-        PreTrainedTokenizerFast,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
         Qwen2VLImageProcessor,
@@ -353,16 +400,9 @@ def save_tiny_qwen(path) -> str:
         Qwen2VLVideoProcessor,
     )
 
-    vocab = {c: i for i, c in enumerate([chr(i) for i in range(32, 127)] + ["\n"])}
     marks = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
-    for special in ["<pad>", "<s>", "</s>", *marks.values()]:
-        vocab[special] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                  extra_special_tokens=marks)
+    tok = char_tokenizer(marks)
     template = TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>")
     sizes = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes),

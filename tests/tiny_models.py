@@ -69,6 +69,21 @@ def tiny_llava_onevision(attn: str = "sdpa", layers: int = 4):
     return LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
 
 
+def tiny_internvl(attn: str = "sdpa", layers: int = 4):
+    """InternVL3-shaped: an InternViT-like tower with [CLS] on 112 px views (8 x 8 patches), pixel-shuffled to 4 x 4 =
+    16 tokens per view, a Qwen2 decoder."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=[112, 112], patch_size=[14, 14])
+    # untied embeddings: tied ones make a tiny random decoder repeat its last token, whatever it sees
+    cfg = InternVLConfig(vision_config=vision, text_config=dict(text_config(layers), model_type="qwen2",
+                                                                tie_word_embeddings=False),
+                         image_token_id=IMAGE_TOKEN, downsample_ratio=0.5, tie_word_embeddings=False)
+    return InternVLForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+
+
 def visual_count(model, pixel_values, image_sizes=None) -> list[int]:
     kwargs = {"image_sizes": image_sizes} if image_sizes is not None else {}
     with torch.no_grad():

@@ -20,11 +20,13 @@ def decoder_layer_flops(n: int, cfg) -> float:
 
 def vision_parts(views: int, vcfg, block_tokens: list[int] | None = None) -> list[tuple[str, float, float]]:
     """(name, FLOPs, weights) of the patch embedding and of every block of the tower, over ``views`` crops."""
-    full = (vcfg.image_size // vcfg.patch_size) ** 2 + int("siglip" not in vcfg.model_type)  # CLIP's [CLS]
+    side = side_of(vcfg.image_size) // side_of(vcfg.patch_size)
+    full = side**2 + int("siglip" not in vcfg.model_type)  # a [CLS] token but in SigLIP
     block_tokens = block_tokens or [full] * vcfg.num_hidden_layers
     d, m = vcfg.hidden_size, vcfg.intermediate_size
-    patch_weights = 3 * vcfg.patch_size**2 * d + full * d  # convolution + position embedding
-    parts = [("vision embed", float(views * 2 * (full - 1) * 3 * vcfg.patch_size**2 * d), float(patch_weights))]
+    patch = side_of(vcfg.patch_size)
+    patch_weights = 3 * patch**2 * d + full * d  # convolution + position embedding
+    parts = [("vision embed", float(views * 2 * (full - 1) * 3 * patch**2 * d), float(patch_weights))]
     for i, n in enumerate(block_tokens):
         flops = 2 * n * d * 4 * d + 4 * n * n * d + 2 * n * d * m * 2
         parts.append((f"vision block {i}", float(views * flops), float(4 * d * d + 2 * d * m + 9 * d + m)))
@@ -83,7 +85,7 @@ def prefill_parts(config, tokens_per_layer: list[list[int]], views: int, project
     if grids is not None:
         parts = qwen_vision_parts(config.vision_config, grids)
     else:
-        vision_dim = config.vision_config.hidden_size * (
+        vision_dim = config.vision_config.hidden_size * round(getattr(config, "downsample_ratio", 1.0) ** -2) * (
             len(config.vision_feature_layer) if isinstance(config.vision_feature_layer, (list, tuple)) else 1)
         parts = vision_parts(views, config.vision_config, tower_tokens)
         parts.append(("projector", projector_flops(projected_tokens, config), float(vision_dim * d + d * d + 2 * d)))
@@ -95,8 +97,14 @@ def prefill_parts(config, tokens_per_layer: list[list[int]], views: int, project
     return parts
 
 
+def side_of(size) -> int:
+    """A square size given as an int or as (height, width) (InternVL's tower)."""
+    return size[0] if isinstance(size, (list, tuple)) else size
+
+
 def projector_flops(n_tokens: int, config) -> float:
-    vision_dim = config.vision_config.hidden_size
+    # InternVL's pixel shuffle folds 1 / ratio^2 patches into each token the projector reads
+    vision_dim = config.vision_config.hidden_size * round(getattr(config, "downsample_ratio", 1.0) ** -2)
     layers = config.vision_feature_layer
     if isinstance(layers, (list, tuple)):
         vision_dim *= len(layers)

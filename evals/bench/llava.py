@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import vtoken
+from vtoken.adapters import _compat
 from vtoken.cli import usage_errors
 from vtoken.evals.bench.flops import prefill_flops
 from vtoken.evals.bench.memory import PeakMemory
@@ -87,7 +88,7 @@ class TowerTokens:
 
     def __init__(self, model):
         tower = getattr(model.model, "vision_tower", None)
-        blocks = [] if tower is None else getattr(tower, "vision_model", tower).encoder.layers  # Qwen-VL: none
+        blocks = [] if tower is None else _compat.vision_blocks(tower)  # Qwen-VL: none counted
         self.counts: list[int] = []
         self.hooks = [block.register_forward_pre_hook(self._seen, with_kwargs=True) for block in blocks]
         self.blocks = len(blocks)

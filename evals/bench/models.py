@@ -30,6 +30,12 @@ QWEN2_7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, n
                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152128, max_position_embeddings=32768,
                 rms_norm_eps=1e-6, rope_theta=1e6, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 ONEVISION_IDS = dict(image_token_id=151646, video_token_id=151647)
+# InternVL3-8B: InternViT-300M at 448 px ([CLS] + 32 x 32 patches, pixel-shuffled to 16 x 16 = 256 tokens per tile)
+# + Qwen2.5-7B; the benchmark's image is 6 tiles and the thumbnail (1,792 tokens)
+INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=[448, 448], patch_size=[14, 14])
+QWEN25_7B = dict(QWEN2_7B, vocab_size=151674)
+INTERNVL_TILES = 7
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
 QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
@@ -95,6 +101,21 @@ PRESETS: dict[str, Preset] = {
              text_config=dict(QWEN2_7B, hidden_size=896, intermediate_size=4864, num_hidden_layers=7,
                               num_attention_heads=7, num_key_value_heads=1, vocab_size=32000),
              image_token_id=31998, video_token_id=31999),
+    ),
+    "internvl3-8b": Preset(
+        "InternVL3-8B shape: InternViT-300M at 448 px, an image of 6 tiles + thumbnail (1,792 visual tokens), "
+        "Qwen2.5-7B (random weights)",
+        dict(kind="internvl", vision_config=INTERNVIT_300M, text_config=QWEN25_7B, image_token_id=151667,
+             downsample_ratio=0.5),
+    ),
+    "tiny-internvl3": Preset(
+        "InternVL3-8B-shaped: the same 448 px tiles (7 per image), reduced width/depth (random weights)",
+        dict(kind="internvl",
+             vision_config=dict(INTERNVIT_300M, hidden_size=192, intermediate_size=768, num_hidden_layers=7,
+                                num_attention_heads=3),
+             text_config=dict(QWEN25_7B, hidden_size=896, intermediate_size=4864, num_hidden_layers=7,
+                              num_attention_heads=7, num_key_value_heads=1, vocab_size=32000),
+             image_token_id=31999, downsample_ratio=0.5),
     ),
     # Full depth and geometry, tiny width: for counting ops and syncs (vtoken overhead), which depend on the number of
     # layers and tokens, not on their width. LLaVA-1.5 and -NeXT: Vicuna-7B's 32 decoder layers; Qwen2.5-VL: 28.
@@ -186,6 +207,7 @@ def build_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
 
 MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
                  "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+                 "internvl": "InternVLForConditionalGeneration",
                  "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                  "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
@@ -196,7 +218,8 @@ def _model_class(config):
     if config.model_type in MODEL_CLASSES:
         return getattr(transformers, MODEL_CLASSES[config.model_type])
     raise ValueError(f"--model: {config.model_type!r} models are not supported by the benchmark; use a LLaVA, "
-                     f"LLaVA-NeXT, LLaVA-OneVision or Qwen-VL checkpoint or one of the presets: {', '.join(PRESETS)}")
+                     f"LLaVA-NeXT, LLaVA-OneVision, InternVL or Qwen-VL checkpoint or one of the presets: "
+                     f"{', '.join(PRESETS)}")
 
 
 def is_qwen(model) -> bool:
@@ -237,6 +260,7 @@ def synthetic_inputs(model, batch: int = 1, seed: int = 0, video: bool = False) 
         raise ValueError("--video: only Qwen-VL and LLaVA-OneVision models take videos")
     cfg = model.config
     size = cfg.vision_config.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size  # InternVL's tower gives (height, width)
     device, dtype = model.device, model.dtype
     extra = {}
     if video:
@@ -257,12 +281,15 @@ def synthetic_inputs(model, batch: int = 1, seed: int = 0, video: bool = False) 
             views = anyres_views(image_size, cfg.image_grid_pinpoints, size)
             pixels = torch.randn(batch, views, 3, size, size, generator=g)
             extra["image_sizes"] = torch.tensor([image_size] * batch, device=device)
+        elif cfg.model_type == "internvl":  # the tiles of every image, one after the other
+            pixels = torch.randn(batch * INTERNVL_TILES, 3, size, size, generator=g)
         else:
             pixels = torch.randn(batch, 3, size, size, generator=g)
         extra["pixel_values"] = pixels = pixels.to(device, dtype)
+        one = {k: v[: INTERNVL_TILES if cfg.model_type == "internvl" else 1] for k, v in extra.items()}
         with torch.no_grad():
-            feats = model.model.get_image_features(return_dict=True, **{k: v[:1] for k, v in extra.items()})
-        n_image = feats.pooler_output[0].shape[0]
+            feats = model.model.get_image_features(return_dict=True, **one)
+        n_image = sum(f.shape[0] for f in feats.pooler_output)
         token = cfg.image_token_id
     vocab = cfg.text_config.vocab_size
     low = 3
@@ -277,8 +304,10 @@ def synthetic_inputs(model, batch: int = 1, seed: int = 0, video: bool = False) 
 
 
 def views_per_sample(inputs: dict) -> int:
-    """Tower passes per prompt: AnyRes views of an image, or frames of a video."""
+    """Tower passes per prompt: AnyRes views or InternVL tiles of an image, or frames of a video."""
     pixels = inputs.get("pixel_values")
+    if pixels is not None and pixels.dim() == 4 and pixels.shape[0] > inputs["input_ids"].shape[0]:  # InternVL tiles
+        return pixels.shape[0] // inputs["input_ids"].shape[0]
     if pixels is None:
         pixels = inputs.get("pixel_values_videos")
     return pixels.shape[1] if pixels is not None and pixels.dim() == 5 else 1
