@@ -60,11 +60,7 @@ class InternVLPatch(VLMPatch):
         return output
 
 
-def install_method(model, method, handle) -> None:
-    """A boundary or in-LLM method (or both) on this InternVL instance's shared patch."""
-    InternVLPatch.of(model).attach_method(method, handle)
-
 
 register_host("internvl", "transformers InternVLForConditionalGeneration (InternVL3 / 3.5), images as tiles and "
               "videos as frames", matches=is_internvl,
-              installers={"boundary": install_method, "in_llm": install_method})
+              installers={"boundary": InternVLPatch.install, "in_llm": InternVLPatch.install})

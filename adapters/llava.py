@@ -230,12 +230,8 @@ class LlavaPatch(VLMPatch):
         tile = self.config.vision_config.image_size
         return [anyres_views(s, self.config.image_grid_pinpoints, tile) for s in image_sizes]
 
-def install_method(model, method, handle) -> None:
-    """A boundary or in-LLM method (or both) on this LLaVA instance's shared patch."""
-    LlavaPatch.of(model).attach_method(method, handle)
-
 
 register_host("llava", "transformers LlavaForConditionalGeneration (LLaVA-1.5)", matches=is_llava,
-              installers={"boundary": install_method, "in_llm": install_method})
+              installers={"boundary": LlavaPatch.install, "in_llm": LlavaPatch.install})
 register_host("llava_next", "transformers LlavaNextForConditionalGeneration (LLaVA-NeXT / 1.6)",
-              matches=is_llava_next, installers={"boundary": install_method, "in_llm": install_method})
+              matches=is_llava_next, installers={"boundary": LlavaPatch.install, "in_llm": LlavaPatch.install})

@@ -131,10 +131,7 @@ class LlavaOnevisionPatch(VLMPatch):
         return output
 
 
-def install_method(model, method, handle) -> None:
-    """A boundary or in-LLM method (or both) on this LLaVA-OneVision instance's shared patch."""
-    LlavaOnevisionPatch.of(model).attach_method(method, handle)
-
 
 register_host("llava_onevision", "transformers LlavaOnevisionForConditionalGeneration (LLaVA-OneVision), images and "
-              "videos", matches=is_llava_onevision, installers={"boundary": install_method, "in_llm": install_method})
+              "videos", matches=is_llava_onevision,
+              installers={"boundary": LlavaOnevisionPatch.install, "in_llm": LlavaOnevisionPatch.install})

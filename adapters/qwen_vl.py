@@ -214,11 +214,7 @@ class DeepstackInjector:
         return add
 
 
-def install_method(model, method, handle) -> None:
-    """A boundary or in-LLM method (or both) on this Qwen-VL instance's shared patch."""
-    QwenVLPatch.of(model).attach_method(method, handle)
-
 
 register_host("qwen_vl", "transformers Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration / "
               "Qwen3VLForConditionalGeneration (images and videos)", matches=_is_qwen_vl,
-              installers={"boundary": install_method, "in_llm": install_method})
+              installers={"boundary": QwenVLPatch.install, "in_llm": QwenVLPatch.install})

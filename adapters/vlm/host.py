@@ -192,6 +192,12 @@ class VLMPatch:
         self.hooks.forward_pre_hook(model, self.reject_labels, with_kwargs=True)
 
     # -- users ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def install(cls, model, method: VisualTokenMethod, handle: Handle) -> None:
+        """A host's installer of its boundary and in-LLM stages (``register_host(installers=...)``): the method on this
+        instance's shared patch."""
+        cls.of(model).attach_method(method, handle)
+
     def attach_method(self, method: VisualTokenMethod, handle: Handle) -> None:
         self.claim(handle, "vtoken.vlm_tokens")
         handle.on_remove(self.detach_method)
