@@ -27,7 +27,7 @@ from vtoken.adapters.vlm.columns import PromptEdit, gather_columns, gather_rows,
 from vtoken.adapters.vlm.decoder import DecoderPruner
 from vtoken.adapters.vlm.stats import OnRead, VLMStats
 from vtoken.handle import Handle
-from vtoken.methods.base import ImageContext, Reduction, VisualTokenMethod
+from vtoken.methods.base import ImageContext, Reduction, VisualTokenMethod, text_after_last_visual
 from vtoken.timing import Stopwatch
 
 STATIC_CACHE = (
@@ -328,19 +328,20 @@ class VLMPatch:
                 embeds = kwargs.get("inputs_embeds")
                 if embeds is None:
                     embeds = self.base.get_input_embeddings()(kwargs["input_ids"])
-                placeholders = None
-                for modality in self.modalities():
-                    mask = self.placeholder_mask(kwargs, modality)
-                    placeholders = mask if placeholders is None else placeholders | mask
-                valid = mask_valid(kwargs.get("attention_mask"), placeholders.shape, placeholders.device)
-                pos = torch.arange(placeholders.shape[1], device=placeholders.device)
-                after = pos > torch.where(placeholders, pos, -1).amax(dim=1, keepdim=True)
-                cache["embeds"], cache["mask"] = embeds, valid & ~placeholders & after
+                cache["embeds"], cache["mask"] = embeds, text_after_last_visual(*self.visual_and_valid(kwargs))
             return cache["embeds"][row], cache["mask"][row]
 
         for modality in present:
             for entry, row in zip(outputs[modality.name].pooler_output, rows[modality.name]):
                 self.items[id(entry)].context.instruction = functools.partial(instruction, row)
+
+    def visual_and_valid(self, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(visual, valid) (B, L) of a call: the placeholders of every modality, and the real (non-padding) columns."""
+        placeholders = None
+        for modality in self.modalities():
+            mask = self.placeholder_mask(kwargs, modality)
+            placeholders = mask if placeholders is None else placeholders | mask
+        return placeholders, mask_valid(kwargs.get("attention_mask"), placeholders.shape, placeholders.device)
 
     def placeholder_mask(self, kwargs, modality: Modality) -> torch.Tensor:
         ids = kwargs.get("input_ids")
@@ -507,13 +508,7 @@ class VLMPatch:
         fresh = layout is None
         llm_input = dict(kwargs)  # what the LLM gets, for the sets below (made when needed)
 
-        def sets() -> tuple[torch.Tensor, torch.Tensor]:
-            """(visual, valid) (B, L) of the LLM input."""
-            placeholders = None
-            for modality in self.modalities():
-                mask = self.placeholder_mask(llm_input, modality)
-                placeholders = mask if placeholders is None else placeholders | mask
-            return placeholders, mask_valid(llm_input.get("attention_mask"), placeholders.shape, placeholders.device)
+        sets = functools.partial(self.visual_and_valid, llm_input)  # (visual, valid) of the LLM input
 
         def visual_per_row() -> list[int]:
             visual, valid = sets()

@@ -236,9 +236,14 @@ class VisualTokenMethod:
 def instruction_rows(ctx: LayerContext) -> torch.Tensor:
     """(B, L) the real text tokens after each sample's last visual token: the question and the chat template's
     suffix (TransPrune's IGA queries, DART's text pivots)."""
-    pos = torch.arange(ctx.valid.shape[1], device=ctx.valid.device)
-    last_visual = torch.where(ctx.visual, pos, -1).amax(dim=1, keepdim=True)
-    return ctx.text & (pos > last_visual)
+    return text_after_last_visual(ctx.visual, ctx.valid)
+
+
+def text_after_last_visual(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, L) the real non-visual tokens after each row's last visual token, from (B, L) row sets."""
+    pos = torch.arange(valid.shape[1], device=valid.device)
+    last_visual = torch.where(visual, pos, -1).amax(dim=1, keepdim=True)
+    return valid & ~visual & (pos > last_visual)
 
 
 def scale_layers(layers: tuple[int, ...], depth: int, num_layers: int) -> dict[int, int]:
@@ -252,5 +257,5 @@ def scale_layers(layers: tuple[int, ...], depth: int, num_layers: int) -> dict[i
 
 __all__ = [
     "SUBLAYER_KINDS", "GridSegment", "ImageContext", "LayerContext", "PrefillOutcome", "Reduction", "SublayerContext",
-    "VisualTokenMethod", "instruction_rows", "scale_layers",
+    "VisualTokenMethod", "instruction_rows", "scale_layers", "text_after_last_visual",
 ]
