@@ -85,8 +85,7 @@ def prefill_parts(config, tokens_per_layer: list[list[int]], views: int, project
     if grids is not None:
         parts = qwen_vision_parts(config.vision_config, grids)
     else:
-        vision_dim = config.vision_config.hidden_size * round(getattr(config, "downsample_ratio", 1.0) ** -2) * (
-            len(config.vision_feature_layer) if isinstance(config.vision_feature_layer, (list, tuple)) else 1)
+        vision_dim = projector_input_width(config)
         parts = vision_parts(views, config.vision_config, tower_tokens)
         parts.append(("projector", projector_flops(projected_tokens, config), float(vision_dim * d + d * d + 2 * d)))
     layer_weights = decoder_layer_weights(text)
@@ -102,12 +101,16 @@ def side_of(size) -> int:
     return size[0] if isinstance(size, (list, tuple)) else size
 
 
-def projector_flops(n_tokens: int, config) -> float:
-    # InternVL's pixel shuffle folds 1 / ratio^2 patches into each token the projector reads
-    vision_dim = config.vision_config.hidden_size * round(getattr(config, "downsample_ratio", 1.0) ** -2)
+def projector_input_width(config) -> int:
+    """Width of each token the projector reads: the tower's, times the vision layers concatenated, times the patches
+    InternVL's pixel shuffle folds into one token (1 / ratio^2)."""
     layers = config.vision_feature_layer
-    if isinstance(layers, (list, tuple)):
-        vision_dim *= len(layers)
+    concatenated = len(layers) if isinstance(layers, (list, tuple)) else 1
+    return config.vision_config.hidden_size * concatenated * round(getattr(config, "downsample_ratio", 1.0) ** -2)
+
+
+def projector_flops(n_tokens: int, config) -> float:
+    vision_dim = projector_input_width(config)
     d = config.text_config.hidden_size
     return float(2 * n_tokens * (vision_dim * d + d * d))
 

@@ -36,6 +36,10 @@ INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layer
                       image_size=[448, 448], patch_size=[14, 14])
 QWEN25_7B = dict(QWEN2_7B, vocab_size=151674)
 INTERNVL_TILES = 7
+# The CPU presets' reduced tower (LLaVA-1.5, OneVision, InternVL shapes) and reduced Qwen2 LLM (OneVision, InternVL)
+REDUCED_TOWER = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=7, num_attention_heads=3)
+REDUCED_QWEN2 = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=7, num_attention_heads=7,
+                     num_key_value_heads=1, vocab_size=32000)
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
 QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
@@ -54,8 +58,7 @@ PRESETS: dict[str, Preset] = {
     "tiny-llava-1.5": Preset(
         "LLaVA-1.5-shaped, 576 visual tokens, reduced width/depth (random weights)",
         dict(kind="llava",
-             vision_config=dict(CLIP_L_336, hidden_size=192, intermediate_size=768, num_hidden_layers=7,
-                                num_attention_heads=3),
+             vision_config=dict(CLIP_L_336, **REDUCED_TOWER),
              text_config=dict(VICUNA_7B, hidden_size=1024, intermediate_size=2752, num_hidden_layers=8,
                               num_attention_heads=8, num_key_value_heads=8),
              image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default"),
@@ -96,10 +99,7 @@ PRESETS: dict[str, Preset] = {
     "tiny-llava-onevision": Preset(
         "LLaVA-OneVision-7B-shaped: the same 384 px views and AnyRes layout, reduced width/depth (random weights)",
         dict(kind="llava_onevision",
-             vision_config=dict(SIGLIP_SO400M, hidden_size=192, intermediate_size=768, num_hidden_layers=7,
-                                num_attention_heads=3),
-             text_config=dict(QWEN2_7B, hidden_size=896, intermediate_size=4864, num_hidden_layers=7,
-                              num_attention_heads=7, num_key_value_heads=1, vocab_size=32000),
+             vision_config=dict(SIGLIP_SO400M, **REDUCED_TOWER), text_config=dict(QWEN2_7B, **REDUCED_QWEN2),
              image_token_id=31998, video_token_id=31999),
     ),
     "internvl3-8b": Preset(
@@ -111,10 +111,7 @@ PRESETS: dict[str, Preset] = {
     "tiny-internvl3": Preset(
         "InternVL3-8B-shaped: the same 448 px tiles (7 per image), reduced width/depth (random weights)",
         dict(kind="internvl",
-             vision_config=dict(INTERNVIT_300M, hidden_size=192, intermediate_size=768, num_hidden_layers=7,
-                                num_attention_heads=3),
-             text_config=dict(QWEN25_7B, hidden_size=896, intermediate_size=4864, num_hidden_layers=7,
-                              num_attention_heads=7, num_key_value_heads=1, vocab_size=32000),
+             vision_config=dict(INTERNVIT_300M, **REDUCED_TOWER), text_config=dict(QWEN25_7B, **REDUCED_QWEN2),
              image_token_id=31999, downsample_ratio=0.5),
     ),
     # Full depth and geometry, tiny width: for counting ops and syncs (vtoken overhead), which depend on the number of
