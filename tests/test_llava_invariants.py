@@ -342,26 +342,38 @@ def test_cached_generate_equals_no_cache_loop(host, name):
         layout = CacheLayout.of(find_cache(out))
         assert bool(ffn) == (layout is not None and layout.row_state is not None)
         neurons = layout.row_state["decode_neurons"] if ffn else None
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        steps, done = [], torch.zeros(ids.shape[0], 1, dtype=torch.bool)
-        generated = lambda length: range(length - len(steps), length)  # noqa: E731  (rows of generated tokens)
-        for _ in range(cached.shape[1]):
-            with torch.no_grad(), sparse_ffn_reference(model, ffn, neurons, generated):
-                out = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
-            nxt, done = next_greedy(out, done)
-            steps.append(nxt)
-            ids = torch.cat([ids, nxt], 1)
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-    assert torch.equal(cached, torch.cat(steps, 1))
+        loop, done = no_cache_greedy(model, inputs, cached.shape[1], ffn, neurons)
+    assert torch.equal(cached, loop)
     assert cached.shape[1] == 5 or bool(done.all())  # generate() stops early only when every row has finished
 
 
-def next_greedy(logits: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What generate() appends for the last positions' ``logits`` (B, V): the greedy token with the placeholders
-    suppressed, or the pad id (0) in rows that already emitted EOS (``done``, (B, 1), updated)."""
+def no_cache_greedy(model, inputs: dict, steps: int, ffn: tuple[int, ...], neurons, suppress=SUPPRESS,
+                    growing: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding without a cache, one forward of the whole sequence per token, as generate() picks and pads
+    them; the rows of generated tokens get decode FFN sparsity from ``sparse_ffn_reference``. ``growing``: other
+    per-column inputs, extended with a 0 per generated token (Qwen's ``mm_token_type_ids``). Returns the (B, steps)
+    tokens and which rows emitted EOS."""
+    columns = {k: inputs[k] for k in ("input_ids", "attention_mask", *growing)}
+    extra = {k: v for k, v in inputs.items() if k not in columns}
+    made, done = [], torch.zeros(columns["input_ids"].shape[0], 1, dtype=torch.bool)
+    generated = lambda length: range(length - len(made), length)  # noqa: E731  (rows of generated tokens)
+    for _ in range(steps):
+        with torch.no_grad(), sparse_ffn_reference(model, ffn, neurons, generated):
+            last = model(**columns, use_cache=False, **extra).logits[:, -1]
+        nxt, done = next_greedy(last, done, suppress)
+        made.append(nxt)
+        columns["input_ids"] = torch.cat([columns["input_ids"], nxt], 1)
+        columns["attention_mask"] = torch.cat([columns["attention_mask"], torch.ones_like(nxt)], 1)
+        for name in growing:
+            columns[name] = torch.cat([columns[name], torch.zeros_like(nxt).to(columns[name].dtype)], 1)
+    return torch.cat(made, 1), done
+
+
+def next_greedy(logits: torch.Tensor, done: torch.Tensor, suppress=SUPPRESS) -> tuple[torch.Tensor, torch.Tensor]:
+    """What generate() appends for the last positions' ``logits`` (B, V): the greedy token with the ``suppress``ed
+    ids (placeholders) excluded, or the pad id (0) in rows that already emitted EOS (``done``, (B, 1), updated)."""
     logits = logits.clone()
-    logits[:, SUPPRESS] = float("-inf")
+    logits[:, suppress] = float("-inf")
     nxt = torch.where(done, 0, logits.argmax(-1, keepdim=True))
     return nxt, done | (nxt == EOS)
 

@@ -17,9 +17,8 @@ from test_llava_invariants import (
     decode_ffn_layers,
     logits,
     method_of,
-    next_greedy,
+    no_cache_greedy,
     pin_decisions,
-    sparse_ffn_reference,
 )
 from tiny_models import (
     BOS,
@@ -211,16 +210,8 @@ def test_cached_generate_equals_the_no_cache_loop(model, rows, name):
         cached = out.sequences[:, prompt:]
         ffn = decode_ffn_layers(model, handle)
         neurons = CacheLayout.of(find_cache(out)).row_state["decode_neurons"] if ffn else None
-        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-        made, done = [], torch.zeros(ids.shape[0], 1, dtype=torch.bool)
-        generated = lambda length: range(length - len(made), length)  # noqa: E731  (rows of generated tokens)
-        for _ in range(cached.shape[1]):
-            with torch.no_grad(), sparse_ffn_reference(model, ffn, neurons, generated):
-                last = model(input_ids=ids, attention_mask=mask, use_cache=False, **inputs).logits[:, -1]
-            nxt, done = next_greedy(last, done)
-            made.append(nxt)
-            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    assert torch.equal(cached, torch.cat(made, 1))
+        loop, _ = no_cache_greedy(model, inputs, cached.shape[1], ffn, neurons)
+    assert torch.equal(cached, loop)
 
 
 @pytest.mark.parametrize("name", ["todre", "pool", "attn_topk", "dart"])
