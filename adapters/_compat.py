@@ -266,6 +266,11 @@ def clip_attention(layer) -> EncoderAttention:
     return EncoderAttention(layer.layer_norm1, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, attn.scale)
 
 
+def square_size(size) -> int:
+    """A vision config's square ``image_size`` / ``patch_size``, given as an int or as (height, width) (InternVL)."""
+    return size[0] if isinstance(size, (list, tuple)) else size
+
+
 def vision_blocks(tower) -> Any:
     """The transformer blocks of a VLM's vision tower (CLIP / SigLIP: ``encoder.layers``; InternViT:
     ``encoder.layer``)."""

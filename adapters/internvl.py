@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from vtoken.adapters import _compat
 from vtoken.adapters.vlm.host import Modality, VLMPatch
 from vtoken.methods.base import GridSegment, ImageContext
 from vtoken.registry import register_host
@@ -41,9 +42,8 @@ class InternVLPatch(VLMPatch):
     def view_side(self) -> int:
         """Side of a view's token grid after the pixel shuffle (448 px / 14 px patches x 0.5 = 16)."""
         vc = self.config.vision_config
-        size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
-        patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
-        return int(size // patch * self.config.downsample_ratio)
+        patches = _compat.square_size(vc.image_size) // _compat.square_size(vc.patch_size)
+        return int(patches * self.config.downsample_ratio)
 
     def encode(self, modality: Modality, original, call: dict):
         out = original(**call)
@@ -58,7 +58,6 @@ class InternVLPatch(VLMPatch):
         if not torch.is_tensor(output.pooler_output):
             output.pooler_output = torch.cat(list(output.pooler_output))
         return output
-
 
 
 register_host("internvl", "transformers InternVLForConditionalGeneration (InternVL3 / 3.5), images as tiles and "

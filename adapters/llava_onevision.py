@@ -131,7 +131,6 @@ class LlavaOnevisionPatch(VLMPatch):
         return output
 
 
-
 register_host("llava_onevision", "transformers LlavaOnevisionForConditionalGeneration (LLaVA-OneVision), images and "
               "videos", matches=is_llava_onevision,
               installers={"boundary": LlavaOnevisionPatch.install, "in_llm": LlavaOnevisionPatch.install})

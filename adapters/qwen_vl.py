@@ -214,7 +214,6 @@ class DeepstackInjector:
         return add
 
 
-
 register_host("qwen_vl", "transformers Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration / "
               "Qwen3VLForConditionalGeneration (images and videos)", matches=_is_qwen_vl,
               installers={"boundary": QwenVLPatch.install, "in_llm": QwenVLPatch.install})

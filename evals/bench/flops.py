@@ -6,6 +6,8 @@ q/k/v/o projections, the full square of QK^T and AV (no causal discount, as in t
 
 from __future__ import annotations
 
+from vtoken.adapters._compat import square_size
+
 
 def decoder_layer_flops(n: int, cfg) -> float:
     d = cfg.hidden_size
@@ -20,11 +22,11 @@ def decoder_layer_flops(n: int, cfg) -> float:
 
 def vision_parts(views: int, vcfg, block_tokens: list[int] | None = None) -> list[tuple[str, float, float]]:
     """(name, FLOPs, weights) of the patch embedding and of every block of the tower, over ``views`` crops."""
-    side = side_of(vcfg.image_size) // side_of(vcfg.patch_size)
+    side = square_size(vcfg.image_size) // square_size(vcfg.patch_size)
     full = side**2 + int("siglip" not in vcfg.model_type)  # a [CLS] token but in SigLIP
     block_tokens = block_tokens or [full] * vcfg.num_hidden_layers
     d, m = vcfg.hidden_size, vcfg.intermediate_size
-    patch = side_of(vcfg.patch_size)
+    patch = square_size(vcfg.patch_size)
     patch_weights = 3 * patch**2 * d + full * d  # convolution + position embedding
     parts = [("vision embed", float(views * 2 * (full - 1) * 3 * patch**2 * d), float(patch_weights))]
     for i, n in enumerate(block_tokens):
@@ -94,11 +96,6 @@ def prefill_parts(config, tokens_per_layer: list[list[int]], views: int, project
     batch = len(tokens_per_layer[0])
     parts.append(("lm head", float(2 * d * text.vocab_size * batch), float(d * text.vocab_size + d)))
     return parts
-
-
-def side_of(size) -> int:
-    """A square size given as an int or as (height, width) (InternVL's tower)."""
-    return size[0] if isinstance(size, (list, tuple)) else size
 
 
 def projector_input_width(config) -> int:

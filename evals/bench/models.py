@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
+from vtoken.adapters import _compat
+
 CLIP_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                   num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
 VICUNA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -256,8 +258,7 @@ def synthetic_inputs(model, batch: int = 1, seed: int = 0, video: bool = False) 
     if video and model.config.model_type != "llava_onevision":
         raise ValueError("--video: only Qwen-VL and LLaVA-OneVision models take videos")
     cfg = model.config
-    size = cfg.vision_config.image_size
-    size = size[0] if isinstance(size, (list, tuple)) else size  # InternVL's tower gives (height, width)
+    size = _compat.square_size(cfg.vision_config.image_size)
     device, dtype = model.device, model.dtype
     extra = {}
     if video:
