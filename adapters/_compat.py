@@ -251,7 +251,8 @@ def cache_layer_kv(cache, index: int) -> tuple[Any, Any]:
 
 
 class EncoderAttention(NamedTuple):
-    """What recomputing one CLIP encoder layer's [CLS] attention needs."""
+    """What recomputing one vision encoder layer's attention from its input needs: ``norm`` before attention, the
+    query and key projections and the per-projection norms after them (InternViT's qk norm; identity elsewhere)."""
 
     norm: Any
     q_proj: Any
@@ -259,11 +260,26 @@ class EncoderAttention(NamedTuple):
     num_heads: int
     head_dim: int
     scale: float
+    q_norm: Any = None
+    k_norm: Any = None
 
 
-def clip_attention(layer) -> EncoderAttention:
-    attn = layer.self_attn
-    return EncoderAttention(layer.layer_norm1, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, attn.scale)
+def vision_attention(layer) -> EncoderAttention:
+    """The attention of one CLIP / SigLIP (``layer_norm1``, ``self_attn``) or InternViT (``layernorm_before``,
+    ``attention`` with ``q_norm`` / ``k_norm``) encoder layer."""
+    if hasattr(layer, "self_attn"):
+        attn = layer.self_attn
+        return EncoderAttention(layer.layer_norm1, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim,
+                                attn.scale)
+    attn = layer.attention
+    return EncoderAttention(layer.layernorm_before, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim,
+                            attn.scale, attn.q_norm, attn.k_norm)
+
+
+def has_cls_token(tower) -> bool:
+    """Whether a vision tower prepends a [CLS] token (CLIP: ``class_embedding``; InternViT: ``cls_token``)."""
+    embeddings = vision_encoder(tower).embeddings
+    return hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token")
 
 
 def square_size(size) -> int:

@@ -8,16 +8,20 @@ The hooks are the shared :class:`~vtoken.adapters.vlm.host.VLMPatch`; this file 
   reduces each view on its own: a budget applies per tile or frame (a fraction keeps the same share of every image);
 * positions are 1-D (Qwen2.5 / InternLM3 RoPE), renumbered like a processor's shorter prompt, as on LLaVA.
 
-ToDRE's pivot is a seeded random token here (the tower's [CLS] attention is not read yet), and VisionZip does not run.
+The tower's attention (ToDRE's pivot, VisionZip's ranking) is InternViT's [CLS] attention at the layer InternVL reads,
+summed over each token's 2 x 2 pixel-shuffled patches.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from vtoken.adapters import _compat
 from vtoken.adapters.vlm.host import Modality, VLMPatch
-from vtoken.methods.base import GridSegment, ImageContext
+from vtoken.adapters.vlm.tower import TowerReader, feature_layer_index, tower_tokens
+from vtoken.methods.base import GridSegment, ImageContext, TowerTokens
 from vtoken.registry import register_host
 
 
@@ -46,12 +50,44 @@ class InternVLPatch(VLMPatch):
         return int(patches * self.config.downsample_ratio)
 
     def encode(self, modality: Modality, original, call: dict):
-        out = original(**call)
+        reader = self.tower_reader(call)
+        out = original(**call) if reader is None else reader.capture(original, call)
         side = self.view_side()
         views, tokens = out.pooler_output.shape[:2]
         if tokens != side * side:
             raise RuntimeError(f"vtoken: unexpected InternVL view layout ({tokens} tokens, expected {side}x{side})")
-        return out, [ImageContext(n=tokens, segments=[GridSegment(0, side, side)]) for _ in range(views)]
+        contexts = [ImageContext(n=tokens, segments=[GridSegment(0, side, side)]) for _ in range(views)]
+        if reader is not None:
+            maps = functools.cache(functools.partial(self.token_maps, reader))
+            for view, context in enumerate(contexts):
+                context.tower = functools.cache(functools.partial(tower_of_view, maps, view, reader.source))
+                context.pivot_scores = functools.partial(attention_of, context.tower)
+        return out, contexts
+
+    def tower_reader(self, call: dict) -> TowerReader | None:
+        """What captures the input of the layer InternVL reads (its [CLS] attention: ToDRE's pivot, VisionZip's
+        ranking); None when the features are not one layer's output."""
+        feature_layer = call.get("vision_feature_layer")
+        if feature_layer is None:
+            feature_layer = self.config.vision_feature_layer
+        layers = _compat.vision_blocks(self.tower)
+        index = feature_layer_index(feature_layer, len(layers))
+        if not 0 <= index < len(layers):
+            return None
+        return TowerReader(layers[index], from_cls=_compat.has_cls_token(self.tower))
+
+    def token_maps(self, reader: TowerReader) -> torch.Tensor | None:
+        """(views, side * side, 1 + d) the tower's attention and keys per token after the pixel shuffle: each token's
+        2 x 2 patches (attention summed, keys averaged)."""
+        maps = reader.view_maps()
+        side = self.view_side()
+        if maps is None or maps.shape[1] < 4 * side * side:
+            return None
+        maps = maps[:, maps.shape[1] - 4 * side * side:]  # the [CLS] token is not a patch
+        groups = maps.view(maps.shape[0], side, 2, side, 2, -1)
+        attention = groups[..., :1].sum(dim=(2, 4))
+        keys = groups[..., 1:].mean(dim=(2, 4))
+        return torch.cat([attention, keys], dim=-1).flatten(1, 2)
 
     def packed(self, modality: Modality, output):
         # the model scatters its features into the placeholders in order, whatever their shape
@@ -60,6 +96,19 @@ class InternVLPatch(VLMPatch):
         return output
 
 
+def tower_of_view(maps, view: int, source: str) -> TowerTokens | None:
+    token_maps = maps()
+    return None if token_maps is None else tower_tokens(token_maps[view], source)
+
+
+def attention_of(tower) -> torch.Tensor | None:
+    """ToDRE's pivot scores: the [CLS] attention on each token (the tower's attention, which on InternViT is the
+    [CLS] token's)."""
+    mapped = tower()
+    return None if mapped is None or mapped.source != "cls" else mapped.attention
+
+
 register_host("internvl", "transformers InternVLForConditionalGeneration (InternVL3 / 3.5), images as tiles and "
               "videos as frames", matches=is_internvl,
-              installers={"boundary": InternVLPatch.install, "in_llm": InternVLPatch.install})
+              installers={"boundary": InternVLPatch.install, "in_llm": InternVLPatch.install,
+                          "tower_attention": InternVLPatch.install})

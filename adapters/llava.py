@@ -10,6 +10,7 @@ Positions follow a processor's shorter prompt (kept tokens renumbered).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import weakref
@@ -18,8 +19,9 @@ import torch
 
 from vtoken.adapters import _compat
 from vtoken.adapters.vlm.host import Modality, VLMPatch
+from vtoken.adapters.vlm.tower import TowerReader, anyres_grid, feature_layer_index, place, tower_tokens
 from vtoken.budget import resolve_budget
-from vtoken.methods.base import GridSegment, ImageContext
+from vtoken.methods.base import GridSegment, ImageContext, TowerTokens
 from vtoken.registry import register_host
 
 
@@ -33,20 +35,6 @@ def is_llava_next(model) -> bool:
     from transformers import LlavaNextForConditionalGeneration
 
     return isinstance(model, LlavaNextForConditionalGeneration)
-
-
-def cls_attention(layer, x: torch.Tensor) -> torch.Tensor:
-    """[CLS]->all attention of a CLIP encoder layer, recomputed from its input ``x`` (views, T, d): (views, T).
-
-    Head-averaged fp32 softmax; needs neither eager attention nor ``output_attentions``.
-    """
-    attn = _compat.clip_attention(layer)
-    h = attn.norm(x)
-    views, T, _ = h.shape
-    q = attn.q_proj(h[:, :1]).view(views, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(h).view(views, T, attn.num_heads, attn.head_dim).transpose(1, 2)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
-    return scores.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
 # -- LLaVA-NeXT AnyRes geometry (what the processor and LlavaNextModel compute, as plain integer arithmetic) ----------
@@ -79,6 +67,16 @@ def unpadded_grid(image_size, pinpoints, tile: int, grid: int) -> tuple[int, int
         return rows - 2 * pad, cols
     pad = (cols - int(round(width * (rows / height), 7))) // 2
     return rows, cols - 2 * pad
+
+
+def base_view_scores(tower, full: int, base_len: int) -> torch.Tensor | None:
+    """ToDRE's pivot scores: the [CLS] attention of the base view's (thumbnail's) patches, -inf elsewhere."""
+    mapped = tower()
+    if mapped is None:
+        return None
+    scores = torch.full_like(mapped.attention, float("-inf"))
+    scores[full:base_len] = mapped.attention[full:base_len]
+    return scores
 
 
 class LlavaPatch(VLMPatch):
@@ -121,37 +119,24 @@ class LlavaPatch(VLMPatch):
     def vision_layers(self):
         return _compat.clip_parts(self.tower)[1]
 
-    def pivot_layer(self, feature_layer) -> int:
-        """Index of the vision layer that produces the selected features (its [CLS] attention is the pivot)."""
-        layer = feature_layer[-1] if isinstance(feature_layer, (list, tuple)) else feature_layer
-        n = len(self.vision_layers())
-        return n + layer if layer < 0 else layer - 1
-
-    def encode(self, modality: Modality, original, call: dict):
-        """The original ``get_image_features``, capturing the input of the pivot layer for its [CLS] attention."""
+    def tower_reader(self, call: dict) -> TowerReader | None:
+        """What captures the input of the layer LLaVA reads (its [CLS] attention: ToDRE's pivot, VisionZip's
+        ranking); None when the tower has no [CLS] or the features are not one layer's output."""
         feature_layer = call.get("vision_feature_layer")
         if feature_layer is None:
             feature_layer = self.config.vision_feature_layer
         layers = self.vision_layers()
-        captured = {}
-        pivot_index = self.pivot_layer(feature_layer)
-        if _compat.clip_parts(self.tower)[2] and 0 <= pivot_index < len(layers):
+        index = feature_layer_index(feature_layer, len(layers))
+        if not _compat.has_cls_token(self.tower) or not 0 <= index < len(layers):
+            return None
+        return TowerReader(layers[index], from_cls=True)
 
-            def grab(module, a, kw):
-                captured["x"] = a[0] if a else kw["hidden_states"]
-
-            hook = layers[pivot_index].register_forward_pre_hook(grab, with_kwargs=True)
-        else:
-            hook = None
-        try:
-            out = original(**call)
-        finally:
-            if hook is not None:
-                hook.remove()
-        contexts = self.image_contexts(list(out.pooler_output), captured.get("x"),
-                                       layers[pivot_index] if hook else None,
-                                       self.host_sizes(call.get("image_sizes")) if self.next else None)
-        return out, contexts
+    def encode(self, modality: Modality, original, call: dict):
+        """The original ``get_image_features``, capturing the input of the layer LLaVA reads."""
+        reader = self.tower_reader(call)
+        out = original(**call) if reader is None else reader.capture(original, call)
+        sizes = self.host_sizes(call.get("image_sizes")) if self.next else None
+        return out, self.image_contexts(list(out.pooler_output), reader, sizes)
 
     def grid_side(self) -> int:
         vc = self.config.vision_config
@@ -171,19 +156,12 @@ class LlavaPatch(VLMPatch):
         rows, cols = unpadded_grid(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size, side)
         return full + side * side + rows * (cols + 1)
 
-    def image_contexts(self, features, cls_input, cls_layer, image_sizes) -> list[ImageContext]:
+    def image_contexts(self, features, reader: TowerReader | None, image_sizes) -> list[ImageContext]:
         vc = self.config.vision_config
         grid = self.view_side()
         full = int(self.config.vision_feature_select_strategy == "full")
         views = self.views_per_image(image_sizes, len(features))
         first_view = [0, *itertools.accumulate(views[:-1])]
-        cache = {}
-
-        def attention_of_view(v: int) -> torch.Tensor:
-            if "probs" not in cache:
-                cache["probs"] = cls_attention(cls_layer, cls_input)
-            return cache["probs"][v, 1:]
-
         contexts = []
         for i, f in enumerate(features):
             n = f.shape[0]
@@ -194,25 +172,39 @@ class LlavaPatch(VLMPatch):
             else:  # a non-square clustered tower: one row in raster order
                 segments = [GridSegment(full, 1, n - full)]
             base_len = full + segments[0].rows * segments[0].cols
+            tiles = None
             if self.next and views[i] > 1:
                 size = image_sizes[i]
                 rows, cols = unpadded_grid(size, self.config.image_grid_pinpoints, vc.image_size, grid)
                 segments.append(GridSegment(base_len, rows, cols, newline=True))
                 if base_len + rows * (cols + 1) != n:
                     raise RuntimeError(f"vtoken: unexpected LLaVA-NeXT token layout ({n} tokens for {segments})")
-
-            def pivot_scores(v=first_view[i], n=n, base_len=base_len):
-                if cls_input is None:
-                    return None
-                attention = attention_of_view(v)
-                if attention.shape[0] != base_len - full:  # e.g. a clustered tower's pivot layer saw other tokens
-                    return None
-                scores = torch.full((n,), float("-inf"), device=cls_input.device)
-                scores[full:base_len] = attention  # the (thumbnail) base view only
-                return scores
-
-            contexts.append(ImageContext(n=n, segments=segments, pivot_scores=pivot_scores))
+                tiles = tuple(s // vc.image_size for s in best_resolution(size, self.config.image_grid_pinpoints))
+            context = ImageContext(n=n, segments=segments)
+            if reader is not None:
+                tower = functools.cache(functools.partial(self.tower_of, reader, context, first_view[i], views[i],
+                                                          tiles))
+                context.tower = tower
+                context.pivot_scores = functools.partial(base_view_scores, tower, full, base_len)
+            contexts.append(context)
         return contexts
+
+    def tower_of(self, reader: TowerReader, context: ImageContext, first: int, views: int,
+                 tiles: tuple[int, int] | None) -> TowerTokens | None:
+        """The tower's attention and keys on one image's tokens: the base view's tokens ([CLS] first under the
+        'full' strategy) and, on LLaVA-NeXT, every crop's patches as the model packs them (no entry for the
+        ``image_newline`` tokens)."""
+        maps = reader.view_maps()
+        full = int(self.config.vision_feature_select_strategy == "full")
+        base = context.segments[0]
+        if maps is None or maps.shape[1] - 1 + full != base.start + base.rows * base.cols:
+            return None  # e.g. a clustering tower: the layer saw other tokens than the projector gets
+        parts = [(torch.arange(base.start + base.rows * base.cols), maps[first, 1 - full:])]
+        if tiles is not None:
+            high = context.segments[1]
+            crops = anyres_grid(maps[first + 1:first + views, 1:], tiles, high.rows, high.cols)
+            parts.append((high.patch_index().flatten(), crops))
+        return tower_tokens(place(context.n, parts), reader.source)
 
     def host_sizes(self, image_sizes) -> list[list[int]] | None:
         """LLaVA-NeXT's image sizes on the host, read once per tensor: the layout of every image follows from them,
@@ -232,6 +224,8 @@ class LlavaPatch(VLMPatch):
 
 
 register_host("llava", "transformers LlavaForConditionalGeneration (LLaVA-1.5)", matches=is_llava,
-              installers={"boundary": LlavaPatch.install, "in_llm": LlavaPatch.install})
+              installers={"boundary": LlavaPatch.install, "in_llm": LlavaPatch.install,
+                          "tower_attention": LlavaPatch.install})
 register_host("llava_next", "transformers LlavaNextForConditionalGeneration (LLaVA-NeXT / 1.6)",
-              matches=is_llava_next, installers={"boundary": LlavaPatch.install, "in_llm": LlavaPatch.install})
+              matches=is_llava_next, installers={"boundary": LlavaPatch.install, "in_llm": LlavaPatch.install,
+                                                 "tower_attention": LlavaPatch.install})

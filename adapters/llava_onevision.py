@@ -10,19 +10,22 @@ The hooks are the shared :class:`~vtoken.adapters.vlm.host.VLMPatch`; this file 
   ``image_newline`` for the whole video;
 * positions are 1-D (Qwen2's RoPE), renumbered like a processor's shorter prompt, as on LLaVA.
 
-OneVision's SigLIP tower has no [CLS] token, so there is no [CLS] attention: ToDRE's pivot is a seeded random token
-(as on Qwen-VL) and VisionZip does not run here.
+OneVision's SigLIP tower has no [CLS] token: ToDRE's pivot is a seeded random token (as on Qwen-VL), and the tower's
+attention on a token (VisionZip's ranking) is what it receives, averaged over every query of its view.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from vtoken.adapters.llava import unpadded_grid
+from vtoken.adapters import _compat
+from vtoken.adapters.llava import best_resolution, unpadded_grid
 from vtoken.adapters.vlm.host import Modality, VLMPatch
-from vtoken.methods.base import GridSegment, ImageContext
+from vtoken.adapters.vlm.tower import TowerReader, anyres_grid, feature_layer_index, place, resize_grid, tower_tokens
+from vtoken.methods.base import GridSegment, ImageContext, TowerTokens
 from vtoken.registry import register_host
 
 
@@ -95,20 +98,60 @@ class LlavaOnevisionPatch(VLMPatch):
         return vc.image_size // vc.patch_size
 
     def encode(self, modality: Modality, original, call: dict):
-        out = original(**call)
+        reader = self.tower_reader(call)
+        out = original(**call) if reader is None else reader.capture(original, call)
         side = self.grid_side()
         if modality.name == "video":
             frames = call["pixel_values_videos"].shape[1]
             contexts = [video_context(frames, side) for _ in range(out.pooler_output.shape[0])]
+            views = [(v * frames, frames, None) for v in range(len(contexts))]
         else:
-            contexts = self.image_contexts(call)
-        for context, features in zip(contexts, out.pooler_output):
+            contexts, views = self.image_contexts(call)
+        for context, features, (first, count, crops) in zip(contexts, out.pooler_output, views):
             if context.n != features.shape[0]:
                 raise RuntimeError(f"vtoken: unexpected LLaVA-OneVision {modality.name} layout ({features.shape[0]} "
                                    f"tokens where {context.n} were expected from {context.segments})")
+            if reader is not None:
+                context.tower = functools.cache(functools.partial(self.tower_of, reader, context, first, count, crops))
         return out, contexts
 
-    def image_contexts(self, call: dict) -> list[ImageContext]:
+    def tower_reader(self, call: dict) -> TowerReader | None:
+        """What captures the input of the layer OneVision reads; None when its features are not one layer's."""
+        feature_layer = call.get("vision_feature_layer")
+        if feature_layer is None:
+            feature_layer = self.config.vision_feature_layer
+        layers = _compat.clip_parts(self.tower)[1]
+        index = feature_layer_index(feature_layer, len(layers))
+        if not 0 <= index < len(layers):
+            return None
+        return TowerReader(layers[index], from_cls=_compat.has_cls_token(self.tower))
+
+    def tower_of(self, reader: TowerReader, context: ImageContext, first: int, views: int, crops) -> TowerTokens | None:
+        """The tower's attention and keys on one item's tokens, through OneVision's geometry: the base view, then
+        the crops unpadded and scaled down like their features (``crops``: their (down, across) grid and the image's
+        size); a video's frames pooled 2x2 bilinearly like theirs. Separators get none."""
+        maps = reader.view_maps()
+        side = self.grid_side()
+        if maps is None:
+            return None
+        maps = maps[first:first + views, maps.shape[1] - side * side:]  # under 'default' the first token is dropped
+        if context.modality == "video":
+            parts = [(segment.patch_index().flatten(), resize_grid(maps[f].view(side, side, -1), segment.rows,
+                                                                   segment.cols))
+                     for f, segment in enumerate(context.segments)]
+        else:
+            parts = [(context.segments[0].patch_index().flatten(), maps[0])]
+            if crops is not None:
+                high, (tiles, size) = context.segments[1], crops
+                rows, cols = unpadded_grid(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size,
+                                           side)
+                grid = resize_grid(anyres_grid(maps[1:], tiles, rows, cols), high.rows, high.cols)
+                parts.append((high.patch_index().flatten(), grid))
+        return tower_tokens(place(context.n, parts), reader.source)
+
+    def image_contexts(self, call: dict) -> tuple[list[ImageContext], list[tuple[int, int, tuple | None]]]:
+        """Each image's token layout, and where its views are among the tower's: (first view, views, None or its
+        crops' (down, across) grid and the image's size)."""
         sizes = call.get("image_sizes")
         # one read of the sizes and of images per prompt (the model reads both too): the layouts are host arithmetic
         sizes = sizes.tolist() if torch.is_tensor(sizes) else [list(map(int, s)) for s in sizes]
@@ -119,9 +162,15 @@ class LlavaOnevisionPatch(VLMPatch):
             per_prompt = per_prompt.tolist() if torch.is_tensor(per_prompt) else list(per_prompt)
             anyres = [n == 1 for n in per_prompt for _ in range(n)]
         aspect = call.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
-        tile, side = self.config.vision_config.image_size, self.grid_side()
-        return [image_context(size, self.config.image_grid_pinpoints, tile, side, aspect, a)
-                for size, a in zip(sizes, anyres)]
+        tile, side, pinpoints = self.config.vision_config.image_size, self.grid_side(), self.config.image_grid_pinpoints
+        contexts = [image_context(size, pinpoints, tile, side, aspect, a) for size, a in zip(sizes, anyres)]
+        views, first = [], 0
+        for size, a in zip(sizes, anyres):
+            tiles = tuple(s // tile for s in best_resolution(size, pinpoints)) if a else None
+            count = 1 + (tiles[0] * tiles[1] if a else 0)
+            views.append((first, count, (tiles, size) if a else None))
+            first += count
+        return contexts, views
 
     def packed(self, modality: Modality, output):
         # the model flattens a video output of shape (videos, tokens, D); reduced videos differ in length, so they
@@ -133,4 +182,5 @@ class LlavaOnevisionPatch(VLMPatch):
 
 register_host("llava_onevision", "transformers LlavaOnevisionForConditionalGeneration (LLaVA-OneVision), images and "
               "videos", matches=is_llava_onevision,
-              installers={"boundary": LlavaOnevisionPatch.install, "in_llm": LlavaOnevisionPatch.install})
+              installers={"boundary": LlavaOnevisionPatch.install, "in_llm": LlavaOnevisionPatch.install,
+                          "tower_attention": LlavaOnevisionPatch.install})

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vtoken.adapters._compat import clip_parts
-from vtoken.adapters.llava import cls_attention as llava_cls_attention
+from vtoken.adapters.vlm.tower import cls_attention as llava_cls_attention
 from vtoken.evals.shapes.data import Example
 from vtoken.evals.shapes.evaluate import ShapesResult, batches, prompt_inputs, score
 from vtoken.evals.shapes.model import num_visual_tokens

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import prompt, tiny_llava, tiny_llava_next
 
 import vtoken
+from vtoken import registry
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +31,20 @@ def test_registry_lists_methods_configs_and_hosts():
     assert set(todre.hosts) == {"internvl", "llava", "llava_next", "llava_onevision", "qwen_vl"}  # in import order
     assert todre.fields()["keep"] == 0.25 and todre.fields()["tau"] == 0.10 and todre.fields()["rule"] == "maxsum"
     assert {"internvl", "llava", "llava_next", "llava_onevision", "qwen_vl"} <= set(vtoken.hosts())
+
+
+def names(cell: str) -> set[str]:
+    """The names of a docs table cell listing ``name (remark), name, ...``."""
+    return {part.strip().split(" ")[0].strip("`") for part in re.sub(r"\([^)]*\)", "", cell).split(",") if part.strip()}
+
+
+@pytest.mark.parametrize("stage", ["boundary", "in_llm", "tower_attention"])
+def test_the_design_documents_stage_table_is_the_registrys(stage):
+    design = (Path(__file__).parent.parent / "docs" / "design.md").read_text()
+    row = next(line for line in design.splitlines() if line.startswith(f"| `{stage}` |"))
+    _, _, methods, hosts = row.strip("| ").split(" | ")
+    assert names(methods) == {name for name, info in vtoken.methods().items() if stage in info.stages}
+    assert names(hosts) == {name for name, host in registry.host_registry().items() if stage in host.stages}
 
 
 def test_unknown_method_lists_known_ones(model):

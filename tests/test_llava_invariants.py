@@ -67,7 +67,7 @@ PRUNING = {
     "dart_layer1": dict(keep=0.25, layer=1, text_pivots=2),
     "cdpruner": dict(keep=0.25),
     "cdpruner_similar": dict(keep=0.25, relevance="similar"),
-    "visionzip": dict(keep=16),  # LLaVA-1.5 only; its keep-all case ('full' strategy) is in test_visionzip.py
+    "visionzip": dict(keep=0.25),  # keep-all: test_visionzip.py (LLaVA-NeXT and OneVision drop separators)
     # TokenFLEX takes a token count per view, not a keep budget: 9 = 3 x 3 pools both tiny grids (8 x 8 and
     # LLaVA-NeXT's 4 x 4 views); its keep-all case (N = the native grid) is in test_tokenflex.py
     "tokenflex": dict(num_tokens=9),

@@ -33,12 +33,13 @@ BEFORE = {
                          "transprune": 1162, "corematching": 1080},
 }
 # extra prefill ops of methods added after those budgets: what they cost when added, plus 10% (PyramidDrop, DART:
-# +266 to +284; CDPruner with its greedy-MAP kernel: +76 to +91)
-ADDED_OPS = {"pyramiddrop": 315, "dart": 300, "cdpruner": 100}
+# +266 to +284; CDPruner with its greedy-MAP kernel: +76 to +91; VisionZip: +109 on LLaVA-1.5, +165 on LLaVA-NeXT)
+ADDED_OPS = {"pyramiddrop": 315, "dart": 300, "cdpruner": 100, "visionzip": 182}
 # syncs a prefill may add: one per pruning layer or adaptive decision (CoreMatching: its FFN slices are one more);
-# PyramidDrop, DART and CDPruner keep fixed budgets, so they add none
+# PyramidDrop, DART, CDPruner and VisionZip keep fixed budgets, so they add none
 PREFILL_SYNCS = {"random": 0, "pool": 0, "divprune": 0, "tokenflex": 0, "todre": 1, "attn_topk": 1, "transprune": 3,
-                 "corematching": 1, "corematching keep=None": 2, "pyramiddrop": 0, "dart": 0, "cdpruner": 0}
+                 "corematching": 1, "corematching keep=None": 2, "pyramiddrop": 0, "dart": 0, "cdpruner": 0,
+                 "visionzip": 0}
 TRITON = {"backend": "triton"}
 METHODS = {
     "random": ("random", dict(keep=64)), "pool": ("pool", dict(keep=64)),
@@ -47,10 +48,11 @@ METHODS = {
     "transprune": ("transprune", dict(keep=64, **TRITON)), "corematching": ("corematching", dict(keep=64, **TRITON)),
     "corematching keep=None": ("corematching", dict(keep=None, **TRITON)),
     "pyramiddrop": ("pyramiddrop", dict(keep=64, **TRITON)), "dart": ("dart", dict(keep=64, **TRITON)),
-    "cdpruner": ("cdpruner", dict(keep=64, **TRITON)),
+    "cdpruner": ("cdpruner", dict(keep=64, **TRITON)), "visionzip": ("visionzip", dict(keep=64)),
 }
 HOSTS = {"count-llava-1.5": list(METHODS), "count-llava-next": list(METHODS),
-         "count-qwen2.5-vl": [m for m in METHODS if m not in ("tokenflex", "corematching", "corematching keep=None")]}
+         "count-qwen2.5-vl": [m for m in METHODS
+                              if m not in ("tokenflex", "corematching", "corematching keep=None", "visionzip")]}
 
 
 @pytest.fixture(scope="module", params=sorted(HOSTS))

@@ -9,9 +9,9 @@ from tiny_models import IMAGE_TOKEN, left_pad, prompt, tiny_llava, tiny_llava_ne
 
 import vtoken
 from vtoken.adapters._compat import clip_parts
-from vtoken.adapters.llava import cls_attention
 from vtoken.adapters.vlm.decoder import DecoderPruner
 from vtoken.adapters.vlm.stats import VLMStats
+from vtoken.adapters.vlm.tower import cls_attention
 from vtoken.handle import Handle
 from vtoken.methods.base import VisualTokenMethod
 

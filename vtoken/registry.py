@@ -19,6 +19,8 @@ STAGES = {
     "boundary": "after the multimodal projector: fewer visual tokens reach the LLM",
     "in_llm": "between decoder layers during prefill (and what later decode steps run)",
     "projector": "at the multimodal projector: a chosen number of tokens per view go through it",
+    "tower_attention": "reads the vision tower's attention and keys at the layer the projector reads, mapped onto "
+                       "the projected tokens (ImageContext.tower)",
     "vision_blocks": "inside a vision transformer's blocks",
     "attention": "in a video diffusion transformer's self-attention processors",
 }

@@ -1,4 +1,5 @@
-"""VisionZip on HF LLaVA-1.5: the LLM gets ``keep`` tokens per image, chosen and merged before the projector.
+"""VisionZip on HF LLaVA-1.5 as released: the LLM gets ``keep`` tokens per image, chosen and merged before the
+projector, [CLS] included (the other hosts run VisionZip's boundary stage on the projected tokens instead).
 
 Hook points, per instance (``handle.remove()`` undoes them):
 * a forward pre-hook and a forward hook on the CLIP encoder layer whose output LLaVA reads (``vision_feature_layer``)
@@ -15,18 +16,12 @@ from __future__ import annotations
 import torch
 
 from vtoken.adapters import _compat
-from vtoken.adapters.llava import LlavaPatch, cls_attention
+from vtoken.adapters.llava import LlavaPatch
 from vtoken.adapters.vlm.host import FeatureProvider
+from vtoken.adapters.vlm.tower import view_maps
 from vtoken.methods.visionzip import VisionZipConfig, visionzip_tokens
 from vtoken.registry import add_bridge
 from vtoken.timing import Stopwatch
-
-
-def head_mean_keys(layer, x: torch.Tensor) -> torch.Tensor:
-    """(views, T, head_dim) a CLIP encoder layer's keys for its input ``x``, averaged over heads."""
-    attn = _compat.clip_attention(layer)
-    views, T, _ = x.shape
-    return attn.k_proj(attn.norm(x)).view(views, T, attn.num_heads, attn.head_dim).mean(dim=2)
 
 
 class ZippedProjector:
@@ -52,18 +47,18 @@ class ZippedProjector:
                                "produce in this call; call the model (or get_image_features) with pixel_values")
         dominant, contextual = self.config.split(self.patches)
         with self.selection(y.device):
-            tokens = visionzip_tokens(y, cls_attention(self.layer, x), head_mean_keys(self.layer, x), dominant,
-                                      contextual)
+            maps = view_maps(self.layer, x, from_cls=True)
+            tokens = visionzip_tokens(y, maps[..., 0], maps[..., 1:], dominant, contextual)
         return self.host_forward(tokens)
 
 
 def install_visionzip(model, config: VisionZipConfig, handle) -> None:
     _, tower = _compat.decoder_of(model.model)
-    _, layers, has_cls = _compat.clip_parts(tower)
+    layers = _compat.clip_parts(tower)[1]
     feature_layer = model.config.vision_feature_layer
     if isinstance(feature_layer, (list, tuple)):
         raise ValueError(f"visionzip reads one vision layer, but this LLaVA concatenates {feature_layer}")
-    if not has_cls:
+    if not _compat.has_cls_token(tower):
         raise ValueError("visionzip ranks patches by the vision tower's [CLS] attention; this tower has no [CLS]")
     index = len(layers) + feature_layer if feature_layer < 0 else feature_layer - 1
     if not 0 <= index < len(layers):

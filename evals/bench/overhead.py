@@ -217,7 +217,7 @@ def format_sites(counts: dict[str, Counts]) -> str:
 
 # ------------------------------------------------------------------------------------------------ command line
 DEFAULT_METHODS = ("random", "pool", "divprune", "tokenflex", "todre", "attn_topk", "transprune", "corematching",
-                   "pyramiddrop", "dart", "cdpruner")
+                   "pyramiddrop", "dart", "cdpruner", "visionzip")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -56,6 +56,19 @@ class GridSegment:
 
 
 @dataclass
+class TowerTokens:
+    """What the vision tower's layer whose output the projector reads says about an item's tokens, mapped onto them
+    the way the host maps that layer's patches (AnyRes crops unpadded, views scaled down or pooled, patch groups
+    merged): attention summed over a token's patches, keys averaged."""
+
+    # (n,) fp32 attention each token receives: from the [CLS] token (``source == "cls"``), or, in a tower without
+    # one, averaged over every query of its view (``"received"``); -inf for a token with no patch (a separator)
+    attention: torch.Tensor
+    keys: torch.Tensor  # (n, d) fp32 key states averaged over heads; zero for a token with no patch
+    source: str  # "cls" or "received"
+
+
+@dataclass
 class ImageContext:
     """One image's projected tokens as the boundary stage sees them."""
 
@@ -64,6 +77,9 @@ class ImageContext:
     # [CLS]->patch attention of the vision encoder, lazily computed, (n,) with -inf where a token has none
     # (AnyRes high-resolution crops, newline separators). None when the encoder has no [CLS].
     pivot_scores: Callable[[], torch.Tensor | None] = lambda: None
+    # the tower's attention and keys on these tokens, lazily computed; set by hosts with the "tower_attention"
+    # stage, None elsewhere or when the tower's tokens cannot be mapped (e.g. a clustering tower changed them)
+    tower: Callable[[], TowerTokens | None] = lambda: None
     modality: str = "image"  # "image" or "video"
     # video: the frame (temporal position) of every token, (n,); its segments are one grid per frame, in order
     frames: torch.Tensor | None = None
@@ -257,5 +273,5 @@ def scale_layers(layers: tuple[int, ...], depth: int, num_layers: int) -> dict[i
 
 __all__ = [
     "SUBLAYER_KINDS", "GridSegment", "ImageContext", "LayerContext", "PrefillOutcome", "Reduction", "SublayerContext",
-    "VisualTokenMethod", "instruction_rows", "scale_layers", "text_after_last_visual",
+    "TowerTokens", "VisualTokenMethod", "instruction_rows", "scale_layers", "text_after_last_visual",
 ]
