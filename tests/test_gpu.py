@@ -93,9 +93,11 @@ def test_svg2_kernels(gpu_device, dtype):
     want = svg2_kernels.kmeans_assign(x, centroids, backend="torch")
     dist = torch.cdist(x.float(), centroids).square()
     torch.testing.assert_close(dist.gather(2, got[..., None]), dist.gather(2, want[..., None]), rtol=1e-2, atol=1e-2)
-    new, _ = svg2_kernels.kmeans_update(x, want, centroids, backend="triton")
-    ref, _ = svg2_naive.kmeans_update_reference(x, want, centroids)
+    labels, new, sizes = svg2_kernels.kmeans_step(x, centroids, backend="triton")
+    assert torch.equal(labels, got)  # the fused step assigns as the assignment kernel does
+    ref, ref_sizes = svg2_naive.kmeans_update_reference(x, labels, centroids)
     torch.testing.assert_close(new, ref, rtol=1e-3, atol=1e-3)
+    assert torch.equal(sizes, ref_sizes)
     # variable-block attention over a random plan of query clusters x key runs, against dense masked attention
     q_off = torch.linspace(0, n, cq + 1, device=gpu_device).long().expand(bh, -1).contiguous()
     k_off = torch.linspace(0, n, ck + 1, device=gpu_device).long()
@@ -108,6 +110,12 @@ def test_svg2_kernels(gpu_device, dtype):
     out = svg2_kernels.varblock_attention(q, k, v, q_off, start, end, count, d**-0.5, backend="triton")
     loop = svg2_kernels.varblock_attention(q, k, v, q_off, start, end, count, d**-0.5, backend="torch")
     torch.testing.assert_close(out.float(), loop.float(), rtol=2e-2, atol=2e-2)
+    from vtoken.kernels.svg2 import flashinfer_backend
+
+    if flashinfer_backend.available() and q.is_cuda:  # the optional FlashInfer route, on the same plan
+        layout = flashinfer_backend.block_layout(q_off.diff(dim=-1), k_off.diff().expand(bh, -1), keep)
+        got = flashinfer_backend.flashinfer_attention(q, k, v, *layout, d**-0.5)
+        torch.testing.assert_close(got.float(), loop.float(), rtol=2e-2, atol=2e-2)
 
 
 # -- fp16 invariants on the device -----------------------------------------------------------------------------------

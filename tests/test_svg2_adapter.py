@@ -118,13 +118,13 @@ def test_wan_batch_equals_single_samples():
 
 def count_kmeans_assignments(monkeypatch):
     calls = []
-    original = svg2_method.kmeans_assign
+    original = svg2_method.kmeans_step
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(svg2_method, "kmeans_assign", counting)
+    monkeypatch.setattr(svg2_method, "kmeans_step", counting)
     return calls
 
 

@@ -21,6 +21,8 @@ def test_bench_dit_writes_json_and_png(tmp_path, capsys):
     assert full["relative_error"] < 1e-5
     assert 0 < sparse["density"] < 1 and sparse["recall"] < 1 and sparse["relative_error"] > 0
     assert report["kmeans_warm_ms"] > 0 and report["dense_ms"] > 0
+    assert report["flashinfer"].startswith("not timed") and "flashinfer: not timed" in printed  # CPU: no FlashInfer
+    assert "flashinfer" not in sparse
 
 
 def test_structured_inputs_concentrate_attention_on_each_tokens_object():

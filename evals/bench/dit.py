@@ -31,8 +31,11 @@ import torch.nn.functional as F
 from vtoken.evals.common.arguments import add_threads_argument, comma_list, config_field, device, positive_int
 from vtoken.evals.common.machine import Threads, cpu_model, load_line, set_threads
 from vtoken.evals.common.timing import median_ms
+from vtoken.kernels.svg2.flashinfer_backend import available as flashinfer_available
+from vtoken.kernels.svg2.flashinfer_backend import block_layout, flashinfer_attention
 from vtoken.methods.svg2 import (
     MODEL_CLUSTERS,
+    SVG2_BACKENDS,
     SVG2Config,
     allowed_pairs,
     make_plan,
@@ -147,8 +150,11 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_benchmark(shape: Shape, device: torch.device, top_ps, reps: int, backend: str, min_ratio: float,
                   progress: bool = True, threads: Threads | None = None) -> dict:
+    """``backend`` runs k-means and the sparse attention; on CUDA, where flashinfer imports, FlashInfer's sparse
+    attention is timed beside it on the same plans (its ``plan`` included, as each call would pay it)."""
     from tqdm import tqdm
 
+    compare_flashinfer = device.type == "cuda" and backend != "flashinfer" and flashinfer_available()
     q, k, v = structured_qkv(shape, device)
     q_next, k_next, v_next = structured_qkv(shape, device, drift=0.1)  # the following denoising step
     scale = 1.0 / math.sqrt(shape.head_dim)
@@ -175,6 +181,12 @@ def run_benchmark(shape: Shape, device: torch.device, top_ps, reps: int, backend
                                  device)
         kernel_ms = _kernel_ms(q_next, k_next, v_next, plan, scale, backend, reps, device)
         density = float(plan.density.mean())
+        beside = {}
+        if compare_flashinfer:  # the release's backend, side by side on the same plan
+            fi_ms, fi_out = median_ms(lambda p=plan: sparse_attention(q_next, k_next, v_next, p, scale, "flashinfer"),
+                                      reps, device)
+            beside["flashinfer"] = {"attention_ms": fi_ms, "attention_speedup": dense_ms / fi_ms,
+                                    "relative_error": relative_error(fi_out, ref_next)}
         results.append({
             "top_p": top_p,
             "density": density,
@@ -188,6 +200,7 @@ def run_benchmark(shape: Shape, device: torch.device, top_ps, reps: int, backend
             "kernel_speedup": dense_ms / kernel_ms,
             "attention_efficiency": dense_ms / attn_ms * density,
             "svg2_step_ms": warm_ms + plan_ms + attn_ms,
+            **beside,
         })
     del dense_out
     return {
@@ -195,6 +208,8 @@ def run_benchmark(shape: Shape, device: torch.device, top_ps, reps: int, backend
         "device": str(device),
         "shape": {**asdict(shape), "tokens": shape.tokens},
         "config": {**asdict(cfg), "backend": backend},
+        "flashinfer": "timed beside" if compare_flashinfer else ("the backend" if backend == "flashinfer" else
+                                                                 "not timed (needs CUDA and flashinfer-python)"),
         "dense_ms": dense_ms,
         "kmeans_init_ms": init_ms,
         "kmeans_warm_ms": warm_ms,
@@ -204,10 +219,13 @@ def run_benchmark(shape: Shape, device: torch.device, top_ps, reps: int, backend
 
 
 def _kernel_ms(q, k, v, plan, scale, backend, reps, device) -> float:
-    """The variable-block kernel alone, on inputs already in the permuted layout."""
+    """The variable-block kernel alone (FlashInfer: its plan and run), on inputs already in the permuted layout."""
     from vtoken.kernels.svg2 import varblock_attention
 
     qp, kp, vp = permute_tokens(q, plan.q_order), permute_tokens(k, plan.k_order), permute_tokens(v, plan.k_order)
+    if backend == "flashinfer":
+        layout = block_layout(plan.q_offsets.diff(dim=-1), plan.k_sizes, plan.keep)
+        return median_ms(lambda: flashinfer_attention(qp, kp, vp, *layout, scale), reps, device)[0]
     args = (qp, kp, vp, plan.q_offsets, plan.range_start, plan.range_end, plan.num_ranges, scale, backend)
     return median_ms(lambda: varblock_attention(*args), reps, device)[0]
 
@@ -236,6 +254,13 @@ def format_report(report: dict) -> str:
             f"{r['plan_ms']:7.2f}  {r['attention_ms']:7.2f}  {r['kernel_ms']:9.2f}  {r['ideal_speedup']:7.2f}  "
             f"{r['attention_speedup']:6.2f}  {r['kernel_speedup']:8.2f}  {r['attention_efficiency']:10.2f}"
         )
+    lines.append(f"flashinfer: {report['flashinfer']}")
+    for r in report["results"]:
+        if "flashinfer" in r:
+            fi = r["flashinfer"]
+            lines.append(f"  top_p {r['top_p']:.2f}: flashinfer attn {fi['attention_ms']:.2f} ms = "
+                         f"{fi['attention_speedup']:.2f}x dense ({fi['attention_speedup'] / r['ideal_speedup']:.2f} "
+                         f"of ideal; ours {r['attention_efficiency']:.2f}), rel.err {fi['relative_error']:.4f}")
     return "\n".join(lines)
 
 
@@ -260,6 +285,8 @@ def plot(report: dict, path: Path) -> None:
     ax2.plot(top_p, [r["attention_speedup"] for r in rows], "o-", label="sparse attention")
     ax2.plot(top_p, [r["kernel_speedup"] for r in rows], "s-", label="kernel only")
     ax2.plot(top_p, [report["dense_ms"] / r["svg2_step_ms"] for r in rows], "^-", label="k-means warm + plan + attn")
+    if all("flashinfer" in r for r in rows):
+        ax2.plot(top_p, [r["flashinfer"]["attention_speedup"] for r in rows], "d-", label="FlashInfer attention")
     ax2.set_yscale("log")
     ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax2.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -287,8 +314,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated top_p values, each in (0, 1] as svg2 takes them")
     parser.add_argument("--reps", type=positive_int, default=5,
                         help="timed repetitions per measurement (median reported)")
-    parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
-                        help="k-means and attention kernels")
+    parser.add_argument("--backend", choices=list(SVG2_BACKENDS), default="auto",
+                        help="k-means and attention kernels (flashinfer: FlashInfer's attention, k-means as auto); "
+                             "on CUDA with flashinfer-python installed, FlashInfer's attention is timed beside any "
+                             "other")
     parser.add_argument("--min-key-cluster-ratio", type=config_field(SVG2Config, "min_key_cluster_ratio", float),
                         default=SVG2Config.min_key_cluster_ratio,
                         help="least share of key clusters each query cluster keeps")

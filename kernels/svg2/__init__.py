@@ -20,9 +20,10 @@ class LabelGroups(NamedTuple):
     offsets: torch.Tensor
 
 
-def group_by_label(labels: torch.Tensor, num_clusters: int) -> LabelGroups:
+def group_by_label(labels: torch.Tensor, num_clusters: int, sizes: torch.Tensor | None = None) -> LabelGroups:
+    """The grouping of ``labels`` (BH, N); ``sizes`` (BH, K): the clusters' sizes when already counted."""
     order = torch.sort(labels, dim=-1, stable=True).indices
-    sizes = naive.cluster_sizes(labels, num_clusters)
+    sizes = naive.cluster_sizes(labels, num_clusters) if sizes is None else sizes
     offsets = torch.nn.functional.pad(sizes.cumsum(-1), (1, 0))
     return LabelGroups(order, sizes, offsets)
 
@@ -36,16 +37,15 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, backend: str = "auto
     return naive.kmeans_assign_reference(x, centroids)
 
 
-def kmeans_update(
-    x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, backend: str = "auto"
-) -> tuple[torch.Tensor, LabelGroups]:
-    """Lloyd update (fp32 means, empty clusters keep their centroid) and the label grouping it used."""
-    groups = group_by_label(labels, centroids.shape[1])
+def kmeans_step(x: torch.Tensor, centroids: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, ...]:
+    """One Lloyd step: ``(labels (BH, N), new fp32 centroids (BH, K, D), sizes (BH, K))`` (means of the new labels;
+    empty clusters keep their centroid). On Triton one kernel computes distances, argmin and the centroid sums, and
+    a second one the means."""
     if use_triton(x, backend):
-        from vtoken.kernels.svg2.kmeans import kmeans_update_triton
+        from vtoken.kernels.svg2.kmeans import kmeans_step_triton
 
-        return kmeans_update_triton(x, groups.order, groups.offsets, centroids), groups
-    return naive.kmeans_update_reference(x, labels, centroids)[0], groups
+        return kmeans_step_triton(x, centroids)
+    return naive.kmeans_step_reference(x, centroids)
 
 
 def varblock_attention(
@@ -69,6 +69,6 @@ def varblock_attention(
 
 
 __all__ = [
-    "BACKENDS", "LabelGroups", "group_by_label", "kmeans_assign", "kmeans_update", "triton_available",
+    "BACKENDS", "LabelGroups", "group_by_label", "kmeans_assign", "kmeans_step", "triton_available",
     "use_triton", "varblock_attention",
 ]

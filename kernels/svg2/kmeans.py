@@ -1,7 +1,7 @@
-"""Triton k-means kernels for SVG2, batched over heads: fused nearest-centroid assignment and a deterministic
-centroid update over tokens sorted by label.
+"""Triton k-means kernels for SVG2, batched over heads: nearest-centroid assignment, and a whole Lloyd step
+(distances, argmin and the new centroids' sums) in one pass over the tokens.
 
-References: ``naive.kmeans_assign_reference`` and ``naive.kmeans_update_reference``.
+References: ``naive.kmeans_assign_reference`` and ``naive.kmeans_step_reference``.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from vtoken.kernels.dispatch import launching
 
 @triton.jit
 def _assign_kernel(
-    x_ptr, c_ptr, labels_ptr,
+    x_ptr, c_ptr, labels_ptr, acc_ptr,
     N, K, D,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program: BLOCK_N tokens of one head against all K centroids, tile by tile, keeping a running argmin of
-    ``||c||^2 - 2 x.c`` so the N x K distance matrix never exists."""
+    ``||c||^2 - 2 x.c`` so the N x K distance matrix never exists. ``ACCUMULATE``: then add each token to its
+    cluster's fp32 sum and count with atomics, so a whole Lloyd step is one pass over ``x``."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -45,34 +46,28 @@ def _assign_kernel(
         best_idx = tl.where(better, tile_idx, best_idx)
         best = tl.where(better, tile_best, best)
     tl.store(labels_ptr + bh * N + offs_n, best_idx.to(tl.int64), mask=mask_n)
+    if ACCUMULATE:
+        rows = (bh * K + best_idx.to(tl.int64)) * (D + 1)  # a cluster's row: its D sums, then its count
+        tl.atomic_add(acc_ptr + rows[:, None] + offs_d[None, :], x, mask=mask_n[:, None] & mask_d[None, :])
+        tl.atomic_add(acc_ptr + rows + D, tl.full((BLOCK_N,), 1.0, tl.float32), mask=mask_n)
 
 
 @triton.jit
-def _update_kernel(
-    x_ptr, order_ptr, offsets_ptr, old_ptr, out_ptr,
-    N, K, D,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """One program: one cluster of one head. Its tokens are ``order[offsets[c] : offsets[c + 1]]`` (tokens sorted by
-    label), summed in fp32 in a fixed order, so the result is bit-reproducible (no atomics)."""
-    c = tl.program_id(0)
+def _means_kernel(acc_ptr, old_ptr, out_ptr, sizes_ptr, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """BLOCK_K clusters of one head: the mean of each non-empty one, the old centroid of each empty one, and its
+    size."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     bh = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    start = tl.load(offsets_ptr + bh * (K + 1) + c)
-    end = tl.load(offsets_ptr + bh * (K + 1) + c + 1)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    for s in range(start, end, BLOCK_N):
-        offs = s + tl.arange(0, BLOCK_N)
-        mask = offs < end
-        tok = tl.load(order_ptr + bh * N + offs, mask=mask, other=0)
-        rows = tl.load(x_ptr + bh * N * D + tok[:, None] * D + offs_d[None, :],
-                       mask=mask[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(rows, axis=0)
-    count = (end - start).to(tl.float32)
-    old = tl.load(old_ptr + bh * K * D + c * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    new = tl.where(count > 0, acc / tl.maximum(count, 1.0), old)
-    tl.store(out_ptr + bh * K * D + c * D + offs_d, new.to(out_ptr.dtype.element_ty), mask=mask_d)
+    mask_k = offs_k < K
+    mask = mask_k[:, None] & (offs_d < D)[None, :]
+    rows = (bh * K + offs_k) * (D + 1)
+    sums = tl.load(acc_ptr + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    count = tl.load(acc_ptr + rows + D, mask=mask_k, other=0.0)
+    old = tl.load(old_ptr + (bh * K + offs_k)[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    new = tl.where(count[:, None] > 0, sums / tl.maximum(count, 1.0)[:, None], old)
+    tl.store(out_ptr + (bh * K + offs_k)[:, None] * D + offs_d[None, :], new, mask=mask)
+    tl.store(sizes_ptr + bh * K + offs_k, count.to(tl.int64), mask=mask_k)
 
 
 def _block_d(d: int) -> int:
@@ -88,24 +83,29 @@ def kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor, block_n: int 
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     grid = (triton.cdiv(n, block_n), bh)
     with launching("k-means assign"):
-        _assign_kernel[grid](x, centroids, labels, n, k, d, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_block_d(d))
+        _assign_kernel[grid](x, centroids, labels, labels, n, k, d,  # no sums: the labels stand in for them
+                             ACCUMULATE=False, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_block_d(d))
     return labels
 
 
-def kmeans_update_triton(
-    x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, centroids: torch.Tensor, block_n: int = 64
-) -> torch.Tensor:
-    """Triton centroid update from tokens sorted by label (``order``) and cluster offsets ``(BH, K + 1)``.
+def kmeans_step_triton(x: torch.Tensor, centroids: torch.Tensor, block_n: int = 64, block_k: int = 64):
+    """Triton version of ``kmeans_step_reference``: ``(BH, N, D), (BH, K, D) -> (labels (BH, N) int64, fp32
+    centroids (BH, K, D), sizes (BH, K) int64)``, the new centroids the means of the new labels (empty clusters keep
+    theirs). Two launches: the step, then the means.
 
-    Returns fp32 centroids ``(BH, K, D)``; empty clusters keep ``centroids``.
-    """
-    x = x.contiguous()
+    The sums are accumulated with atomics, so their last bits may differ from run to run (the order of additions is
+    not fixed); the labels of one step do not depend on it."""
+    x, centroids = x.contiguous(), centroids.contiguous()
     bh, n, d = x.shape
     k = centroids.shape[1]
+    labels = torch.empty(bh, n, dtype=torch.int64, device=x.device)
+    acc = torch.zeros(bh, k, d + 1, dtype=torch.float32, device=x.device)
     out = torch.empty(bh, k, d, dtype=torch.float32, device=x.device)
-    with launching("k-means update"):
-        _update_kernel[(k, bh)](
-            x, order.contiguous(), offsets.contiguous(), centroids.contiguous(), out, n, k, d,
-            BLOCK_N=block_n, BLOCK_D=_block_d(d),
-        )
-    return out
+    sizes = torch.empty(bh, k, dtype=torch.int64, device=x.device)
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    with launching("k-means step"):
+        _assign_kernel[(triton.cdiv(n, block_n), bh)](x, centroids, labels, acc, n, k, d, ACCUMULATE=True,
+                                                      BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_block_d(d))
+        _means_kernel[(triton.cdiv(k, block_k), bh)](acc, centroids, out, sizes, k, d,
+                                                     BLOCK_K=block_k, BLOCK_D=_block_d(d))
+    return labels, out, sizes

@@ -54,6 +54,13 @@ def kmeans_update_reference(
     return torch.where(sizes.unsqueeze(-1) > 0, means, centroids.float()), sizes
 
 
+def kmeans_step_reference(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One Lloyd step: ``(labels (BH, N) int64, new fp32 centroids (BH, K, D), sizes (BH, K) int64)``, the tokens'
+    nearest centroids, the new centroids their means (empty clusters keep theirs) and the clusters' sizes."""
+    labels = kmeans_assign_reference(x, centroids)
+    return labels, *kmeans_update_reference(x, labels, centroids)
+
+
 def varblock_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,

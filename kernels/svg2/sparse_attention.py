@@ -10,6 +10,8 @@ Reference: ``naive.varblock_attention_reference``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
@@ -100,6 +102,42 @@ def tile_table(q_offsets: torch.Tensor, n_rows: int, block_m: int) -> tuple[torc
     return tile_cluster, tile_row, t_max
 
 
+class Tiling(NamedTuple):
+    """One launch configuration of the kernel: its tile shape and Triton's ``num_warps`` / ``num_stages``."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def candidate_tilings(dtype: torch.dtype) -> list[Tiling]:
+    """What the tuner tries on a GPU: 16-bit tiles up to 128 x 128; fp32 ones stay small enough for the shared memory
+    of an A100 or an RTX card."""
+    sizes = [(32, 32), (64, 32), (32, 64)] if dtype == torch.float32 else [
+        (64, 32), (64, 64), (64, 128), (128, 32), (128, 64), (128, 128)]
+    return [Tiling(m, n, w, s) for m, n in sizes for w in (4, 8) for s in (2, 3)]
+
+
+_TUNED: dict[tuple, Tiling] = {}
+
+
+def tuned_tiling(key: tuple, candidates: list[Tiling], measure: Callable[[Tiling], float]) -> Tiling:
+    """The fastest of ``candidates`` by ``measure`` (ms), measured once per ``key`` (the shape and dtype of a call)
+    and remembered. A tiling the GPU cannot run (too much shared memory) is skipped."""
+    if key not in _TUNED:
+        timings = {}
+        for tiling in candidates:
+            try:
+                timings[tiling] = measure(tiling)
+            except triton.runtime.errors.OutOfResources:
+                continue
+        if not timings:
+            raise RuntimeError(f"variable-block attention: no tiling of {candidates} runs on this GPU")
+        _TUNED[key] = min(timings, key=timings.get)
+    return _TUNED[key]
+
+
 def varblock_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,31 +147,40 @@ def varblock_attention_triton(
     range_end: torch.Tensor,
     num_ranges: torch.Tensor,
     scale: float,
-    block_m: int | None = None,
-    block_n: int | None = None,
+    tiling: Tiling | None = None,
 ) -> torch.Tensor:
     """Triton version of ``varblock_attention_reference`` (same arguments, same result).
 
-    Default tiles: 64 x 64, except 32 x 32 for fp32 on a GPU, whose fp32 tiles would otherwise need more shared
-    memory than an A100 or RTX card has.
+    ``tiling`` None: on a GPU, the fastest of :func:`candidate_tilings` for this shape, timed on its first call (the
+    tile table depends on ``block_m``, so the tuner times whole calls rather than Triton's autotuner timing the
+    kernel); under the interpreter 64 x 64.
     """
-    default = (32, 32) if q.is_cuda and q.dtype == torch.float32 else (64, 64)
-    block_m, block_n = block_m or default[0], block_n or default[1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bh, nq, d = q.shape
     c, r = range_start.shape[1], range_start.shape[2]
-    out = torch.zeros_like(q)  # rows outside every cluster stay zero, as in the reference
     if bh == 0 or nq == 0 or c == 0:
-        return out
-    tile_cluster, tile_row, t_max = tile_table(q_offsets, nq, block_m)
+        return torch.zeros_like(q)  # rows outside every cluster stay zero, as in the reference
+    args = (q, k, v, q_offsets.to(torch.int32).contiguous(), range_start.to(torch.int32).contiguous(),
+            range_end.to(torch.int32).contiguous(), num_ranges.to(torch.int32).contiguous(), scale)
+    if tiling is None and q.is_cuda:
+        from triton.testing import do_bench
+
+        key = (bh, nq, k.shape[1], d, c, r, q.dtype, q.device.index)
+        tiling = tuned_tiling(key, candidate_tilings(q.dtype), lambda t: do_bench(lambda: launch(*args, t)))
+    return launch(*args, tiling or Tiling(64, 64))
+
+
+def launch(q, k, v, q_offsets, range_start, range_end, num_ranges, scale: float, tiling: Tiling) -> torch.Tensor:
+    bh, nq, d = q.shape
+    c, r = range_start.shape[1], range_start.shape[2]
+    out = torch.zeros_like(q)
+    tile_cluster, tile_row, t_max = tile_table(q_offsets, nq, tiling.block_m)
     upcast = q.dtype == torch.float32 or not q.is_cuda
     with launching("variable-block attention"):
         _varblock_attn_kernel[(t_max, bh)](
-            q, k, v, out,
-            tile_cluster, tile_row, q_offsets.to(torch.int32).contiguous(),
-            range_start.to(torch.int32).contiguous(), range_end.to(torch.int32).contiguous(),
-            num_ranges.to(torch.int32).contiguous(),
+            q, k, v, out, tile_cluster, tile_row, q_offsets, range_start, range_end, num_ranges,
             nq, k.shape[1], d, c, r, t_max, scale * math.log2(math.e),
-            UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+            UPCAST=upcast, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+            num_warps=tiling.num_warps, num_stages=tiling.num_stages,
         )
     return out

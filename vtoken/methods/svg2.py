@@ -29,13 +29,17 @@ import torch
 import torch.nn.functional as F
 
 from vtoken.checks import check_choice, check_float, check_int
-from vtoken.kernels.svg2 import BACKENDS, LabelGroups, kmeans_assign, kmeans_update, varblock_attention
+from vtoken.kernels.svg2 import BACKENDS, LabelGroups, group_by_label, kmeans_step, varblock_attention
+from vtoken.kernels.svg2.flashinfer_backend import available as flashinfer_available
+from vtoken.kernels.svg2.flashinfer_backend import block_layout, flashinfer_attention
 from vtoken.registry import register_method
 from vtoken.timing import Stopwatch
 
 # Cluster counts (query, key) per host when the user sets none: the official scripts' per-model counts; any other
 # caller of ``svg2_attention`` gets the paper's generic 100 / 500 (Table 1).
 MODEL_CLUSTERS = {"wan": (300, 1000), "hunyuan_video": (400, 1000)}
+# "flashinfer": FlashInfer's variable-block sparse attention (the release's); k-means then runs as under "auto"
+SVG2_BACKENDS = (*BACKENDS, "flashinfer")
 GENERIC_CLUSTERS = (100, 500)
 
 
@@ -75,7 +79,10 @@ class SVG2Config:
         check_int(self.kmeans_step_iters, "kmeans_step_iters", 1)
         check_choice(self.kmeans_in_dense_steps, "kmeans_in_dense_steps", (True, False))
         check_int(self.seed, "seed", 0)
-        check_choice(self.backend, "backend", BACKENDS)
+        check_choice(self.backend, "backend", SVG2_BACKENDS)
+        if self.backend == "flashinfer" and not flashinfer_available():
+            raise ValueError("backend='flashinfer' needs the flashinfer-python package, which does not import here; "
+                             f"choose one of {', '.join(map(repr, BACKENDS))}")
         check_choice(self.record_stats, "record_stats", (True, False))
 
     def for_model(self, host: str | None) -> SVG2Config:
@@ -135,9 +142,8 @@ def kmeans(
     check_cluster_count(k, x.shape[1], "k")
     centroids = init.float() if init is not None else init_centroids(x, k, generator)
     for _ in range(iters):
-        labels = kmeans_assign(x, centroids, backend)
-        centroids, groups = kmeans_update(x, labels, centroids, backend)
-    return Clusters(labels, centroids, groups)
+        labels, centroids, sizes = kmeans_step(x, centroids, backend)
+    return Clusters(labels, centroids, group_by_label(labels, k, sizes))
 
 
 # -- cluster plan -------------------------------------------------------------------------------------------------
@@ -216,7 +222,9 @@ class SparsePlan:
 
     ``q_order`` / ``k_order`` (BH, N) permute tokens so clusters are contiguous; query cluster i owns rows
     ``q_offsets[:, i] : q_offsets[:, i + 1]`` and attends key rows ``range_start[:, i, r] : range_end[:, i, r]``,
-    ``r < num_ranges[:, i]``. ``keep`` (BH, Cq, Ck) is the block mask; ``pairs`` (BH,) the query-key pairs computed.
+    ``r < num_ranges[:, i]``. ``keep`` (BH, Cq, Ck) is the block mask over clusters of ``k_sizes`` (BH, Ck) keys;
+    ``extra_keys`` (BH,) the always-attended rows after the clustered keys (None: none); ``pairs`` (BH,) the
+    query-key pairs computed.
     """
 
     q_order: torch.Tensor
@@ -228,6 +236,8 @@ class SparsePlan:
     num_ranges: torch.Tensor
     pairs: torch.Tensor
     num_keys: torch.Tensor
+    k_sizes: torch.Tensor
+    extra_keys: torch.Tensor | None = None
 
     @property
     def density(self) -> torch.Tensor:
@@ -259,7 +269,8 @@ def make_plan(
         kept_keys = kept_keys + extra_keys.unsqueeze(1)
         num_keys = num_keys + extra_keys
     pairs = (kept_keys * qc.groups.sizes).sum(-1)
-    return SparsePlan(qc.groups.order, qc.groups.offsets, kc.groups.order, keep, start, end, count, pairs, num_keys)
+    return SparsePlan(qc.groups.order, qc.groups.offsets, kc.groups.order, keep, start, end, count, pairs, num_keys,
+                      kc.groups.sizes, extra_keys)
 
 
 # -- permutation and attention ----------------------------------------------------------------------------------
@@ -294,10 +305,14 @@ def sparse_attention(
     if k.shape[1] > n_video:
         k_perm = torch.cat([k_perm, k[:, n_video:]], 1)
         v_perm = torch.cat([v_perm, v[:, n_video:]], 1)
-    out = varblock_attention(
-        permute_tokens(q, plan.q_order), k_perm, v_perm,
-        plan.q_offsets, plan.range_start, plan.range_end, plan.num_ranges, scale, backend,
-    )
+    q_perm = permute_tokens(q, plan.q_order)
+    if backend == "flashinfer":
+        layout = block_layout(plan.q_offsets.diff(dim=-1), plan.k_sizes, plan.keep, plan.extra_keys,
+                              k.shape[1] - n_video)
+        out = flashinfer_attention(q_perm, k_perm, v_perm, *layout, scale)
+    else:
+        out = varblock_attention(q_perm, k_perm, v_perm, plan.q_offsets, plan.range_start, plan.range_end,
+                                 plan.num_ranges, scale, backend)
     return unpermute_tokens(out, plan.q_order)
 
 
@@ -318,7 +333,7 @@ def step_clusters(x: torch.Tensor, k: int, config: SVG2Config, init: torch.Tenso
     """One denoising step's k-means of ``x``: warm from the previous step's centroids ``init``
     (``kmeans_step_iters``), or seeded from ``generator`` (``kmeans_init_iters``) when there are none."""
     iters = config.kmeans_step_iters if init is not None else config.kmeans_init_iters
-    return kmeans(x, k, iters, init, generator, config.backend)
+    return kmeans(x, k, iters, init, generator, "auto" if config.backend == "flashinfer" else config.backend)
 
 
 @dataclass
