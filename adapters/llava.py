@@ -69,13 +69,14 @@ def unpadded_grid(image_size, pinpoints, tile: int, grid: int) -> tuple[int, int
     return rows, cols - 2 * pad
 
 
-def base_view_scores(tower, full: int, base_len: int) -> torch.Tensor | None:
-    """ToDRE's pivot scores: the [CLS] attention of the base view's (thumbnail's) patches, -inf elsewhere."""
-    mapped = tower()
-    if mapped is None:
+def base_view_scores(reader: TowerReader, first: int, n: int, full: int, base_len: int) -> torch.Tensor | None:
+    """ToDRE's pivot scores: the [CLS] attention of the base view's (thumbnail's) patches, -inf elsewhere (read from
+    that view's map alone: the crops' mapping is not needed)."""
+    maps = reader.view_maps()
+    if maps is None or maps.shape[1] - 1 != base_len - full:  # e.g. a clustering tower's layer saw other tokens
         return None
-    scores = torch.full_like(mapped.attention, float("-inf"))
-    scores[full:base_len] = mapped.attention[full:base_len]
+    scores = maps.new_full((n,), float("-inf"))
+    scores[full:base_len] = maps[first, 1:, 0]
     return scores
 
 
@@ -185,7 +186,7 @@ class LlavaPatch(VLMPatch):
                 tower = functools.cache(functools.partial(self.tower_of, reader, context, first_view[i], views[i],
                                                           tiles))
                 context.tower = tower
-                context.pivot_scores = functools.partial(base_view_scores, tower, full, base_len)
+                context.pivot_scores = functools.partial(base_view_scores, reader, first_view[i], n, full, base_len)
             contexts.append(context)
         return contexts
 

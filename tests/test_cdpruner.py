@@ -13,7 +13,7 @@ from test_llava_invariants import Host, logits
 
 import vtoken
 from vtoken.methods.base import ImageContext
-from vtoken.methods.cdpruner import CDPrunerConfig, instruction_relevance
+from vtoken.methods.cdpruner import CDPrunerConfig, instruction_direction, instruction_relevance
 
 
 def test_relevance_is_the_release_rule():
@@ -23,9 +23,16 @@ def test_relevance_is_the_release_rule():
     cos = F.normalize(x, dim=-1) @ F.normalize(embeds[mask], dim=-1).T  # (n, M)
     relevance = -cos.mean(-1)
     expected = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min() + 1e-6)
-    torch.testing.assert_close(instruction_relevance(x, embeds, mask, -1.0), expected, atol=1e-6, rtol=1e-5)
-    flat = instruction_relevance(x, embeds, torch.zeros(7, dtype=torch.bool), -1.0)  # no instruction: one weight
-    assert torch.equal(flat, torch.ones(12))
+    units = F.normalize(x, dim=-1)
+    got = instruction_relevance(units, instruction_direction(embeds, mask), -1.0)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    no_instruction = instruction_direction(embeds, torch.zeros(7, dtype=torch.bool))
+    assert torch.equal(instruction_relevance(units, no_instruction, -1.0), torch.ones(12))  # one weight for all
+    # batched over images: each image against its own instruction
+    direction = instruction_direction(embeds, mask)
+    batch = instruction_relevance(torch.stack([units, units.flip(0)]), torch.stack([no_instruction, direction]), 1.0)
+    torch.testing.assert_close(batch[1], instruction_relevance(units.flip(0), direction, 1.0))
+    assert torch.equal(batch[0], torch.ones(12))
 
 
 def test_the_kept_tokens_follow_the_instruction():
@@ -63,13 +70,14 @@ def test_the_instruction_is_the_text_after_the_last_image(host_name, monkeypatch
     host = Host(host_name)
     seen = []
 
-    def spy(self, features, ctx):
-        embeds, mask = ctx.instruction()
-        seen.append(embeds[mask])
-        return original(self, features, ctx)
+    def spy(self, images):
+        for _, ctx in images:
+            embeds, mask = ctx.instruction()
+            seen.append(embeds[mask])
+        return original(self, images)
 
-    original = CDPrunerConfig.kernel
-    monkeypatch.setattr(CDPrunerConfig, "kernel", spy)
+    original = CDPrunerConfig.kernels
+    monkeypatch.setattr(CDPrunerConfig, "kernels", spy)
     with vtoken.patch(host.model, "cdpruner", keep=0.25):
         for i in range(3):
             logits(host.model, **host.single(i))

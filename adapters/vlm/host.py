@@ -329,7 +329,9 @@ class VLMPatch:
                 if embeds is None:
                     embeds = self.base.get_input_embeddings()(kwargs["input_ids"])
                 cache["embeds"], cache["mask"] = embeds, text_after_last_visual(*self.visual_and_valid(kwargs))
-            return cache["embeds"][row], cache["mask"][row]
+            if row not in cache:  # the same tensors for every item of a row, so a method can tell rows apart
+                cache[row] = cache["embeds"][row], cache["mask"][row]
+            return cache[row]
 
         for modality in present:
             for entry, row in zip(outputs[modality.name].pooler_output, rows[modality.name]):

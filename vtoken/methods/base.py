@@ -84,7 +84,8 @@ class ImageContext:
     # video: the frame (temporal position) of every token, (n,); its segments are one grid per frame, in order
     frames: torch.Tensor | None = None
     # instruction() -> ((L, D) the LLM input embeddings of the item's prompt row, (L,) bool: its instruction tokens,
-    # the real text after the row's last visual placeholder); set for methods with ``conditioned = True``
+    # the real text after the row's last visual placeholder), the same tensors for every item of one row; set for
+    # methods with ``conditioned = True``
     instruction: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 

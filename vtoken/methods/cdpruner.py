@@ -32,15 +32,21 @@ from vtoken.registry import register_method
 RELEVANCE = ("release", "similar", "uniform")
 
 
-def instruction_relevance(x: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, sign: float) -> torch.Tensor:
-    """(n,) fp32 relevance of the tokens ``x`` (n, D) to the instruction tokens ``mask`` (L,) of ``embeds`` (L, D):
-    ``sign`` x the mean cosine, min-max normalised as the release does (the denominator gains 1e-6 too, so a
-    constant relevance, e.g. no instruction at all, weighs every token alike instead of dividing by zero)."""
+def instruction_direction(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(D,) fp32 the mean of the unit vectors of the instruction tokens ``mask`` (L,) of ``embeds`` (L, D): the mean
+    cosine of a unit vector with the instruction's tokens is its dot product with this."""
     text = F.normalize(embeds.float(), dim=-1) * mask.unsqueeze(1)
-    mean = text.sum(0) / mask.sum().clamp_min(1)  # mean of the instruction's unit vectors: one matrix-vector product
-    relevance = sign * (F.normalize(x.float(), dim=-1) @ mean)
-    low = relevance.amin()
-    return (relevance - low + 1e-6) / (relevance.amax() - low + 1e-6)
+    return text.sum(0) / mask.sum().clamp_min(1)
+
+
+def instruction_relevance(units: torch.Tensor, direction: torch.Tensor, sign: float) -> torch.Tensor:
+    """(..., n) fp32 relevance of the unit-normalised tokens ``units`` (..., n, D) to an instruction whose
+    :func:`instruction_direction` is ``direction`` (..., D): ``sign`` x the mean cosine, min-max normalised per image
+    as the release does (the denominator gains 1e-6 too, so a constant relevance, e.g. no instruction at all, weighs
+    every token alike instead of dividing by zero)."""
+    relevance = sign * (units @ direction.unsqueeze(-1)).squeeze(-1)
+    low = relevance.amin(dim=-1, keepdim=True)
+    return (relevance - low + 1e-6) / (relevance.amax(dim=-1, keepdim=True) - low + 1e-6)
 
 
 @register_method("cdpruner", stages=("boundary",))
@@ -74,18 +80,25 @@ class CDPrunerConfig(VisualTokenMethod):
                 groups.setdefault((ctx.n, k), []).append(i)
         for (_, k), members in groups.items():
             with torch.autocast(images[members[0]][0].device.type, enabled=False):  # fp32 even under autocast
-                kernels = torch.stack([self.kernel(*images[i]) for i in members])
+                kernels = self.kernels([images[i] for i in members])
                 kept = dpp_greedy_map(kernels, k, self.backend).sort(dim=1).values
             for i, indices in zip(members, kept):
                 out[i] = Reduction(images[i][0].index_select(0, indices), indices)
         return out
 
-    def kernel(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor:
-        """(n, n) fp32: cosine similarity, weighted by relevance to the instruction unless ``relevance="uniform"``."""
-        x = F.normalize(features.float(), dim=-1)
-        similarity = x @ x.T
-        if self.relevance == "uniform" or ctx.instruction is None:
+    def kernels(self, images: list[tuple[torch.Tensor, ImageContext]]) -> torch.Tensor:
+        """(B, n, n) fp32 for B images of n tokens: cosine similarity, weighted by relevance to the instruction unless
+        ``relevance="uniform"``. Items of one prompt row share its instruction, whose direction is computed once."""
+        units = F.normalize(torch.stack([features for features, _ in images]).float(), dim=-1)
+        similarity = units @ units.transpose(1, 2)
+        contexts = [ctx for _, ctx in images]
+        if self.relevance == "uniform" or any(ctx.instruction is None for ctx in contexts):
             return similarity
-        embeds, mask = ctx.instruction()
-        r = instruction_relevance(features, embeds, mask, -1.0 if self.relevance == "release" else 1.0)
-        return r.unsqueeze(1) * similarity * r.unsqueeze(0)
+        instructions = [ctx.instruction() for ctx in contexts]  # held: their ids name the rows below
+        directions: dict[int, torch.Tensor] = {}
+        for embeds, mask in instructions:
+            if id(embeds) not in directions:
+                directions[id(embeds)] = instruction_direction(embeds, mask)
+        direction = torch.stack([directions[id(embeds)] for embeds, _ in instructions])
+        r = instruction_relevance(units, direction, -1.0 if self.relevance == "release" else 1.0)
+        return r.unsqueeze(2) * similarity * r.unsqueeze(1)
