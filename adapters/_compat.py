@@ -276,6 +276,26 @@ def vision_attention(layer) -> EncoderAttention:
                             attn.scale, attn.q_norm, attn.k_norm)
 
 
+class QwenVisionAttention(NamedTuple):
+    """What recomputing a Qwen-VL vision block's attention from its input needs: the norm before attention, the
+    fused q/k/v projection, the head count and the softmax scale (RoPE comes in the block's ``position_embeddings``)."""
+
+    norm: Any
+    qkv: Any
+    num_heads: int
+    scale: float
+
+
+def qwen_vision_attention(block) -> QwenVisionAttention:
+    """The attention of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision block (``norm1``, ``attn.qkv``)."""
+    return QwenVisionAttention(block.norm1, block.attn.qkv, block.attn.num_heads, block.attn.scaling)
+
+
+# the Qwen2.5-VL tower's method that puts patches (and their RoPE rows) in window order; its first call's argument is
+# the window order, whose inverse the tower applies to its merged tokens
+QWEN_WINDOW_PERMUTE = "permute_input_for_window_attn"
+
+
 def has_cls_token(tower) -> bool:
     """Whether a vision tower prepends a [CLS] token (CLIP: ``class_embedding``; InternViT: ``cls_token``)."""
     embeddings = vision_encoder(tower).embeddings

@@ -11,11 +11,13 @@ The hooks are the shared :class:`~vtoken.adapters.vlm.host.VLMPatch`; this file 
 * Qwen3-VL's deepstack features (added to the first decoder layers at the visual tokens) are reduced with their
   tokens, and while an in-LLM method prunes, vtoken adds them itself at the tokens still alive.
 
-Qwen's encoder has no [CLS] token, so ToDRE's pivot is a seeded random token (the paper's ablation: <= 0.2 points).
+Qwen's encoder has no [CLS] token, so ToDRE's pivot is a seeded random token (the paper's ablation: <= 0.2 points), and
+the tower's attention on a token (VisionZip's ranking) is what it receives in the last block (``QwenTowerReader``).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -25,7 +27,8 @@ from vtoken.adapters import _compat
 from vtoken.adapters.vlm.cache import CacheLayout
 from vtoken.adapters.vlm.columns import PromptEdit, gather_rows
 from vtoken.adapters.vlm.host import Modality, VLMPatch, gather_positions, renumbered_positions
-from vtoken.methods.base import GridSegment, ImageContext
+from vtoken.adapters.vlm.tower import rotate_half, segment_received, tower_tokens
+from vtoken.methods.base import GridSegment, ImageContext, TowerTokens
 from vtoken.registry import register_host
 
 
@@ -64,12 +67,18 @@ class QwenVLPatch(VLMPatch):
         return {modality.pixels: kwargs[modality.pixels], grid: kwargs.get(grid), "return_dict": True}
 
     def encode(self, modality: Modality, original, call: dict):
-        out = original(**call)
+        reader = QwenTowerReader(self.tower, self.merge)
+        out = reader.capture(original, call)
         grids = call.get(f"{modality.name}_grid_thw")
         if grids is None:
             raise ValueError(f"vtoken: {modality.features} needs {modality.name}_grid_thw to lay out the tokens")
         # one read of the grids (the model reads them too): every layout below is host arithmetic
-        return out, [grid_context(thw, self.merge, modality.name == "video") for thw in grids.tolist()]
+        contexts = [grid_context(thw, self.merge, modality.name == "video") for thw in grids.tolist()]
+        first = 0
+        for context in contexts:
+            context.tower = functools.cache(functools.partial(reader.item_tokens, first, context.n))
+            first += context.n
+        return out, contexts
 
     def companions(self, out) -> list[list[torch.Tensor]]:
         layers = getattr(out, "deepstack_features", None)
@@ -166,6 +175,73 @@ class QwenVLPatch(VLMPatch):
             DeepstackInjector(self, handle)
 
 
+class QwenTowerReader:
+    """The attention each merged token receives in the tower's last block (whose output the merger reads): averaged
+    over heads and over the queries of its frame (or window, in a windowed block), summed over the token's merged
+    patches; keys (before RoPE) averaged over heads and patches. Captured during one encoder call: the block's input
+    and keyword arguments, and Qwen2.5-VL's window order (the tower reverts it on the merged tokens, and so does this).
+    """
+
+    source = "received"
+
+    def __init__(self, tower, merge: int):
+        self.tower, self.unit = tower, merge * merge
+        self.block = tower.blocks[-1]
+        self.call: tuple | None = None
+        self.window: torch.Tensor | None = None
+        self.maps: torch.Tensor | None = None
+
+    def grab(self, module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        self.call = (x, kwargs["cu_seqlens"], kwargs["position_embeddings"])
+
+    def capture(self, original, call: dict):
+        """``original(**call)`` with the last block's input and the window order captured."""
+        hook = self.block.register_forward_pre_hook(self.grab, with_kwargs=True)
+        name = _compat.QWEN_WINDOW_PERMUTE
+        permute, own = getattr(self.tower, name, None), vars(self.tower).get(name)
+        if permute is not None:
+            def recording(x, window_index, *args, **kwargs):
+                if self.window is None:
+                    self.window = window_index
+                return permute(x, window_index, *args, **kwargs)
+
+            setattr(self.tower, name, recording)  # this instance, this call only
+        try:
+            return original(**call)
+        finally:
+            hook.remove()
+            if permute is not None:
+                if own is None:
+                    delattr(self.tower, name)
+                else:
+                    setattr(self.tower, name, own)
+
+    def merged_order(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-merged-token rows in the tower's order -> in the features' order (Qwen2.5-VL's windows undone)."""
+        return rows if self.window is None else rows[torch.argsort(self.window)]
+
+    def token_maps(self) -> torch.Tensor | None:
+        """(merged tokens of the call, 1 + d) the attention and keys of every merged token, in the features' order."""
+        if self.maps is None and self.call is not None:
+            x, cu_seqlens, (cos, sin) = self.call
+            attn = _compat.qwen_vision_attention(self.block)
+            S = x.shape[0]
+            q, k, _ = attn.qkv(attn.norm(x)).reshape(S, 3, attn.num_heads, -1).unbind(1)
+            keys = k.float().mean(dim=1)
+            cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+            q, k = (t.float() * cos + rotate_half(t.float()) * sin for t in (q, k))
+            patches = torch.cat([segment_received(q, k, attn.scale, cu_seqlens).unsqueeze(-1), keys], dim=-1)
+            groups = patches.view(S // self.unit, self.unit, -1)
+            merged = torch.cat([groups[..., :1].sum(dim=1), groups[..., 1:].mean(dim=1)], dim=-1)
+            self.maps, self.call = self.merged_order(merged), None
+        return self.maps
+
+    def item_tokens(self, first: int, n: int) -> TowerTokens | None:
+        maps = self.token_maps()
+        return None if maps is None else tower_tokens(maps[first:first + n], self.source)
+
+
 def per_row(deltas: torch.Tensor, batch: int) -> torch.Tensor:
     """The (rows, 1) rope deltas for ``batch`` rows: generate() computes them per prompt, then repeats every prompt
     for its beams and returned sequences (each row ``batch // rows`` times in a row, as ``repeat_interleave``)."""
@@ -216,4 +292,5 @@ class DeepstackInjector:
 
 register_host("qwen_vl", "transformers Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration / "
               "Qwen3VLForConditionalGeneration (images and videos)", matches=_is_qwen_vl,
-              installers={"boundary": QwenVLPatch.install, "in_llm": QwenVLPatch.install})
+              installers={"boundary": QwenVLPatch.install, "in_llm": QwenVLPatch.install,
+                          "tower_attention": QwenVLPatch.install})

@@ -8,13 +8,24 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import IMAGE_TOKEN, prompt, tiny_internvl, tiny_llava, tiny_llava_next, tiny_llava_onevision, tiny_qwen
+from tiny_models import (
+    IMAGE_TOKEN,
+    prompt,
+    qwen_pixels,
+    tiny_internvl,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_llava_onevision,
+    tiny_qwen,
+)
 
 import vtoken
 from vtoken.adapters import _compat
 from vtoken.adapters.internvl import InternVLPatch
 from vtoken.adapters.llava import LlavaPatch, anyres_views
 from vtoken.adapters.llava_onevision import LlavaOnevisionPatch, video_context
+from vtoken.adapters.qwen_vl import QwenTowerReader
+from vtoken.adapters.vlm.tower import segment_received
 from vtoken.methods.visionzip import VisionZipConfig, contextual_targets, patch_tokens, split_budget, visionzip_tokens
 
 
@@ -121,14 +132,12 @@ def test_config_errors_name_the_argument(kwargs, match):
         VisionZipConfig(**kwargs)
 
 
-def test_a_budget_the_tower_cannot_give_and_a_host_without_tower_attention_are_refused():
+def test_a_budget_the_tower_cannot_give_is_refused_and_every_vlm_host_reads_its_tower():
     model = tiny_llava()
     with pytest.raises(ValueError, match="keep=65"):
         vtoken.patch(model, "visionzip", keep=65)
     assert "forward" not in vars(model.model.multi_modal_projector)  # nothing was left behind by the refusal
-    assert set(vtoken.methods()["visionzip"].hosts) == {"llava", "llava_next", "llava_onevision", "internvl"}
-    with pytest.raises(ValueError, match="visionzip"):
-        vtoken.patch(tiny_qwen(), "visionzip", keep=16)  # Qwen-VL's windowed tower is not read yet
+    assert set(vtoken.methods()["visionzip"].hosts) == {"llava", "llava_next", "llava_onevision", "internvl", "qwen_vl"}
 
 
 # -- the tower's attention and keys mapped onto every host's tokens -------------------------------------------------
@@ -318,3 +327,59 @@ def test_todres_pivot_on_internvl_is_the_cls_attentions_favourite():
             model.model.get_image_features(pixel_values=pixels, return_dict=True)
         (item,) = patch.items.values()
         torch.testing.assert_close(item.context.pivot_scores(), expected, atol=1e-6, rtol=1e-5)
+
+
+# -- Qwen-VL: the last block's attention, merged tokens in the features' order -------------------------------------
+def qwen_call(model):
+    torch.manual_seed(0)
+    grids = torch.tensor([[1, 8, 12], [2, 4, 8]])  # an image, and a two-frame video-like grid
+    pixels = torch.cat([qwen_pixels(model, *thw) for thw in grids.tolist()])
+    return dict(pixel_values=pixels, image_grid_thw=grids, return_dict=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_merged_tokens_come_in_the_features_order(family):
+    model = tiny_qwen(family)
+    visual = model.model.visual
+    reader = QwenTowerReader(visual, model.config.vision_config.spatial_merge_size)
+    seen = {}
+    hook = visual.blocks[-1].register_forward_hook(lambda m, a, out: seen.update(out=out))
+    with torch.no_grad():
+        out = reader.capture(model.model.get_image_features, qwen_call(model))
+        merged = reader.merged_order(visual.merger(seen["out"]))
+    hook.remove()
+    torch.testing.assert_close(merged, torch.cat(list(out.pooler_output)))
+    assert (reader.window is not None) == (family == "qwen2_5_vl")  # only Qwen2.5-VL's tower reorders windows
+    assert _compat.QWEN_WINDOW_PERMUTE not in vars(visual)  # the recording shadow is gone
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_attention_is_the_last_blocks_averaged_per_frame_or_window(family):
+    import importlib
+
+    model = tiny_qwen(family)
+    visual = model.model.visual
+    rotary = importlib.import_module(type(visual).__module__).apply_rotary_pos_emb_vision
+    reader = QwenTowerReader(visual, model.config.vision_config.spatial_merge_size)
+    with torch.no_grad():
+        reader.capture(model.model.get_image_features, qwen_call(model))
+        x, cu_seqlens, (cos, sin) = reader.call
+        block = visual.blocks[-1]
+        S = x.shape[0]
+        q, k, _ = block.attn.qkv(block.norm1(x)).reshape(S, 3, block.attn.num_heads, -1).unbind(1)
+        keys = k.mean(dim=1)
+        q, k = rotary(q, k, cos, sin)
+        received = torch.zeros(S)
+        bounds = cu_seqlens.tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):  # each frame or window on its own, plainly
+            probs = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * block.attn.scaling, dim=-1)
+            received[a:b] = probs.mean(dim=0).mean(dim=0)
+        unit = model.config.vision_config.spatial_merge_size ** 2
+        expected = reader.merged_order(received.view(-1, unit).sum(-1))
+        expected_keys = reader.merged_order(keys.view(-1, unit, keys.shape[-1]).mean(1))
+        maps = reader.token_maps()
+    assert len(bounds) > 2  # several segments, so the masking matters
+    few_rows = segment_received(q.float(), k.float(), block.attn.scaling, cu_seqlens, block=S * 4 * 7)  # 7 rows a chunk
+    torch.testing.assert_close(few_rows, received, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(maps[:, 0], expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(maps[:, 1:], expected_keys, atol=1e-6, rtol=1e-5)

@@ -50,6 +50,32 @@ def view_maps(layer, x: torch.Tensor, from_cls: bool, chunk: int = 8) -> torch.T
     return torch.cat([attention.unsqueeze(-1), k.mean(dim=1)], dim=-1)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def segment_received(q: torch.Tensor, k: torch.Tensor, scale: float, cu_seqlens: torch.Tensor,
+                     block: int = 1 << 24) -> torch.Tensor:
+    """(S,) fp32 the attention each of S tokens receives, averaged over heads and over the queries of its segment,
+    where queries attend only within their segment (``cu_seqlens`` (G + 1,) boundaries: Qwen's frames or windows).
+
+    ``q``, ``k`` (S, H, d) fp32 with RoPE applied. As many query rows at a time as keep the scores within ``block``
+    floats (64 MiB), against every key, with keys of other segments masked, so the segments' bounds are never read on
+    the host."""
+    S = q.shape[0]
+    chunk = max(1, block // (q.shape[1] * S))
+    positions = torch.arange(S, device=q.device)
+    segment = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
+    received = torch.zeros(S, dtype=torch.float32, device=q.device)
+    for start in range(0, S, chunk):
+        rows = slice(start, min(S, start + chunk))
+        scores = torch.einsum("qhd,khd->hqk", q[rows], k) * scale
+        scores = scores.masked_fill((segment[rows, None] != segment[None, :]).unsqueeze(0), float("-inf"))
+        received += scores.softmax(dim=-1).mean(dim=0).sum(dim=0)
+    return received / cu_seqlens.diff().to(received.dtype)[segment]
+
+
 def anyres_grid(views: torch.Tensor, tiles: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
     """(rows, cols, K) the high-resolution crops of one image's per-view maps ``views`` (tiles, side * side, K)
     arranged as the model arranges their features: a ``tiles`` (down, across) grid of crops in raster order, the
@@ -122,4 +148,4 @@ def feature_layer_index(feature_layer, depth: int) -> int:
 
 
 __all__ = ["TowerReader", "anyres_grid", "cls_attention", "feature_layer_index", "place", "queries_and_keys",
-           "resize_grid", "tower_tokens", "view_maps"]
+           "resize_grid", "rotate_half", "segment_received", "tower_tokens", "view_maps"]
