@@ -20,7 +20,7 @@ import torch
 
 from vtoken.adapters import _compat
 from vtoken.adapters.vlm.host import Modality, VLMPatch
-from vtoken.adapters.vlm.tower import TowerReader, feature_layer_index, tower_tokens
+from vtoken.adapters.vlm.tower import TowerReader, feature_layer_reader, merge_patches, tower_tokens
 from vtoken.methods.base import GridSegment, ImageContext, TowerTokens
 from vtoken.registry import register_host
 
@@ -50,7 +50,7 @@ class InternVLPatch(VLMPatch):
         return int(patches * self.config.downsample_ratio)
 
     def encode(self, modality: Modality, original, call: dict):
-        reader = self.tower_reader(call)
+        reader = feature_layer_reader(self.tower, _compat.vision_blocks(self.tower), call, self.config)
         out = original(**call) if reader is None else reader.capture(original, call)
         side = self.view_side()
         views, tokens = out.pooler_output.shape[:2]
@@ -64,18 +64,6 @@ class InternVLPatch(VLMPatch):
                 context.pivot_scores = functools.partial(attention_of, context.tower)
         return out, contexts
 
-    def tower_reader(self, call: dict) -> TowerReader | None:
-        """What captures the input of the layer InternVL reads (its [CLS] attention: ToDRE's pivot, VisionZip's
-        ranking); None when the features are not one layer's output."""
-        feature_layer = call.get("vision_feature_layer")
-        if feature_layer is None:
-            feature_layer = self.config.vision_feature_layer
-        layers = _compat.vision_blocks(self.tower)
-        index = feature_layer_index(feature_layer, len(layers))
-        if not 0 <= index < len(layers):
-            return None
-        return TowerReader(layers[index], from_cls=_compat.has_cls_token(self.tower))
-
     def token_maps(self, reader: TowerReader) -> torch.Tensor | None:
         """(views, side * side, 1 + d) the tower's attention and keys per token after the pixel shuffle: each token's
         2 x 2 patches (attention summed, keys averaged)."""
@@ -84,10 +72,7 @@ class InternVLPatch(VLMPatch):
         if maps is None or maps.shape[1] < 4 * side * side:
             return None
         maps = maps[:, maps.shape[1] - 4 * side * side:]  # the [CLS] token is not a patch
-        groups = maps.view(maps.shape[0], side, 2, side, 2, -1)
-        attention = groups[..., :1].sum(dim=(2, 4))
-        keys = groups[..., 1:].mean(dim=(2, 4))
-        return torch.cat([attention, keys], dim=-1).flatten(1, 2)
+        return merge_patches(maps.view(maps.shape[0], side, 2, side, 2, -1), (2, 4)).flatten(1, 2)
 
     def packed(self, modality: Modality, output):
         # the model scatters its features into the placeholders in order, whatever their shape

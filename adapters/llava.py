@@ -19,7 +19,7 @@ import torch
 
 from vtoken.adapters import _compat
 from vtoken.adapters.vlm.host import Modality, VLMPatch
-from vtoken.adapters.vlm.tower import TowerReader, anyres_grid, feature_layer_index, place, tower_tokens
+from vtoken.adapters.vlm.tower import TowerReader, anyres_grid, feature_layer_reader, place, tower_tokens
 from vtoken.budget import resolve_budget
 from vtoken.methods.base import GridSegment, ImageContext, TowerTokens
 from vtoken.registry import register_host
@@ -120,21 +120,11 @@ class LlavaPatch(VLMPatch):
     def vision_layers(self):
         return _compat.clip_parts(self.tower)[1]
 
-    def tower_reader(self, call: dict) -> TowerReader | None:
-        """What captures the input of the layer LLaVA reads (its [CLS] attention: ToDRE's pivot, VisionZip's
-        ranking); None when the tower has no [CLS] or the features are not one layer's output."""
-        feature_layer = call.get("vision_feature_layer")
-        if feature_layer is None:
-            feature_layer = self.config.vision_feature_layer
-        layers = self.vision_layers()
-        index = feature_layer_index(feature_layer, len(layers))
-        if not _compat.has_cls_token(self.tower) or not 0 <= index < len(layers):
-            return None
-        return TowerReader(layers[index], from_cls=True)
-
     def encode(self, modality: Modality, original, call: dict):
-        """The original ``get_image_features``, capturing the input of the layer LLaVA reads."""
-        reader = self.tower_reader(call)
+        """The original ``get_image_features``, capturing the input of the layer LLaVA reads (its [CLS] attention:
+        ToDRE's pivot, VisionZip's ranking; none without a [CLS])."""
+        has_cls = _compat.has_cls_token(self.tower)
+        reader = feature_layer_reader(self.tower, self.vision_layers(), call, self.config) if has_cls else None
         out = original(**call) if reader is None else reader.capture(original, call)
         sizes = self.host_sizes(call.get("image_sizes")) if self.next else None
         return out, self.image_contexts(list(out.pooler_output), reader, sizes)

@@ -24,7 +24,14 @@ import torch
 from vtoken.adapters import _compat
 from vtoken.adapters.llava import best_resolution, unpadded_grid
 from vtoken.adapters.vlm.host import Modality, VLMPatch
-from vtoken.adapters.vlm.tower import TowerReader, anyres_grid, feature_layer_index, place, resize_grid, tower_tokens
+from vtoken.adapters.vlm.tower import (
+    TowerReader,
+    anyres_grid,
+    feature_layer_reader,
+    place,
+    resize_grid,
+    tower_tokens,
+)
 from vtoken.methods.base import GridSegment, ImageContext, TowerTokens
 from vtoken.registry import register_host
 
@@ -98,7 +105,7 @@ class LlavaOnevisionPatch(VLMPatch):
         return vc.image_size // vc.patch_size
 
     def encode(self, modality: Modality, original, call: dict):
-        reader = self.tower_reader(call)
+        reader = feature_layer_reader(self.tower, _compat.vision_blocks(self.tower), call, self.config)
         out = original(**call) if reader is None else reader.capture(original, call)
         side = self.grid_side()
         if modality.name == "video":
@@ -114,17 +121,6 @@ class LlavaOnevisionPatch(VLMPatch):
             if reader is not None:
                 context.tower = functools.cache(functools.partial(self.tower_of, reader, context, first, count, crops))
         return out, contexts
-
-    def tower_reader(self, call: dict) -> TowerReader | None:
-        """What captures the input of the layer OneVision reads; None when its features are not one layer's."""
-        feature_layer = call.get("vision_feature_layer")
-        if feature_layer is None:
-            feature_layer = self.config.vision_feature_layer
-        layers = _compat.clip_parts(self.tower)[1]
-        index = feature_layer_index(feature_layer, len(layers))
-        if not 0 <= index < len(layers):
-            return None
-        return TowerReader(layers[index], from_cls=_compat.has_cls_token(self.tower))
 
     def tower_of(self, reader: TowerReader, context: ImageContext, first: int, views: int, crops) -> TowerTokens | None:
         """The tower's attention and keys on one item's tokens, through OneVision's geometry: the base view, then

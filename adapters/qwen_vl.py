@@ -27,7 +27,7 @@ from vtoken.adapters import _compat
 from vtoken.adapters.vlm.cache import CacheLayout
 from vtoken.adapters.vlm.columns import PromptEdit, gather_rows
 from vtoken.adapters.vlm.host import Modality, VLMPatch, gather_positions, renumbered_positions
-from vtoken.adapters.vlm.tower import rotate_half, segment_received, tower_tokens
+from vtoken.adapters.vlm.tower import merge_patches, rotate_half, segment_received, tower_tokens
 from vtoken.methods.base import GridSegment, ImageContext, TowerTokens
 from vtoken.registry import register_host
 
@@ -232,8 +232,7 @@ class QwenTowerReader:
             cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
             q, k = (t.float() * cos + rotate_half(t.float()) * sin for t in (q, k))
             patches = torch.cat([segment_received(q, k, attn.scale, cu_seqlens).unsqueeze(-1), keys], dim=-1)
-            groups = patches.view(S // self.unit, self.unit, -1)
-            merged = torch.cat([groups[..., :1].sum(dim=1), groups[..., 1:].mean(dim=1)], dim=-1)
+            merged = merge_patches(patches.view(S // self.unit, self.unit, -1), 1)
             self.maps, self.call = self.merged_order(merged), None
         return self.maps
 

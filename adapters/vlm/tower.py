@@ -30,12 +30,6 @@ def queries_and_keys(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q.view(split).transpose(1, 2).float(), k.view(split).transpose(1, 2).float(), attn.scale
 
 
-def cls_attention(layer, x: torch.Tensor) -> torch.Tensor:
-    """(views, T) the [CLS] token's (token 0's) attention over all tokens, head-averaged fp32 softmax."""
-    q, k, scale = queries_and_keys(layer, x)
-    return (q[:, :, :1] @ k.transpose(-1, -2) * scale).softmax(dim=-1).mean(dim=1)[:, 0]
-
-
 def view_maps(layer, x: torch.Tensor, from_cls: bool, chunk: int = 8) -> torch.Tensor:
     """(views, T, 1 + head_dim) fp32 per token of each view: the attention it receives, then its head-mean key.
 
@@ -48,6 +42,17 @@ def view_maps(layer, x: torch.Tensor, from_cls: bool, chunk: int = 8) -> torch.T
         attention = torch.cat([(q[v:v + chunk] @ k[v:v + chunk].transpose(-1, -2) * scale).softmax(dim=-1)
                                .mean(dim=(1, 2)) for v in range(0, q.shape[0], chunk)])
     return torch.cat([attention.unsqueeze(-1), k.mean(dim=1)], dim=-1)
+
+
+def cls_attention(layer, x: torch.Tensor) -> torch.Tensor:
+    """(views, T) the [CLS] token's (token 0's) attention over all tokens, head-averaged fp32 softmax."""
+    return view_maps(layer, x, from_cls=True)[..., 0]
+
+
+def merge_patches(groups: torch.Tensor, dims) -> torch.Tensor:
+    """Maps of patches merged into one token each (pixel shuffle, Qwen's merger): attention summed and keys
+    averaged over the group dimensions ``dims`` of ``groups`` (..., 1 + d)."""
+    return torch.cat([groups[..., :1].sum(dim=dims), groups[..., 1:].mean(dim=dims)], dim=-1)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +145,18 @@ class TowerReader:
         return self.maps
 
 
+def feature_layer_reader(tower, layers, call: dict, config) -> TowerReader | None:
+    """The reader of the encoder layer (of ``layers``) whose output a host reads, ``vision_feature_layer`` of the
+    call or else of ``config``; None when the features are not one layer's output (the embeddings)."""
+    feature_layer = call.get("vision_feature_layer")
+    if feature_layer is None:
+        feature_layer = config.vision_feature_layer
+    index = feature_layer_index(feature_layer, len(layers))
+    if not 0 <= index < len(layers):
+        return None
+    return TowerReader(layers[index], from_cls=_compat.has_cls_token(tower))
+
+
 def feature_layer_index(feature_layer, depth: int) -> int:
     """Index of the encoder layer whose output a host reads as ``hidden_states[feature_layer]`` (the last one of a
     list); out of range when it is the embeddings."""
@@ -147,5 +164,6 @@ def feature_layer_index(feature_layer, depth: int) -> int:
     return depth + layer if layer < 0 else layer - 1
 
 
-__all__ = ["TowerReader", "anyres_grid", "cls_attention", "feature_layer_index", "place", "queries_and_keys",
-           "resize_grid", "rotate_half", "segment_received", "tower_tokens", "view_maps"]
+__all__ = ["TowerReader", "anyres_grid", "cls_attention", "feature_layer_index", "feature_layer_reader",
+           "merge_patches", "place", "queries_and_keys", "resize_grid", "rotate_half", "segment_received",
+           "tower_tokens", "view_maps"]

@@ -32,12 +32,13 @@ from vtoken.evals.common.arguments import add_threads_argument, comma_list, conf
 from vtoken.evals.common.machine import Threads, cpu_model, load_line, set_threads
 from vtoken.evals.common.timing import median_ms
 from vtoken.kernels.svg2.flashinfer_backend import available as flashinfer_available
-from vtoken.kernels.svg2.flashinfer_backend import block_layout, flashinfer_attention
+from vtoken.kernels.svg2.flashinfer_backend import flashinfer_attention
 from vtoken.methods.svg2 import (
     MODEL_CLUSTERS,
     SVG2_BACKENDS,
     SVG2Config,
     allowed_pairs,
+    flashinfer_layout,
     make_plan,
     permute_tokens,
     sparse_attention,
@@ -224,7 +225,7 @@ def _kernel_ms(q, k, v, plan, scale, backend, reps, device) -> float:
 
     qp, kp, vp = permute_tokens(q, plan.q_order), permute_tokens(k, plan.k_order), permute_tokens(v, plan.k_order)
     if backend == "flashinfer":
-        layout = block_layout(plan.q_offsets.diff(dim=-1), plan.k_sizes, plan.keep)
+        layout = flashinfer_layout(plan)
         return median_ms(lambda: flashinfer_attention(qp, kp, vp, *layout, scale), reps, device)[0]
     args = (qp, kp, vp, plan.q_offsets, plan.range_start, plan.range_end, plan.num_ranges, scale, backend)
     return median_ms(lambda: varblock_attention(*args), reps, device)[0]

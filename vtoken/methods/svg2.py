@@ -276,6 +276,12 @@ def make_plan(
 # -- permutation and attention ----------------------------------------------------------------------------------
 
 
+def flashinfer_layout(plan: SparsePlan, extra_rows: int = 0):
+    """``plan`` in FlashInfer's block terms (``kernels/svg2/flashinfer_backend.block_layout``), with ``extra_rows``
+    rows stored after the clustered keys."""
+    return block_layout(plan.q_offsets.diff(dim=-1), plan.k_sizes, plan.keep, plan.extra_keys, extra_rows)
+
+
 def permute_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` (BH, N, D) in the order ``order`` (BH, N): ``out[:, r] = x[:, order[:, r]]``."""
     return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -307,9 +313,7 @@ def sparse_attention(
         v_perm = torch.cat([v_perm, v[:, n_video:]], 1)
     q_perm = permute_tokens(q, plan.q_order)
     if backend == "flashinfer":
-        layout = block_layout(plan.q_offsets.diff(dim=-1), plan.k_sizes, plan.keep, plan.extra_keys,
-                              k.shape[1] - n_video)
-        out = flashinfer_attention(q_perm, k_perm, v_perm, *layout, scale)
+        out = flashinfer_attention(q_perm, k_perm, v_perm, *flashinfer_layout(plan, k.shape[1] - n_video), scale)
     else:
         out = varblock_attention(q_perm, k_perm, v_perm, plan.q_offsets, plan.range_start, plan.range_end,
                                  plan.num_ranges, scale, backend)

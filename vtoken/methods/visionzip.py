@@ -143,11 +143,11 @@ class VisionZipConfig(VisualTokenMethod):
             groups.setdefault((ctx.n, tuple(ctx.segments), features.device), []).append(i)
         out: list[Reduction | None] = [None] * len(images)
         for members in groups.values():
-            for i, reduction in zip(members, self.reduce_alike([images[i] for i in members])):
+            for i, reduction in zip(members, self.reduce_same_layout([images[i] for i in members])):
                 out[i] = reduction
         return out
 
-    def reduce_alike(self, images: list[tuple[torch.Tensor, ImageContext]]) -> list[Reduction]:
+    def reduce_same_layout(self, images: list[tuple[torch.Tensor, ImageContext]]) -> list[Reduction]:
         towers = [ctx.tower() for _, ctx in images]
         if any(tower is None for tower in towers):
             raise RuntimeError("visionzip: the host could not map the vision tower's attention onto this item's "
