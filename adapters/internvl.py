@@ -4,8 +4,9 @@ The hooks are the shared :class:`~vtoken.adapters.vlm.host.VLMPatch`; this file 
 
 * the processor cuts an image into tiles (a grid of 448 px tiles plus a thumbnail) and a video into frames, each
   one view of the vision tower; ``get_image_features`` returns every view's tokens, a pixel-shuffled square grid
-  (16 x 16 = 256 at 448 px), with nothing in the model's call saying which views form one image. vtoken therefore
-  reduces each view on its own: a budget applies per tile or frame (a fraction keeps the same share of every image);
+  (16 x 16 = 256 at 448 px), with nothing in the model's call saying which views form one image. The prompt says it:
+  each image (or frame) is one run of placeholders, so vtoken joins its views into one item before the boundary
+  stage, and a budget applies per image, its tiles ranked together (one read of the device per prefill: the runs);
 * positions are 1-D (Qwen2.5 / InternLM3 RoPE), renumbered like a processor's shorter prompt, as on LLaVA.
 
 The tower's attention (ToDRE's pivot, VisionZip's ranking) is InternViT's [CLS] attention at the layer InternVL reads,
@@ -14,11 +15,13 @@ summed over each token's 2 x 2 pixel-shuffled patches.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
 
 from vtoken.adapters import _compat
+from vtoken.adapters.vlm.columns import placeholder_runs
 from vtoken.adapters.vlm.host import Modality, VLMPatch
 from vtoken.adapters.vlm.tower import TowerReader, feature_layer_reader, merge_patches, tower_tokens
 from vtoken.methods.base import GridSegment, ImageContext, TowerTokens
@@ -73,6 +76,29 @@ class InternVLPatch(VLMPatch):
             return None
         maps = maps[:, maps.shape[1] - 4 * side * side:]  # the [CLS] token is not a patch
         return merge_patches(maps.view(maps.shape[0], side, 2, side, 2, -1), (2, 4)).flatten(1, 2)
+
+    def group_items(self, modality: Modality, kwargs: dict, encoded):
+        """An image's tiles (or a video frame) as one item, so a budget applies per image as on the other hosts. The
+        call does not say which views form one image, but the prompt does: each image is one run of placeholders
+        between its ``<img>`` and ``</img>`` markers, a whole number of views long."""
+        views = list(encoded.pooler_output)
+        size = views[0].shape[0]
+        if len(views) < 2 or any(id(v) not in self.items or v.shape[0] != size or self.items[id(v)].n != size
+                                  for v in views):
+            return encoded  # one view is one image; foreign features are refused by reduce_items
+        runs = placeholder_runs(self.placeholder_mask(kwargs, modality), len(views))
+        if runs is None or sum(runs) != size * len(views) or any(n % size for n in runs):
+            held = "more runs of image tokens than views" if runs is None else f"image tokens in runs of {runs}"
+            raise ValueError(
+                f"Image features and image tokens do not match: the prompt holds {held}, the inputs give {len(views)} "
+                f"views (tiles or frames) of {size} tokens; each image's run of image tokens must hold its views' "
+                "tokens. When a turn continues a KV cache, pass pixel_values for the new tokens' images only.")
+        grouped, first = copy.copy(encoded), 0
+        grouped.pooler_output = []
+        for n in runs:
+            grouped.pooler_output.append(self.joined(views[first: first + n // size]))
+            first += n // size
+        return grouped
 
     def packed(self, modality: Modality, output):
         # the model scatters its features into the placeholders in order, whatever their shape

@@ -108,7 +108,7 @@ class Host:
             self.model = tiny_llava_onevision(attn)
             self.sizes = [torch.tensor([[168, 140]]), torch.tensor([[56, 56]]), torch.tensor([[84, 112]])]
             self.pixels = [torch.randn(1, 10, 3, 56, 56) for _ in range(3)]
-        else:  # InternVL: an image is its tiles, each reduced on its own (the first image has one tile)
+        else:  # InternVL: an image is its tiles, reduced under one budget (the first image has one tile)
             self.model = tiny_internvl(attn)
             self.sizes = [None] * 3
             self.pixels = [torch.randn(tiles, 3, 112, 112) for tiles in (1, 3, 2)]

@@ -384,10 +384,10 @@ def save_tiny_internvl(path) -> str:
 
 
 def test_an_internvl_checkpoint(tmp_path):
-    """InternVL through the plugin: tiles from its processor (each reduced on its own), batched equals single."""
+    """InternVL through the plugin: an image's tiles from its processor share one budget, batched equals single."""
     tokens_in, kept = batched_equals_single(save_tiny_internvl(tmp_path / "internvl"))
-    assert set(tokens_in) == {16} and len(tokens_in) > 3  # tiles of 16 tokens each
-    assert kept == [4] * len(tokens_in)
+    assert all(n % 16 == 0 for n in tokens_in) and max(tokens_in) > 16  # tiles of 16 tokens, some images tiled
+    assert kept == [n // 4 for n in tokens_in]
 
 
 def save_tiny_qwen(path) -> str:

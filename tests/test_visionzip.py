@@ -274,10 +274,13 @@ def shortened_logits(model, ids: torch.Tensor, runs: list[tuple[int, int, torch.
         return model(inputs_embeds=inputs.unsqueeze(0)).logits
 
 
-def test_internvl_keeps_the_cls_attentions_favourites_and_merges_the_rest():
+@pytest.mark.parametrize("runs", [[32], [16, 16]])
+def test_internvl_keeps_the_cls_attentions_favourites_and_merges_the_rest(runs):
+    # one run of 32 placeholders: one image of two tiles ranked together; two runs of 16: two one-tile images
     model = tiny_internvl()
-    pixels = torch.randn(2, 3, 112, 112)  # two tiles, each reduced on its own
-    ids = prompt(32)
+    pixels = torch.randn(2, 3, 112, 112)
+    between = [] if runs == [32] else [11, 12, 13]
+    ids = prompt(16, after=(*between, *[IMAGE_TOKEN] * 16, 7, 8, 9, 10))
     tower = model.model.vision_tower
     layers = _compat.vision_blocks(tower)
     attention, keys = eager_attention_and_keys(tower, layers[-1], -1, pixels, from_cls=True)
@@ -287,11 +290,14 @@ def test_internvl_keeps_the_cls_attentions_favourites_and_merges_the_rest():
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
     dominant, contextual = split_budget(6, None)
-    tiles = [plain_boundary(features[t], attention[t], keys[t], dominant, contextual) for t in range(2)]
-    expected = shortened_logits(model, ids, [(3, 32, torch.cat(tiles))])
+    images = [slice(0, 2)] if runs == [32] else [slice(0, 1), slice(1, 2)]
+    kept = [plain_boundary(features[i].flatten(0, 1), attention[i].flatten(), keys[i].flatten(0, 1), dominant,
+                           contextual) for i in images]
+    starts = [3, 3 + 16 + len(between)][:len(runs)]
+    expected = shortened_logits(model, ids, list(zip(starts, runs, kept)))
     with vtoken.patch(model, "visionzip", keep=6) as handle, torch.no_grad():
         got = model(input_ids=ids.unsqueeze(0), pixel_values=pixels).logits
-        assert handle.stats.visual_tokens_kept == [6, 6]
+        assert handle.stats.visual_tokens_kept == [6] * len(runs)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -129,3 +129,17 @@ def forbid_columns(mask: torch.Tensor, forbidden: torch.Tensor) -> torch.Tensor:
     if mask.is_floating_point():
         return mask.masked_fill(cols, torch.finfo(mask.dtype).min)
     return mask * (~cols).to(mask.dtype)
+
+
+def placeholder_runs(placeholders: torch.Tensor, most: int) -> list[int] | None:
+    """Lengths of the runs of consecutive placeholders in a (B, L) mask, row by row, in order; None if there are more
+    than ``most`` runs. A run never continues into the next row.
+
+    One read of the device (the lengths), for a host whose call does not say which encoder views form one item."""
+    starts = placeholders & ~torch.nn.functional.pad(placeholders[:, :-1], (1, 0))
+    run = starts.flatten().cumsum(0).clamp(max=most + 1) * placeholders.flatten()  # 1-based; 0: not a placeholder
+    lengths = torch.zeros(most + 2, dtype=torch.long, device=placeholders.device)
+    lengths = lengths.index_add_(0, run, placeholders.flatten().long()).tolist()  # the one read
+    if lengths[most + 1]:
+        return None
+    return [n for n in lengths[1: most + 1] if n]

@@ -11,6 +11,7 @@ how to encode them, the layout of each item's tokens (``ImageContext``), and its
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -27,7 +28,7 @@ from vtoken.adapters.vlm.columns import PromptEdit, gather_columns, gather_rows,
 from vtoken.adapters.vlm.decoder import DecoderPruner
 from vtoken.adapters.vlm.stats import OnRead, VLMStats
 from vtoken.handle import Handle
-from vtoken.methods.base import ImageContext, Reduction, VisualTokenMethod, text_after_last_visual
+from vtoken.methods.base import ImageContext, Reduction, TowerTokens, VisualTokenMethod, text_after_last_visual
 from vtoken.timing import Stopwatch
 
 STATIC_CACHE = (
@@ -144,6 +145,12 @@ class VLMPatch:
         """The reduced encoder output in the form the host's forward reads (default: a list, one entry per item)."""
         return output
 
+    def group_items(self, modality: Modality, kwargs: dict, encoded):
+        """The encoder output with each item the boundary stage reduces as one entry (default: as encoded). A host
+        whose encoder sees parts of an item (InternVL's tiles) joins them here (:meth:`joined`), from the call's
+        prompt."""
+        return encoded
+
     def companions(self, out) -> list[list[torch.Tensor]]:
         """Per item, other per-token tensors of the encoder output that must be reduced alike."""
         return []
@@ -175,6 +182,7 @@ class VLMPatch:
         self.decoder: DecoderPruner | None = None
         self.stats = VLMStats()
         self.items: dict[int, Item] = {}
+        self.groups: dict[tuple[int, ...], torch.Tensor] = {}  # entries -> their joined entry (see joined)
         self.call: _Call | None = None
         self.encoding = False
         self.base_signature = inspect.signature(self.base.forward)
@@ -281,6 +289,7 @@ class VLMPatch:
         features = list(out.pooler_output)
         companions = self.companions(out) or [[] for _ in features]
         self.items = {k: v for k, v in self.items.items() if v.context.modality != modality.name}
+        self.groups = {k: v for k, v in self.groups.items() if id(v) in self.items}
         full = []
         for f, ctx, m, extra in zip(features, contexts, self.placeholder_counts(modality, features, call), companions):
             ctx.modality = modality.name
@@ -289,6 +298,20 @@ class VLMPatch:
             full.append(entry)
         out.pooler_output = full
         return out
+
+    def joined(self, entries: list[torch.Tensor]) -> torch.Tensor:
+        """One item made of consecutive encoded entries (an image's tiles): their tokens in order, their grids one
+        after another. The same entries give the same joined entry, so generate()'s repeats of an image (beams,
+        sequences) are still found again by identity and reduced once."""
+        if len(entries) == 1:
+            return entries[0]
+        key = tuple(map(id, entries))
+        if key not in self.groups:
+            items = [self.items[k] for k in key]
+            entry = torch.cat([item.entry for item in items])
+            self.items[id(entry)] = Item(entry, joined_context([item.context for item in items]), entry.shape[0], [])
+            self.groups[key] = entry
+        return self.groups[key]
 
     def reduce_items(self, modality: Modality, encoded):
         """The boundary stage on the features the LLM is about to get (one entry per item, maybe repeated)."""
@@ -481,6 +504,7 @@ class VLMPatch:
             for modality in present:
                 if outputs.get(modality.name) is None:
                     outputs[modality.name] = getattr(module, modality.features)(**self.encoder_call(modality, kwargs))
+                outputs[modality.name] = self.group_items(modality, kwargs, outputs[modality.name])
                 if self.provider is not None:
                     self.stats.vision = self.provider.stats()
             rows = self.rows_of_items(kwargs, {m.name: [e.shape[0] for e in outputs[m.name].pooler_output]
@@ -736,6 +760,33 @@ def reduce_alike(method: VisualTokenMethod, tensor: torch.Tensor, reduction: Red
     if reduction.kept is not None:
         return tensor[reduction.kept.to(tensor.device)]
     return method.reduce(tensor, item.context).features
+
+
+def joined_context(contexts: list[ImageContext]) -> ImageContext:
+    """The context of items' tokens laid one after another (one image's tiles): their segments shifted to their
+    place, and the tower's attention and the pivot scores concatenated (None where a part has none)."""
+    if any(c.frames is not None for c in contexts):
+        raise ValueError("vtoken: video items cannot be joined")  # no host joins frames: it would need their numbering
+    starts = [0]
+    for c in contexts[:-1]:
+        starts.append(starts[-1] + c.n)
+    segments = [dataclasses.replace(s, start=s.start + start) for c, start in zip(contexts, starts) for s in c.segments]
+    joined = ImageContext(n=starts[-1] + contexts[-1].n, segments=segments, modality=contexts[0].modality)
+    joined.tower = functools.cache(functools.partial(joined_towers, [c.tower for c in contexts]))
+    joined.pivot_scores = functools.partial(joined_scores, [c.pivot_scores for c in contexts])
+    return joined
+
+
+def joined_towers(towers: list[Callable[[], TowerTokens | None]]) -> TowerTokens | None:
+    parts = [tower() for tower in towers]
+    if any(p is None for p in parts) or len({p.source for p in parts}) > 1:
+        return None
+    return TowerTokens(torch.cat([p.attention for p in parts]), torch.cat([p.keys for p in parts]), parts[0].source)
+
+
+def joined_scores(scores: list[Callable[[], torch.Tensor | None]]) -> torch.Tensor | None:
+    parts = [score() for score in scores]
+    return None if any(p is None for p in parts) else torch.cat(parts)
 
 
 def frame_counts(context: ImageContext, reduction: Reduction) -> list[int]:
