@@ -85,20 +85,21 @@ class InternVLPatch(VLMPatch):
         size = views[0].shape[0]
         if len(views) < 2 or any(id(v) not in self.items or v.shape[0] != size or self.items[id(v)].n != size
                                   for v in views):
-            return encoded  # one view is one image; foreign features are refused by reduce_items
+            return encoded, None  # one view is one image; foreign features are refused by reduce_items
         runs = placeholder_runs(self.placeholder_mask(kwargs, modality), len(views))
-        if runs is None or sum(runs) != size * len(views) or any(n % size for n in runs):
-            held = "more runs of image tokens than views" if runs is None else f"image tokens in runs of {runs}"
+        lengths = None if runs is None else [n for _, n in runs]
+        if lengths is None or sum(lengths) != size * len(views) or any(n % size for n in lengths):
+            held = "more runs of image tokens than views" if runs is None else f"image tokens in runs of {lengths}"
             raise ValueError(
                 f"Image features and image tokens do not match: the prompt holds {held}, the inputs give {len(views)} "
                 f"views (tiles or frames) of {size} tokens; each image's run of image tokens must hold its views' "
                 "tokens. When a turn continues a KV cache, pass pixel_values for the new tokens' images only.")
         grouped, first = copy.copy(encoded), 0
         grouped.pooler_output = []
-        for n in runs:
+        for n in lengths:
             grouped.pooler_output.append(self.joined(views[first: first + n // size]))
             first += n // size
-        return grouped
+        return grouped, [row for row, _ in runs]
 
     def packed(self, modality: Modality, output):
         # the model scatters its features into the placeholders in order, whatever their shape

@@ -10,6 +10,7 @@ from test_llava_invariants import SUPPRESS, Host, logits
 from tiny_models import IMAGE_TOKEN, prompt
 
 import vtoken
+from vtoken.evals.bench.overhead import OpCounter
 from vtoken.methods.base import GridSegment, ImageContext
 from vtoken.methods.divprune import DivPruneConfig
 
@@ -59,6 +60,17 @@ def test_tiles_are_ranked_together(host):
         got = logits(model, **inputs)
         assert torch.equal(handle.stats.kept_indices[0], kept.cpu())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_reads_its_runs_and_rows_at_once(host):
+    """The runs of placeholders carry their rows, so a batch's prefill reads the device once more than dense's, not
+    twice (the runs, then the rows' placeholder counts)."""
+    inputs = host.batch()
+    with OpCounter(host.model) as dense:
+        logits(host.model, **inputs)
+    with vtoken.patch(host.model, "divprune", keep=4), OpCounter(host.model) as patched:
+        logits(host.model, **inputs)
+    assert [s.syncs for s in patched.segments] == [s.syncs + 1 for s in dense.segments]
 
 
 @pytest.mark.parametrize("ids, says", [

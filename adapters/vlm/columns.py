@@ -131,15 +131,18 @@ def forbid_columns(mask: torch.Tensor, forbidden: torch.Tensor) -> torch.Tensor:
     return mask * (~cols).to(mask.dtype)
 
 
-def placeholder_runs(placeholders: torch.Tensor, most: int) -> list[int] | None:
-    """Lengths of the runs of consecutive placeholders in a (B, L) mask, row by row, in order; None if there are more
+def placeholder_runs(placeholders: torch.Tensor, most: int) -> list[tuple[int, int]] | None:
+    """``(row, length)`` of each run of consecutive placeholders in a (B, L) mask, in order; None if there are more
     than ``most`` runs. A run never continues into the next row.
 
-    One read of the device (the lengths), for a host whose call does not say which encoder views form one item."""
+    One read of the device (the runs), for a host whose call does not say which encoder views form one item; the
+    rows come with it, so the batch's layout needs no read of its own."""
     starts = placeholders & ~torch.nn.functional.pad(placeholders[:, :-1], (1, 0))
     run = starts.flatten().cumsum(0).clamp(max=most + 1) * placeholders.flatten()  # 1-based; 0: not a placeholder
-    lengths = torch.zeros(most + 2, dtype=torch.long, device=placeholders.device)
-    lengths = lengths.index_add_(0, run, placeholders.flatten().long()).tolist()  # the one read
+    row = torch.arange(placeholders.shape[0], device=placeholders.device).unsqueeze(1)
+    per_token = torch.stack([placeholders.flatten().long(), (starts * row).flatten()])  # length, row of the start
+    runs = torch.zeros(2, most + 2, dtype=torch.long, device=placeholders.device)
+    lengths, rows = runs.index_add_(1, run, per_token).tolist()  # the one read
     if lengths[most + 1]:
         return None
-    return [n for n in lengths[1: most + 1] if n]
+    return [(r, n) for r, n in zip(rows[1: most + 1], lengths[1: most + 1]) if n]

@@ -18,7 +18,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -145,11 +145,11 @@ class VLMPatch:
         """The reduced encoder output in the form the host's forward reads (default: a list, one entry per item)."""
         return output
 
-    def group_items(self, modality: Modality, kwargs: dict, encoded):
-        """The encoder output with each item the boundary stage reduces as one entry (default: as encoded). A host
-        whose encoder sees parts of an item (InternVL's tiles) joins them here (:meth:`joined`), from the call's
-        prompt."""
-        return encoded
+    def group_items(self, modality: Modality, kwargs: dict, encoded) -> tuple[Any, list[int] | None]:
+        """The encoder output with each item the boundary stage reduces as one entry (default: as encoded), and the
+        prompt row of each item where grouping learned it (else None). A host whose encoder sees parts of an item
+        (InternVL's tiles) joins them here (:meth:`joined`), from the call's prompt."""
+        return encoded, None
 
     def companions(self, out) -> list[list[torch.Tensor]]:
         """Per item, other per-token tensors of the encoder output that must be reduced alike."""
@@ -376,8 +376,10 @@ class VLMPatch:
         token = self.base.get_input_embeddings()(torch.tensor(modality.token_id, device=embeds.device))
         return (embeds == token.to(embeds.dtype)).all(-1)
 
-    def rows_of_items(self, kwargs, counts: dict[str, list[int]]) -> dict[str, list[int]]:
-        """The row of every item of each modality (``counts[modality]``: each item's placeholders, in order).
+    def rows_of_items(self, kwargs, counts: dict[str, list[int]],
+                      known: dict[str, list[int] | None] | None = None) -> dict[str, list[int]]:
+        """The row of every item of each modality (``counts[modality]``: each item's placeholders, in order), unless
+        ``known`` gives them (see :meth:`group_items`).
 
         One row holds every item. Several rows take the items in order, each as many as its placeholders hold: the
         one read of the device a boundary reduction of a batch needs (the prompt's layout is only in its ids).
@@ -385,10 +387,12 @@ class VLMPatch:
         B = (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[0]
         if B == 1:
             return {name: [0] * len(n) for name, n in counts.items()}
-        names = list(counts)
-        per_row = torch.stack([self.placeholder_mask(kwargs, self.modality(name)).sum(1) for name in names])
-        out = {}
-        for name, held in zip(names, per_row.tolist()):  # the one read: placeholders per row and modality
+        out = {name: rows for name, rows in (known or {}).items() if rows is not None}
+        names = [name for name in counts if name not in out]
+        # the one read: placeholders per row and modality (none when grouping read the rows with the items)
+        held_per_row = torch.stack([self.placeholder_mask(kwargs, self.modality(name)).sum(1)
+                                    for name in names]).tolist() if names else []
+        for name, held in zip(names, held_per_row):
             rows, item = [], 0
             for row, want in enumerate(held):
                 while want > 0 and item < len(counts[name]):
@@ -403,7 +407,7 @@ class VLMPatch:
                     f"the inputs give {len(counts[name])} {name}s of {counts[name]} tokens. When a turn continues a "
                     f"KV cache, pass {self.modality(name).pixels} for the new tokens' {name}s only.")
             out[name] = rows
-        return out
+        return {name: out[name] for name in counts}
 
     def modality(self, name: str) -> Modality:
         return next(m for m in self.modalities() if m.name == name)
@@ -501,14 +505,16 @@ class VLMPatch:
         edit, visual_counts = None, None
         outputs = dict(kwargs.get(_compat.ENCODER_OUTPUTS) or {})
         if boundary is not None:
+            known = {}
             for modality in present:
                 if outputs.get(modality.name) is None:
                     outputs[modality.name] = getattr(module, modality.features)(**self.encoder_call(modality, kwargs))
-                outputs[modality.name] = self.group_items(modality, kwargs, outputs[modality.name])
+                encoded = outputs[modality.name]
+                outputs[modality.name], known[modality.name] = self.group_items(modality, kwargs, encoded)
                 if self.provider is not None:
                     self.stats.vision = self.provider.stats()
             rows = self.rows_of_items(kwargs, {m.name: [e.shape[0] for e in outputs[m.name].pooler_output]
-                                               for m in present})
+                                               for m in present}, known)
             if boundary.conditioned:
                 self.attach_instructions(kwargs, present, outputs, rows)
             kept = {}
