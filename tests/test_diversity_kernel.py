@@ -9,7 +9,7 @@ from gpu_compile import SMALLEST_SHARED_MEMORY, compile_for_gpus
 from tiny_models import prompt, tiny_llava
 
 import vtoken
-from vtoken.kernels.diversity import greedy_select, naive
+from vtoken.kernels.diversity import cosine_similarities, greedy_select, naive
 
 triton = pytest.importorskip("triton")
 
@@ -39,6 +39,29 @@ def test_matvec_loop_equals_gram_definition(rule):
     gram = (x @ x.T).unsqueeze(0)
     reference = naive.greedy_from_gram(gram, 25, torch.tensor([7]), rule == "maxmin")
     assert torch.equal(greedy_select(x[None], 25, torch.tensor([7]), rule, backend="torch"), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cosine_similarities_are_fp32_cosines_of_rows_of_any_scale(dtype):
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(2, 7, 48, generator=g) * torch.rand(2, 7, 1, generator=g) * 30).to(dtype)
+    b = (torch.randn(2, 11, 48, generator=g) * 5).to(dtype)
+    a64, b64 = F.normalize(a.double(), dim=-1), F.normalize(b.double(), dim=-1)
+    for left, right, expected in ((a, b, a64 @ b64.mT), (b, b, b64 @ b64.mT)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # ignored: an autocast would round them to bf16
+            got = cosine_similarities(left, right)
+        assert got.dtype == torch.float32
+        # fp32 accuracy: the half-precision products are exact, only the fp32 sums round
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_selection_reads_cosines_whatever_the_rows_scale(backend):
+    x = torch.stack([normalised(60, 16, seed=s, dtype=torch.float64) for s in (4, 5)])
+    scaled = (x * torch.linspace(0.1, 40.0, 60, dtype=torch.float64)[:, None]).float()
+    pivots = torch.tensor([3, 50])
+    expected = naive.greedy_from_features(x, 12, pivots, maxmin=True)
+    assert torch.equal(greedy_select(scaled, 12, pivots, "maxmin", backend=backend), expected)
 
 
 def test_dispatch_picks_the_loop_on_cpu_and_validates():

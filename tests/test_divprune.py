@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tiny_models import prompt, tiny_llava, tiny_llava_next
 
 import vtoken
-from vtoken.kernels.diversity import greedy_select
+from vtoken.kernels.diversity import cosine_similarities, greedy_select
 from vtoken.methods.base import GridSegment, ImageContext
 from vtoken.methods.divprune import DivPruneConfig, most_isolated
 
@@ -93,6 +93,8 @@ def test_first_pick_equals_the_brute_force_definition(n, d, seed, chunk):
     x = F.normalize(torch.randn(3, n, d, generator=g), dim=-1)
     picks = most_isolated(x, chunk=chunk).tolist()
     assert picks == [brute_force_first_pick(x[b].double()) for b in range(3)]
+    # read off the whole similarity matrix, as the Triton route hands it over
+    assert most_isolated(x, gram=cosine_similarities(x, x)).tolist() == picks
 
 
 @settings(max_examples=25, deadline=None)

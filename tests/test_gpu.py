@@ -71,6 +71,24 @@ def test_greedy_selection_kernel(gpu_device, dtype, maxmin):
         assert torch.equal(greedy_from_gram_triton(gram, k, pivot, maxmin), expected)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+def test_cosine_similarities_of_half_rows(gpu_device, dtype):
+    """On CUDA half-precision rows go through the fp32-output matmul (tensor cores): fp32 accuracy all the same, and
+    the selection it feeds keeps the tokens of the fp32 loop (up to a near-tie of sums in another order)."""
+    from vtoken.kernels.diversity import cosine_similarities, greedy_select
+
+    for n, k in sized(gpu_device, [(576, 64), (2880, 288)], [(100, 30)]):
+        x = (torch.randn(2, n, 4096 if gpu_device.type == "cuda" else 64, device=gpu_device) * 3).to(dtype)
+        unit = F.normalize(x.double(), dim=-1)
+        got = cosine_similarities(x, x)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), unit @ unit.mT, rtol=0, atol=1e-5)
+        pivot = torch.tensor([0, n // 2], device=gpu_device)
+        loop, kernel = (greedy_select(x, k, pivot, "maxsum", backend=b) for b in ("torch", "triton"))
+        differ = sum(int(torch.isin(mine, theirs, invert=True).sum()) for mine, theirs in zip(kernel, loop))
+        assert differ <= 0.01 * loop.numel(), f"{differ} of {loop.numel()} kept tokens differ"  # per image
+
+
 def test_dpp_greedy_map_kernel(gpu_device):
     """CDPruner's kernels are fp32 (the method builds them so from any dtype): LLaVA-1.5 and LLaVA-NeXT sizes."""
     from vtoken.kernels.dpp import dpp_greedy_map

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from vtoken.budget import resolve_budget
 from vtoken.checks import check_choice
 from vtoken.kernels.dispatch import BACKENDS
+from vtoken.kernels.diversity import cosine_similarities
 from vtoken.kernels.dpp import dpp_greedy_map
 from vtoken.methods.base import ImageContext, Reduction, VisualTokenMethod
 from vtoken.registry import register_method
@@ -89,8 +90,8 @@ class CDPrunerConfig(VisualTokenMethod):
     def kernels(self, images: list[tuple[torch.Tensor, ImageContext]]) -> torch.Tensor:
         """(B, n, n) fp32 for B images of n tokens: cosine similarity, weighted by relevance to the instruction unless
         ``relevance="uniform"``. Items of one prompt row share its instruction, whose direction is computed once."""
-        units = F.normalize(torch.stack([features for features, _ in images]).float(), dim=-1)
-        similarity = units @ units.transpose(1, 2)
+        features = torch.stack([tokens for tokens, _ in images])
+        similarity = cosine_similarities(features, features)
         contexts = [ctx for _, ctx in images]
         if self.relevance == "uniform" or any(ctx.instruction is None for ctx in contexts):
             return similarity
@@ -100,5 +101,6 @@ class CDPrunerConfig(VisualTokenMethod):
             if id(embeds) not in directions:
                 directions[id(embeds)] = instruction_direction(embeds, mask)
         direction = torch.stack([directions[id(embeds)] for embeds, _ in instructions])
+        units = F.normalize(features.float(), dim=-1)
         r = instruction_relevance(units, direction, -1.0 if self.relevance == "release" else 1.0)
         return r.unsqueeze(2) * similarity * r.unsqueeze(1)

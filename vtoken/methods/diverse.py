@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from vtoken.budget import Budget, resolve_budget
-from vtoken.kernels.diversity import greedy_select
+from vtoken.kernels.diversity import cosine_similarities, greedy_select, selects_from_gram
 from vtoken.methods.base import ImageContext, Reduction
 
-# pivots(x, members) -> (B,) first picks, given the L2-normalised fp32 features x (B, n, D) of images[members]
+# pivots(features, gram, members) -> (B,) first picks, given the stacked features (B, n, D) of images[members] and,
+# where the selection reads them off the whole matrix, their cosine similarities (B, n, n) (else None)
 PivotRule = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
@@ -34,8 +34,8 @@ def diverse_reductions(images: list[tuple[torch.Tensor, ImageContext]], keep: Bu
                 out[i] = Reduction(images[i][0], torch.arange(n, device=images[i][0].device))
             continue
         features = torch.stack([images[i][0] for i in members])
-        x = F.normalize(features.float(), dim=-1)
-        kept = greedy_select(x, k, pivots(x, members), rule, backend).sort(dim=1).values
+        gram = cosine_similarities(features, features) if selects_from_gram(features, backend) else None
+        kept = greedy_select(features, k, pivots(features, gram, members), rule, backend, gram).sort(dim=1).values
         for row, i in enumerate(members):
             out[i] = Reduction(features[row][kept[row]], kept[row])
     return out

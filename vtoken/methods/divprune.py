@@ -14,25 +14,29 @@ import torch
 
 from vtoken.checks import check_choice
 from vtoken.kernels.dispatch import BACKENDS
+from vtoken.kernels.diversity import cosine_similarities
 from vtoken.methods.base import ImageContext, Reduction, VisualTokenMethod
 from vtoken.methods.diverse import diverse_reductions
 from vtoken.registry import register_method
 
 
-def most_isolated(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """(B,) index of the token of each image in ``x`` (B, n, D, L2-normalised) whose cosine distance to its nearest
-    other token is largest: DivPrune's first pick. Distances are fp32; a tie goes to the lowest index.
+def most_isolated(x: torch.Tensor, chunk: int = 1024, gram: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) index of the token of each image in ``x`` (B, n, D, any scale) whose cosine distance to its nearest
+    other token is largest: DivPrune's first pick. Similarities are fp32; a tie goes to the lowest index.
 
-    Rows are processed ``chunk`` at a time, so memory stays at B * chunk * n similarities however long the image.
+    ``gram``: the images' cosine similarities (B, n, n), when the selection computed them already. Otherwise rows
+    are processed ``chunk`` at a time, so memory stays at B * chunk * n similarities however long the image.
     """
     B, n, _ = x.shape
-    x = x.float()
-    nearest = torch.empty(B, n, dtype=torch.float32, device=x.device)
-    with torch.autocast(x.device.type, enabled=False):  # an enclosing autocast would run the matmul in fp16
+    if gram is not None:
+        itself = torch.eye(n, dtype=torch.bool, device=x.device)  # a token is not its own neighbour
+        nearest = 1.0 - gram.masked_fill(itself, float("-inf")).amax(dim=-1)
+    else:
+        nearest = torch.empty(B, n, dtype=torch.float32, device=x.device)
         for start in range(0, n, chunk):
             rows = torch.arange(start, min(n, start + chunk), device=x.device)
-            sim = torch.bmm(x[:, rows], x.transpose(1, 2))  # (B, R, n)
-            sim[:, rows - start, rows] = float("-inf")  # a token is not its own neighbour
+            sim = cosine_similarities(x[:, rows], x)  # (B, R, n)
+            sim[:, rows - start, rows] = float("-inf")
             nearest[:, rows] = 1.0 - sim.amax(dim=-1)
     return nearest.argmax(dim=1)  # first maximum: the lowest index wins a tie
 
@@ -56,4 +60,7 @@ class DivPruneConfig(VisualTokenMethod):
         return self.reduce_batch([(features, ctx)])[0]
 
     def reduce_batch(self, images: list[tuple[torch.Tensor, ImageContext]]) -> list[Reduction]:
-        return diverse_reductions(images, self.keep, lambda x, _: most_isolated(x), "maxmin", self.backend)
+        def pivots(x: torch.Tensor, gram: torch.Tensor | None, _members) -> torch.Tensor:
+            return most_isolated(x, gram=gram)
+
+        return diverse_reductions(images, self.keep, pivots, "maxmin", self.backend)

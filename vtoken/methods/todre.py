@@ -105,7 +105,7 @@ class ToDREConfig(VisualTokenMethod):
         return self.reduce_batch([(features, ctx)])[0]
 
     def reduce_batch(self, images: list[tuple[torch.Tensor, ImageContext]]) -> list[Reduction]:
-        def pivots(x: torch.Tensor, members: list[int]) -> torch.Tensor:
+        def pivots(x: torch.Tensor, _gram, members: list[int]) -> torch.Tensor:
             return torch.stack([self.choose_pivot(images[i][1]).to(x.device) for i in members])
 
         return diverse_reductions(images, self.keep, pivots, self.rule, self.backend)
