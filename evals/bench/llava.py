@@ -188,11 +188,48 @@ class Row:
         return out
 
 
-def measure(model, inputs: dict, new_tokens: int, device: torch.device, cache: str = "dynamic") -> tuple[float, float]:
+COMPILE_DECODER = ("cudagraphs", "reduce-overhead", "eager")
+
+
+def compile_decoder_of(model, how: str):
+    """The language model's ``forward`` compiled once for a whole bench: ``how`` = "cudagraphs" (CUDA graphs over
+    aten's own kernels: the host's launches go, the GPU work stays the same), "reduce-overhead" (Inductor's kernels
+    with CUDA graphs) or "eager" (Dynamo alone, to test it on a CPU). One compiled function for every row, so that
+    the rows share its graphs (every boundary method hands the decoder the same shapes) instead of compiling anew."""
+    decoder, _ = _compat.decoder_of(model.model)
+    options = {"mode": how} if how == "reduce-overhead" else {"backend": how}
+    return torch.compile(type(decoder).forward.__get__(decoder), dynamic=False, **options)
+
+
+@contextlib.contextmanager
+def compiled_decoder(model, compiled):
+    """``compiled`` (``compile_decoder_of``) as the language model's ``forward`` for the block, so that the prefill
+    and every decode step run it; the vision tower and a method's selection stay eager. Whatever ``forward`` the
+    instance held before (a method's own, bound to the same code) is put back on the way out."""
+    if compiled is None:
+        yield
+        return
+    decoder, _ = _compat.decoder_of(model.model)
+    own = vars(decoder).get("forward")
+    decoder.forward = compiled
+    try:
+        yield
+    finally:
+        if own is None:
+            del decoder.forward
+        else:
+            decoder.forward = own
+
+
+def measure(model, inputs: dict, new_tokens: int, device: torch.device, cache: str = "dynamic",
+            compiled: bool = False) -> tuple[float, float]:
     """(time to first token in ms, decode tokens/s) of one greedy generate(); ``cache="static"`` takes transformers'
-    static cache, whose decode steps generate() compiles on a GPU (torch.compile with CUDA graphs)."""
+    static cache, whose decode steps generate() compiles on a GPU (torch.compile with CUDA graphs), unless the
+    decoder is ``compiled`` already (``compiled_decoder``)."""
     stamps = Stamps(device)
     extra = {"cache_implementation": "static"} if cache == "static" else {}
+    if compiled:
+        extra["disable_compile"] = True  # the compiled decoder runs both; a second compile around it would nest
     stamps.start()
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -205,24 +242,37 @@ def measure(model, inputs: dict, new_tokens: int, device: torch.device, cache: s
 
 def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int = 5, warmup: int = 1,
               new_tokens: int = 16, progress: bool = True, peak: Peak | None = None,
-              cache: str = "dynamic") -> tuple[list[dict], Row]:
+              cache: str = "dynamic", compile_decoder: str | None = None) -> tuple[list[dict], Row]:
     device = model.device
     rows = [Row("dense", {})] + [Row(name, cfg) for name, cfg in methods]
     views = views_per_sample(inputs) * inputs["input_ids"].shape[0]
+    if compile_decoder is not None:
+        torch._dynamo.reset()  # graphs of this bench only
+    compiled = None if compile_decoder is None else compile_decoder_of(model, compile_decoder)
 
-    def apply(row: Row):
-        return None if row.method == "dense" else vtoken.patch(model, row.method, **row.config)
+    @contextlib.contextmanager
+    def applied(row: Row):
+        """The row's method (None for dense), and the compiled decoder if any, for one or more runs."""
+        handle = None if row.method == "dense" else vtoken.patch(model, row.method, **row.config)
+        try:
+            with compiled_decoder(model, compiled):
+                yield handle
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def run() -> tuple[float, float]:
+        return measure(model, inputs, new_tokens, device, cache, compiled is not None)
 
     total = len(rows) * (warmup + repeats + 1)
     bar = tqdm(total=total, desc="bench", disable=not progress)
     for row in rows:  # warm-up, FLOPs and token counts from the first call, peak memory in its own call
-        handle = apply(row)
-        try:
+        with applied(row) as handle:
             for _ in range(warmup):
-                measure(model, inputs, new_tokens, device, cache)
+                run()
                 bar.update()
             with TowerTokens(model) as tower, PeakMemory(device) as mem:  # hooks registered after the method's
-                measure(model, inputs, new_tokens, device, cache)
+                run()
             bar.update()
             row.peak_mem_mb = mem.peak_mb
             row.flops, row.visual_tokens_llm, row.records = flops_of(model, inputs, handle, views, tower.counts)
@@ -231,21 +281,14 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
             stats = llm_stats(handle)
             row.visual_tokens_last = (statistics.mean(stats.visual_tokens_per_layer[-1]) if stats is not None
                                       else row.visual_tokens_llm)
-        finally:
-            if handle is not None:
-                handle.remove()
     for _ in range(repeats):
         for row in rows:
-            handle = apply(row)
-            try:
-                ttft, decode = measure(model, inputs, new_tokens, device, cache)
+            with applied(row) as handle:
+                ttft, decode = run()
                 stats = llm_stats(handle)
                 if stats is not None:
                     row.selection_ms.append(stats.selection_time_s * 1000.0)
                     row.scoring_ms.append(stats.scoring_time_s * 1000.0)
-            finally:
-                if handle is not None:
-                    handle.remove()
             row.ttft_ms.append(ttft)
             row.decode_tok_s.append(decode)
             bar.update()
@@ -369,6 +412,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="static: transformers' static cache, whose decode steps generate() compiles on a GPU "
                              "(torch.compile, CUDA graphs); methods that prune inside the LLM cannot take it and are "
                              "left out")
+    parser.add_argument("--compile-decoder", choices=COMPILE_DECODER, default=None,
+                        help="with --cache static: compile the language model once and run every prefill "
+                             "and every decode step through it (cudagraphs: CUDA graphs over aten's kernels, the "
+                             "host's launches gone; reduce-overhead: Inductor's kernels with CUDA graphs; eager: "
+                             "Dynamo alone); the vision tower and the selection stay eager")
     parser.add_argument("--new-tokens", type=positive_int, default=16, help="tokens generated per run (decode speed)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:N]")
@@ -394,6 +442,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     with usage_errors():  # fail before building a large model
+        if args.compile_decoder and args.cache != "static":
+            raise ValueError(f"--compile-decoder {args.compile_decoder} needs --cache static: a dynamic cache grows "
+                             "at every step, so every step would compile again")
         methods = [method_config(text, args.keep) for text in args.method or ["todre"]]
         check_model(args.model)
         peak, roofline = device_peak(device, dtype, args.peak_tflops, args.peak_gbs)
@@ -413,14 +464,17 @@ def run(args: argparse.Namespace) -> int:
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     with sdpa_kernel(args.sdpa_kernel):
         results, _ = run_bench(model, inputs, methods, repeats=repeats, warmup=warmup, new_tokens=args.new_tokens,
-                               progress=not args.quiet, peak=peak, cache=args.cache)
+                               progress=not args.quiet, peak=peak, cache=args.cache,
+                               compile_decoder=args.compile_decoder)
     machine = describe_machine(device, threads)
     preset = PRESETS.get(args.model)
     title = (f"{args.model}: {preset.description if preset else 'checkpoint'}; batch {args.batch}"
              f"{' (videos)' if args.video else ''}, "
              f"prompt {inputs['input_ids'].shape[1]} tokens, {args.dtype or str(dtype).split('.')[-1]}, {args.attn}"
              + (f" ({args.sdpa_kernel} backend only)" if args.sdpa_kernel != "auto" else "")
-             + ("; static cache" + (", compiled decode" if cuda else "") if args.cache == "static" else "")
+             + ("; static cache" + (", compiled decode" if cuda and not args.compile_decoder else "")
+                if args.cache == "static" else "")
+             + (f"; decoder compiled ({args.compile_decoder}) for prefill and decode" if args.compile_decoder else "")
              + f"; median of {repeats} after {warmup} warm-up runs")
     print(title)
     print(machine_line(machine))
