@@ -12,7 +12,7 @@ import vtoken
 from vtoken.adapters import _compat
 from vtoken.cli import main
 from vtoken.evals.bench.flops import decoder_layer_flops
-from vtoken.evals.bench.llava import compile_decoder_of, compiled_decoder, format_table, measure, run_bench
+from vtoken.evals.bench.llava import compile_parts, compiled, format_table, measure, run_bench
 from vtoken.evals.bench.models import synthetic_inputs
 from vtoken.evals.common.methods import parse_method
 
@@ -177,40 +177,43 @@ def test_corematching_sweep_writes_tables_json_and_plot(tmp_path, monkeypatch, c
         sweep.main(["--betas", "1.5"])  # refused before any model is built
 
 
-def test_a_compiled_decoder_runs_the_prefill_and_the_decode_steps_and_is_undone():
+def test_compiled_parts_run_the_encoding_the_prefill_and_the_decode_steps_and_are_undone():
     torch.manual_seed(0)
     model = tiny_llava(layers=3)
     inputs = synthetic_inputs(model, batch=1)
-    decoder, _ = _compat.decoder_of(model.model)
+    parts = _compat.decoder_of(model.model)
     gen = dict(max_new_tokens=4, do_sample=False, cache_implementation="static", pad_token_id=0)
     with vtoken.patch(model, "divprune", keep=8), torch.no_grad():
         eager = model.generate(**inputs, **gen)
         torch._dynamo.utils.counters.clear()  # Dynamo's reset leaves them
-        with compiled_decoder(model, compile_decoder_of(model, "eager")):
-            compiled = model.generate(**inputs, disable_compile=True, **gen)
-            # dynamic=False: one graph for the prefill's length, one for a decode step's single token
-            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
-        assert "forward" not in vars(decoder)
-    assert torch.equal(compiled, eager)
+        with compiled(compile_parts(model, "eager")):
+            again = model.generate(**inputs, disable_compile=True, **gen)
+            # dynamic=False: at least the tower's graph, the prefill's (its length) and a decode step's (one token)
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3
+        assert not any("forward" in vars(part) for part in parts)
+    assert torch.equal(again, eager)
 
 
-def test_run_bench_with_a_compiled_decoder_shares_its_graphs_between_methods():
+def test_run_bench_with_compiled_parts_shares_their_graphs_between_methods():
     model = tiny_llava(layers=3)
     inputs = synthetic_inputs(model, batch=1)
-    torch._dynamo.utils.counters.clear()
-    results, _ = run_bench(model, inputs, [("random", {"keep": 8}), ("divprune", {"keep": 8})], repeats=2,
-                           warmup=1, new_tokens=3, progress=False, cache="static", compile_decoder="eager")
+    graphs = []
+    for methods in ([("random", {"keep": 8})], [("random", {"keep": 8}), ("divprune", {"keep": 8})]):
+        torch._dynamo.utils.counters.clear()
+        results, _ = run_bench(model, inputs, methods, repeats=2, warmup=1, new_tokens=3, progress=False,
+                               cache="static", compile_with="eager")
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     dense, random, divprune = results
     assert random["visual_tokens_llm"] == divprune["visual_tokens_llm"] == 8
     assert len(divprune["ttft_ms_all"]) == 2 and divprune["speedup"] > 0
-    # dense's prefill, the pruned prefill both methods hand over (8 visual tokens each), one decode step for all
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
-    assert "forward" not in vars(_compat.decoder_of(model.model)[0])
+    assert random["prefill_gflops"] < dense["prefill_gflops"]
+    assert graphs[1] == graphs[0]  # DivPrune hands the decoder random's shapes: its graphs, nothing compiled anew
+    assert not any("forward" in vars(part) for part in _compat.decoder_of(model.model))
     assert measure(model, inputs, 2, model.device, "static")[0] > 0  # eager again afterwards
 
 
-def test_a_compiled_decoder_needs_a_static_cache(capsys):
+def test_compiling_needs_a_static_cache(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--compile-decoder", "cudagraphs", "--quiet"])
+        main(["bench", "--compile", "cudagraphs", "--quiet"])
     assert exit_info.value.code == 2
-    assert "--compile-decoder cudagraphs needs --cache static" in capsys.readouterr().err
+    assert "--compile cudagraphs needs --cache static" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
         assert "Device: CPU (dry run" in (out / md).read_text() and "| ---" in (out / md).read_text()
     assert "todre keep=0.25" in (out / "bench_llava_next.md").read_text()
     compiled = json.loads((out / "bench_compiled_llava15_b1.json").read_text())
-    assert "decoder compiled (eager) for prefill and decode" in compiled["title"]
+    assert "vision tower and decoder compiled (eager)" in compiled["title"]
     assert [r["visual_tokens_llm"] for r in compiled["results"][1:]] == [16, 16, 16]
 
 

@@ -100,6 +100,38 @@ def test_the_counter_sees_syncs_and_kernel_launches():
     assert sum(first.sites.values()) == 4
 
 
+def test_a_graphed_part_is_one_launch_and_its_syncs_still_count():
+    inner = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), inner)
+    x = torch.randn(2, 4)
+    with OpCounter(model) as whole:
+        model(x)
+    with OpCounter(inner) as inside:
+        inner(x)
+    inner.register_forward_hook(lambda module, args, out: out.sum().item())  # a read inside: it breaks a graph
+    with OpCounter(model, graphed=(inner,)) as graphed:
+        model(x)
+    (plain,), (inner_only,), (replayed,) = whole.segments, inside.segments, graphed.segments
+    assert replayed.ops == plain.ops - inner_only.ops + 1 and replayed.launches["graph replay"] == 1
+    assert replayed.syncs == replayed.graph_syncs == 1 and plain.syncs == 0
+
+
+def test_graphed_counts_keep_the_methods_extra_ops_and_drop_the_models_own():
+    model = build_model("tiny-llava-1.5")
+    inputs, methods = synthetic_inputs(model), [("random", "random", dict(keep=64))]
+    eager = count_methods(model, inputs, methods, new_tokens=3, progress=False)
+    graphed = count_methods(model, inputs, methods, new_tokens=3, progress=False, graphed=True)
+    # the tower and the decoder are one launch each: a fifth of the host's launches or fewer, the same syncs
+    assert graphed["dense"].prefill_ops * 5 < eager["dense"].prefill_ops
+    assert graphed["dense"].decode_ops * 5 < eager["dense"].decode_ops
+    assert graphed["dense"].prefill_syncs == eager["dense"].prefill_syncs
+    assert graphed["dense"].graph_syncs == graphed["random"].graph_syncs == 0  # nothing inside breaks a graph
+    # the selection runs between the two, eager either way
+    extra = {name: c["random"].prefill_ops - c["dense"].prefill_ops for name, c in (("eager", eager),
+                                                                                      ("graphed", graphed))}
+    assert extra["graphed"] == extra["eager"] > 0
+
+
 def test_the_command_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "overhead.json"
     assert cli.main(["overhead", "--model", "tiny-llava-1.5", "--method", "random", "--method", "attn_topk:layer=2",

@@ -151,11 +151,11 @@ else
 fi
 if [ "$DEVICE" = cuda ]; then
   HALF=(--dtype float16)
-  COMPILED=(--cache static --compile-decoder cudagraphs)
+  COMPILED=(--cache static --compile cudagraphs)
   FLASH_NAME=$("$PY" -c "import importlib.util as u; print('fa2' if u.find_spec('flash_attn') else 'sdpa_flash')")
 else  # the dry run only checks the commands: SDPA's math backend stands in for the flash one, Dynamo alone for CUDA graphs
   HALF=(--dtype float32)
-  COMPILED=(--cache static --compile-decoder eager)
+  COMPILED=(--cache static --compile eager)
   FLASH_NAME=sdpa_math
 fi
 case $FLASH_NAME in
@@ -189,8 +189,9 @@ part bench_qwen25 50 "${BENCH[@]}" "${QWEN[@]}" "${TIMING[@]}" --keep 0.25 --bat
 part bench_vit 50 "${VT[@]}" bench-vit --device "$DEVICE" --dtype bf16 "${VIT[@]}" --out "$OUT/bench_vit"
 part bench_dit 35 "${VT[@]}" bench-dit --device "$DEVICE" --top-p 0.9 "${DIT[@]}" --out "$OUT/bench_dit"
 part bench_kernels 40 "${VT[@]}" bench-kernels --device "$DEVICE" "${KERNELS[@]}" --out "$OUT/bench_kernels"
-# batch 1 without the host's launches: the language model compiled once with CUDA graphs, the prefill and every decode
-# step replaying it (the vision tower and the selection stay eager); last, so that its compile cannot starve the rest
+# batch 1 without most of the host's launches: the vision tower and the language model compiled once with CUDA graphs,
+# every call of them a replay (the selection between them stays eager); last, so that its compile cannot starve the
+# rest
 part bench_compiled_llava15_b1 150 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch 1 "${COMPILED[@]}" \
   --method todre:stage2=false --method random --method divprune --json "$OUT/bench_compiled_llava15_b1.json"
 

@@ -188,48 +188,49 @@ class Row:
         return out
 
 
-COMPILE_DECODER = ("cudagraphs", "reduce-overhead", "eager")
+COMPILE_BACKENDS = ("cudagraphs", "reduce-overhead", "eager")
 
 
-def compile_decoder_of(model, how: str):
-    """The language model's ``forward`` compiled once for a whole bench: ``how`` = "cudagraphs" (CUDA graphs over
-    aten's own kernels: the host's launches go, the GPU work stays the same), "reduce-overhead" (Inductor's kernels
-    with CUDA graphs) or "eager" (Dynamo alone, to test it on a CPU). One compiled function for every row, so that
-    the rows share its graphs (every boundary method hands the decoder the same shapes) instead of compiling anew."""
-    decoder, _ = _compat.decoder_of(model.model)
+def compile_parts(model, how: str) -> dict:
+    """The vision tower's and the language model's ``forward``, each compiled once for a whole bench (module ->
+    compiled function): ``how`` = "cudagraphs" (CUDA graphs over aten's own kernels: the host's launches go, the GPU
+    work stays the same), "reduce-overhead" (Inductor's kernels with CUDA graphs) or "eager" (Dynamo alone, to test
+    it on a CPU). One compiled function per part for every row, so that the rows share its graphs (every boundary
+    method hands the decoder the same shapes) instead of compiling anew."""
     options = {"mode": how} if how == "reduce-overhead" else {"backend": how}
-    return torch.compile(type(decoder).forward.__get__(decoder), dynamic=False, **options)
+    decoder, tower = _compat.decoder_of(model.model)
+    return {part: torch.compile(type(part).forward.__get__(part), dynamic=False, **options)
+            for part in (tower, decoder)}
 
 
 @contextlib.contextmanager
-def compiled_decoder(model, compiled):
-    """``compiled`` (``compile_decoder_of``) as the language model's ``forward`` for the block, so that the prefill
-    and every decode step run it; the vision tower and a method's selection stay eager. Whatever ``forward`` the
-    instance held before (a method's own, bound to the same code) is put back on the way out."""
-    if compiled is None:
-        yield
-        return
-    decoder, _ = _compat.decoder_of(model.model)
-    own = vars(decoder).get("forward")
-    decoder.forward = compiled
+def compiled(parts: dict | None):
+    """Each compiled function (``compile_parts``) as its module's ``forward`` for the block, so that the vision
+    encoding, the prefill and every decode step run them; a method's selection between the two and vtoken's
+    bookkeeping stay eager. Whatever ``forward`` an instance held before (a method's own, bound to the same code) is
+    put back on the way out."""
+    saved = {part: vars(part).get("forward") for part in parts or {}}
+    for part, fn in (parts or {}).items():
+        part.forward = fn
     try:
         yield
     finally:
-        if own is None:
-            del decoder.forward
-        else:
-            decoder.forward = own
+        for part, own in saved.items():
+            if own is None:
+                del part.forward
+            else:
+                part.forward = own
 
 
 def measure(model, inputs: dict, new_tokens: int, device: torch.device, cache: str = "dynamic",
-            compiled: bool = False) -> tuple[float, float]:
+            disable_compile: bool = False) -> tuple[float, float]:
     """(time to first token in ms, decode tokens/s) of one greedy generate(); ``cache="static"`` takes transformers'
-    static cache, whose decode steps generate() compiles on a GPU (torch.compile with CUDA graphs), unless the
-    decoder is ``compiled`` already (``compiled_decoder``)."""
+    static cache, whose decode steps generate() compiles on a GPU (torch.compile with CUDA graphs), unless
+    ``disable_compile`` (the model's parts are ``compiled`` already, or the run needs no speed)."""
     stamps = Stamps(device)
     extra = {"cache_implementation": "static"} if cache == "static" else {}
-    if compiled:
-        extra["disable_compile"] = True  # the compiled decoder runs both; a second compile around it would nest
+    if disable_compile:
+        extra["disable_compile"] = True
     stamps.start()
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -242,36 +243,42 @@ def measure(model, inputs: dict, new_tokens: int, device: torch.device, cache: s
 
 def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int = 5, warmup: int = 1,
               new_tokens: int = 16, progress: bool = True, peak: Peak | None = None,
-              cache: str = "dynamic", compile_decoder: str | None = None) -> tuple[list[dict], Row]:
+              cache: str = "dynamic", compile_with: str | None = None) -> tuple[list[dict], Row]:
     device = model.device
     rows = [Row("dense", {})] + [Row(name, cfg) for name, cfg in methods]
     views = views_per_sample(inputs) * inputs["input_ids"].shape[0]
-    if compile_decoder is not None:
+    if compile_with is not None:
         torch._dynamo.reset()  # graphs of this bench only
-    compiled = None if compile_decoder is None else compile_decoder_of(model, compile_decoder)
+    parts = None if compile_with is None else compile_parts(model, compile_with)
 
     @contextlib.contextmanager
     def applied(row: Row):
-        """The row's method (None for dense), and the compiled decoder if any, for one or more runs."""
+        """The row's method (None for dense) for one or more runs."""
         handle = None if row.method == "dense" else vtoken.patch(model, row.method, **row.config)
         try:
-            with compiled_decoder(model, compiled):
-                yield handle
+            yield handle
         finally:
             if handle is not None:
                 handle.remove()
 
     def run() -> tuple[float, float]:
-        return measure(model, inputs, new_tokens, device, cache, compiled is not None)
+        with compiled(parts):  # a second compile around the compiled decoder would nest
+            return measure(model, inputs, new_tokens, device, cache, disable_compile=parts is not None)
 
     total = len(rows) * (warmup + repeats + 1)
     bar = tqdm(total=total, desc="bench", disable=not progress)
     for row in rows:  # warm-up, FLOPs and token counts from the first call, peak memory in its own call
         with applied(row) as handle:
+            if parts is not None:  # a compiled tower would not run hooks added after it was compiled
+                with TowerTokens(model) as tower:
+                    measure(model, inputs, 1, device, cache, disable_compile=True)  # the prefill alone, eager
             for _ in range(warmup):
                 run()
                 bar.update()
-            with TowerTokens(model) as tower, PeakMemory(device) as mem:  # hooks registered after the method's
+            with contextlib.ExitStack() as stack:
+                if parts is None:  # hooks registered after the method's
+                    tower = stack.enter_context(TowerTokens(model))
+                mem = stack.enter_context(PeakMemory(device))
                 run()
             bar.update()
             row.peak_mem_mb = mem.peak_mb
@@ -412,11 +419,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="static: transformers' static cache, whose decode steps generate() compiles on a GPU "
                              "(torch.compile, CUDA graphs); methods that prune inside the LLM cannot take it and are "
                              "left out")
-    parser.add_argument("--compile-decoder", choices=COMPILE_DECODER, default=None,
-                        help="with --cache static: compile the language model once and run every prefill "
-                             "and every decode step through it (cudagraphs: CUDA graphs over aten's kernels, the "
-                             "host's launches gone; reduce-overhead: Inductor's kernels with CUDA graphs; eager: "
-                             "Dynamo alone); the vision tower and the selection stay eager")
+    parser.add_argument("--compile", choices=COMPILE_BACKENDS, default=None,
+                        help="with --cache static: compile the vision tower and the language model once and run "
+                             "every call of them through it (cudagraphs: CUDA graphs over aten's kernels, the host's "
+                             "launches gone; reduce-overhead: Inductor's kernels with CUDA graphs; eager: Dynamo "
+                             "alone); a method's selection between them and vtoken's bookkeeping stay eager")
     parser.add_argument("--new-tokens", type=positive_int, default=16, help="tokens generated per run (decode speed)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:N]")
@@ -442,9 +449,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     with usage_errors():  # fail before building a large model
-        if args.compile_decoder and args.cache != "static":
-            raise ValueError(f"--compile-decoder {args.compile_decoder} needs --cache static: a dynamic cache grows "
-                             "at every step, so every step would compile again")
+        if args.compile and args.cache != "static":
+            raise ValueError(f"--compile {args.compile} needs --cache static: a dynamic cache grows at every step, "
+                             "so every step would compile again")
         methods = [method_config(text, args.keep) for text in args.method or ["todre"]]
         check_model(args.model)
         peak, roofline = device_peak(device, dtype, args.peak_tflops, args.peak_gbs)
@@ -465,16 +472,16 @@ def run(args: argparse.Namespace) -> int:
     with sdpa_kernel(args.sdpa_kernel):
         results, _ = run_bench(model, inputs, methods, repeats=repeats, warmup=warmup, new_tokens=args.new_tokens,
                                progress=not args.quiet, peak=peak, cache=args.cache,
-                               compile_decoder=args.compile_decoder)
+                               compile_with=args.compile)
     machine = describe_machine(device, threads)
     preset = PRESETS.get(args.model)
     title = (f"{args.model}: {preset.description if preset else 'checkpoint'}; batch {args.batch}"
              f"{' (videos)' if args.video else ''}, "
              f"prompt {inputs['input_ids'].shape[1]} tokens, {args.dtype or str(dtype).split('.')[-1]}, {args.attn}"
              + (f" ({args.sdpa_kernel} backend only)" if args.sdpa_kernel != "auto" else "")
-             + ("; static cache" + (", compiled decode" if cuda and not args.compile_decoder else "")
+             + ("; static cache" + (", compiled decode" if cuda and not args.compile else "")
                 if args.cache == "static" else "")
-             + (f"; decoder compiled ({args.compile_decoder}) for prefill and decode" if args.compile_decoder else "")
+             + (f"; vision tower and decoder compiled ({args.compile})" if args.compile else "")
              + f"; median of {repeats} after {warmup} warm-up runs")
     print(title)
     print(machine_line(machine))

@@ -7,7 +7,9 @@ Both are deterministic, so a CPU counts them as exactly as a GPU would: this is 
 to be faster on a GPU, measured without one.
 
 A ``generate()`` call is cut at each call of the model's forward: the first segment is the prefill and its first
-token (vision encoding and generate's own bookkeeping included), each later one a decode step.
+token (vision encoding and generate's own bookkeeping included), each later one a decode step. ``--graphed`` counts
+what is left once the vision tower and the language model replay from CUDA graphs (``vtoken bench --compile
+cudagraphs``): each call of them is one launch, and a sync inside them, which would break the graph, still counts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
 import vtoken
+from vtoken.adapters import _compat
 from vtoken.cli import usage_errors
 from vtoken.evals.common.arguments import budget, positive_int
 from vtoken.kernels.dispatch import watching_launches
@@ -68,10 +71,12 @@ class _Segment:
         self.launches: Counter = Counter()
         self.ops = 0
         self.syncs = 0
+        self.graph_syncs = 0  # of those, inside a graphed part: each would break its graph
         self.sites: Counter = Counter()
 
-    def sync(self) -> None:
+    def sync(self, inside_graph: bool = False) -> None:
         self.syncs += 1
+        self.graph_syncs += inside_graph
         self.sites[_vtoken_frame()] += 1
 
 
@@ -83,9 +88,9 @@ class _Ops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.counter.inside_kernel:
             segment = self.counter.current
-            segment.ops += 1
+            segment.ops += not self.counter.inside_graph
             if _is_sync_op(func, args, kwargs):
-                segment.sync()
+                segment.sync(self.counter.inside_graph)
         return func(*args, **(kwargs or {}))
 
 
@@ -97,17 +102,26 @@ class _Reads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         if name in SYNC_FUNCTIONS and args and isinstance(args[0], torch.Tensor) and not self.counter.inside_kernel:
-            self.counter.current.sync()
+            self.counter.current.sync(self.counter.inside_graph)
         return func(*args, **(kwargs or {}))
 
 
 class OpCounter:
-    """Counts aten ops and syncs of ``model`` per forward call (a new segment starts at each call after the first)."""
+    """Counts aten ops and syncs of ``model`` per forward call (a new segment starts at each call after the first).
+    ``graphed``: submodules whose every call is one launch (a CUDA graph's replay); their syncs still count."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, graphed=()):
+        self.model, self.graphed = model, graphed
         self.segments: list[_Segment] = []
-        self.inside_kernel = False
+        self.inside_kernel = self.inside_graph = False
+
+    def _replay(self, module, args, kwargs):
+        self.current.ops += 1
+        self.current.launches["graph replay"] += 1
+        self.inside_graph = True
+
+    def _replayed(self, module, args, kwargs, output):
+        self.inside_graph = False
 
     @contextlib.contextmanager
     def _launch(self, kernel: str):
@@ -135,8 +149,11 @@ class OpCounter:
 
     def __enter__(self) -> OpCounter:
         self.segments, self.calls = [_Segment()], 0
-        self._hook = self.model.register_forward_pre_hook(self._next_call, with_kwargs=True)
         self._stack = contextlib.ExitStack()
+        self._stack.callback(self.model.register_forward_pre_hook(self._next_call, with_kwargs=True).remove)
+        for part in self.graphed:
+            self._stack.callback(part.register_forward_pre_hook(self._replay, with_kwargs=True).remove)
+            self._stack.callback(part.register_forward_hook(self._replayed, with_kwargs=True).remove)
         self._stack.enter_context(watching_launches(self._launch))
         self._modes = (_Reads(self), _Ops(self))
         for mode in self._modes:
@@ -145,7 +162,6 @@ class OpCounter:
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
-        self._hook.remove()
 
 
 @dataclass
@@ -159,30 +175,35 @@ class Counts:
     steps: int
     prefill_sites: dict = field(default_factory=dict)  # where the prefill's syncs come from (file:line function)
     decode_sites: dict = field(default_factory=dict)
+    graph_syncs: int = 0  # syncs inside graphed parts, in the segment with the most (``graphed`` counts only)
 
 
-def count_generate(model, inputs: dict, new_tokens: int = 4) -> Counts:
-    """Ops and syncs of one greedy ``generate()`` of ``new_tokens`` tokens (no early stop)."""
+def count_generate(model, inputs: dict, new_tokens: int = 4, graphed: bool = False) -> Counts:
+    """Ops and syncs of one greedy ``generate()`` of ``new_tokens`` tokens (no early stop); ``graphed``: on a static
+    cache, with each call of the vision tower and of the language model one launch."""
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if graphed:
+        gen["cache_implementation"] = "static"
+    parts = _compat.decoder_of(model.model) if graphed else ()
     with torch.no_grad():
         model.generate(**inputs, **gen)  # warm: lazy initialisation is not the method's cost
-        with OpCounter(model) as counter:
+        with OpCounter(model, parts) as counter:
             model.generate(**inputs, **gen)
     first, steps = counter.segments[0], counter.segments[1:]
     if not steps:
         raise RuntimeError("generate() ran the model once; count with new_tokens >= 2")
     worst = max(steps, key=lambda s: (s.syncs, s.ops))
     return Counts(first.ops, first.syncs, max(s.ops for s in steps), max(s.syncs for s in steps), len(steps),
-                  dict(first.sites), dict(worst.sites))
+                  dict(first.sites), dict(worst.sites), max(s.graph_syncs for s in counter.segments))
 
 
 def count_methods(model, inputs: dict, methods: list[tuple[str, str, dict]], new_tokens: int = 4,
-                  progress: bool = True) -> dict[str, Counts]:
+                  progress: bool = True, graphed: bool = False) -> dict[str, Counts]:
     """``{label: Counts}`` for dense (label "dense") and each (label, method, config)."""
-    out = {"dense": count_generate(model, inputs, new_tokens)}
+    out = {"dense": count_generate(model, inputs, new_tokens, graphed)}
     for label, name, config in tqdm(methods, desc="overhead", disable=not progress):
         with vtoken.patch(model, name, **config):
-            out[label] = count_generate(model, inputs, new_tokens)
+            out[label] = count_generate(model, inputs, new_tokens, graphed)
     return out
 
 
@@ -235,6 +256,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "each launch one op; on a CPU through Triton's interpreter); torch: the PyTorch "
                              "references. Default: triton wherever it can run (a GPU, or a CPU process that has not "
                              "imported Triton yet or was started with TRITON_INTERPRET=1)")
+    parser.add_argument("--graphed", action="store_true",
+                        help="count each call of the vision tower and of the language model as one launch, as when "
+                             "they replay from CUDA graphs (vtoken bench --cache static --compile cudagraphs), on a "
+                             "static cache; methods that prune inside the LLM cannot take one and are left out")
     parser.add_argument("--sites", action="store_true", help="also list where each method's extra syncs come from")
     parser.add_argument("--json", default=None, help="write the counts here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -278,22 +303,37 @@ def run(args: argparse.Namespace) -> int:
                 config.setdefault("backend", "triton")
             vtoken.patch(model, name, **config).remove()  # refused here, before anything is counted
             methods.append((spec_label(name, overrides), name, config))
+        if args.graphed:
+            from vtoken.evals.bench.llava import static_capable
+
+            kept, _ = static_capable([(name, config) for _, name, config in methods])
+            for label, name, config in methods:
+                if (name, config) not in kept:
+                    print(f"--graphed: {label} left out (it prunes inside the LLM, so it cannot take the static "
+                          "cache a graphed decoder needs)")
+            methods = [m for m in methods if (m[1], m[2]) in kept]
         inputs = synthetic_inputs(model, batch=args.batch)
         if args.new_tokens < 2:
             raise ValueError("--new-tokens must be at least 2: the first token comes with the prefill")
-    counts = count_methods(model, inputs, methods, args.new_tokens, progress=not args.quiet)
+    counts = count_methods(model, inputs, methods, args.new_tokens, progress=not args.quiet,
+                           graphed=args.graphed)
     layers = len(model.model.language_model.layers)
     print(f"{args.model}: {type(model).__name__}, {layers} decoder layers; batch {args.batch}, prompt "
-          f"{inputs['input_ids'].shape[1]} tokens; keep {args.keep}; {args.kernels} kernels; aten ops (a Triton launch "
-          f"counts one) and device->host syncs per generate() segment (prefill = vision + prefill + first token; "
-          f"decode step = one more token)")
+          f"{inputs['input_ids'].shape[1]} tokens; keep {args.keep}; {args.kernels} kernels; "
+          + ("static cache, each call of the vision tower and of the language model one launch (a CUDA graph's "
+             "replay); " if args.graphed else "")
+          + "aten ops (a Triton launch counts one) and device->host syncs per generate() segment (prefill = vision + "
+          "prefill + first token; decode step = one more token)")
     print(format_table(counts))
+    if args.graphed:
+        print("syncs inside the tower or the decoder (each would break a graph), most in one segment: "
+              + ", ".join(f"{label} {c.graph_syncs}" for label, c in counts.items()))
     if args.sites:
         print(format_sites(counts) or "  no extra syncs")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "batch": args.batch, "keep": args.keep, "kernels": args.kernels,
-                       "decoder_layers": layers,
+                       "decoder_layers": layers, "graphed": args.graphed,
                        "new_tokens": args.new_tokens, "counts": {k: asdict(v) for k, v in counts.items()}}, f,
                       indent=2)
         print(f"wrote {args.json}")
