@@ -11,8 +11,10 @@
 #    measurements, each part with a time share: a part that overruns is stopped with a message and the rest go on;
 # 4. writes JSON + a markdown table per benchmark, logs and README.md (device named) under --out.
 # --parts REGEX runs only the parts whose whole name matches (the environment check always runs) and keeps the other
-# parts' rows in --out: on one H100 the whole suite needs two device calls of 10 minutes, e.g. --parts
-# 'pytest_gpu|bench_llava15_b.*' and then --parts 'bench_(llava_next|llava15_sdpa|qwen25|vit|dit|kernels|compiled).*'.
+# parts' rows in --out: on one H100 the whole suite needs three device calls of 10 minutes, e.g.
+#   --parts 'pytest_gpu|bench_llava15_b.*'
+#   --parts 'bench_(llava_next|qwen25|dit|kernels|compiled_llava15_b1)'
+#   --parts 'bench_(llava15|llava_next)_(sdpa_flash|fa2)|bench_vit'   (if time is left)
 #
 # --device cpu --smoke is the dry run: tiny shapes, Triton through the interpreter, no figure is a GPU measurement.
 set -uo pipefail
@@ -23,7 +25,7 @@ DEVICE=cuda SMOKE=0 OUT=docs/results/gpu WHEELS=.wheelhouse BUDGET= INSTALL=auto
 # LLaVA methods of the main table
 METHODS=${VTOKEN_SUITE_METHODS:-"todre random pool attn_topk divprune transprune corematching"}
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case $1 in
     --device) DEVICE=${2:-}; shift 2 ;;
