@@ -275,10 +275,9 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
             for _ in range(warmup):
                 run()
                 bar.update()
-            with contextlib.ExitStack() as stack:
-                if parts is None:  # hooks registered after the method's
-                    tower = stack.enter_context(TowerTokens(model))
-                mem = stack.enter_context(PeakMemory(device))
+            # hooks registered after the method's (compiled: the eager prefill above counted the tower's tokens)
+            with (TowerTokens(model) if parts is None else contextlib.nullcontext(tower) as tower,
+                  PeakMemory(device) as mem):
                 run()
             bar.update()
             row.peak_mem_mb = mem.peak_mb

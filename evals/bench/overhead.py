@@ -125,8 +125,9 @@ class OpCounter:
 
     @contextlib.contextmanager
     def _launch(self, kernel: str):
-        """A Triton launch is one op, whatever Triton's interpreter does on the host to run it on a CPU."""
-        self.current.ops += 1
+        """A Triton launch is one op, whatever Triton's interpreter does on the host to run it on a CPU (none inside a
+        graphed part, whose replay is the one launch)."""
+        self.current.ops += not self.inside_graph
         self.current.launches[kernel] += 1
         self.inside_kernel = True
         for mode in reversed(self._modes):  # Triton's interpreter must run without them

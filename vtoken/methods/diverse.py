@@ -12,7 +12,7 @@ from vtoken.methods.base import ImageContext, Reduction
 
 # pivots(features, gram, members) -> (B,) first picks, given the stacked features (B, n, D) of images[members] and,
 # where the selection reads them off the whole matrix, their cosine similarities (B, n, n) (else None)
-PivotRule = Callable[[torch.Tensor, list[int]], torch.Tensor]
+PivotRule = Callable[[torch.Tensor, torch.Tensor | None, list[int]], torch.Tensor]
 
 
 def diverse_reductions(images: list[tuple[torch.Tensor, ImageContext]], keep: Budget, pivots: PivotRule,
