@@ -51,7 +51,6 @@ class QwenVLPatch(VLMPatch):
 
     host = "qwen_vl"
     token_kwargs = ("mm_token_type_ids",)
-    static_cache = False  # generate() hands a static cache M-RoPE rows not mapped here yet
 
     def __init__(self, model):
         super().__init__(model)

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from test_llava_invariants import PRUNING, Host, method_of
-from tiny_models import IMAGE_TOKEN, PAD, hooks_of, prompt, tiny_llava
+from tiny_models import IMAGE_TOKEN, PAD, cache_keyword, hooks_of, prompt, tiny_llava
 
 import vtoken
 
@@ -63,6 +63,51 @@ def test_a_static_cache_is_refused_by_in_llm_pruning_with_one_message(host, name
     finally:
         model.model.language_model.set_attn_implementation("sdpa")
 
+
+
+@pytest.fixture(scope="module", params=["llava_next", "llava_onevision", "internvl"])
+def uneven(request):
+    """A host whose batch's rows keep different numbers of tokens (images of different sizes or tile counts)."""
+    return Host(request.param)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["divprune", "pool", "todre"])
+def test_a_static_cache_whose_rows_kept_different_counts_gives_the_eager_dynamic_tokens(uneven, name, attn):
+    """The shorter rows get filler slots; generate() builds each step's mask from the slots' own padding."""
+    from test_compile import compiled_generate_config
+
+    torch._dynamo.reset()
+    model, inputs = uneven.model, uneven.batch()
+    config = dict(PRUNING[name], stage2=False) if name == "todre" else PRUNING[name]
+    gen = dict(GEN, max_new_tokens=5, return_dict_in_generate=True, output_scores=True)
+    model.model.language_model.set_attn_implementation(attn)
+    try:
+        with vtoken.patch(model, method_of(name), **config) as handle, torch.no_grad():
+            eager = model.generate(**inputs, **gen)
+            kept = handle.stats.visual_tokens_llm
+            static = model.generate(**inputs, cache_implementation="static", **gen)
+            compiled = model.generate(**inputs, cache_implementation="static",
+                                      compile_config=compiled_generate_config(), **gen)
+    finally:
+        model.model.language_model.set_attn_implementation("sdpa")
+    assert len(set(kept)) > 1, kept  # the rows did keep different numbers: fillers were needed
+    for out in (static, compiled):
+        assert torch.equal(out.sequences, eager.sequences)
+        torch.testing.assert_close(torch.stack(out.scores), torch.stack(eager.scores), atol=1e-4, rtol=1e-4)
+
+
+def test_such_a_static_cache_continued_outside_generate_is_refused(uneven):
+    """Outside generate() the caller's mask addresses columns, which no longer line up with the cache's slots."""
+    from vtoken.adapters._compat import find_cache
+
+    model, inputs = uneven.model, uneven.batch()
+    with vtoken.patch(model, "divprune", keep=0.25), torch.no_grad():
+        out = model.generate(**inputs, cache_implementation="static", return_dict_in_generate=True, **GEN)
+        step = dict(input_ids=out.sequences[:, -1:], attention_mask=torch.ones_like(out.sequences),
+                    **{cache_keyword(model): find_cache(out)})
+        with pytest.raises(ValueError, match="kept different numbers of tokens.*through generate"):
+            model(**step)
 
 # 4-D attention masks -------------------------------------------------------------------------------------------
 def four_d(mask: torch.Tensor, additive: bool) -> torch.Tensor:

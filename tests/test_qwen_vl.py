@@ -246,10 +246,48 @@ def test_follow_up_turns_equal_recomputing_the_conversation(host, name):
             ids = torch.cat([out.sequences, torch.tensor([[11, 12 + turn, 13]])], 1)
 
 
+def padded_pair(host) -> dict:
+    """Two copies of the first image behind prompts of different lengths, left-padded: every row keeps as many tokens,
+    so the shortened prompts keep the caller's padding and nothing else."""
+    row = host.rows[0]
+    ids, mask = left_pad([row, torch.cat([row[:1], row[2:]])])
+    vision = {key: torch.cat([value, value]) for key, value in host.vision([0]).items()}
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=qwen_token_types(ids), **vision)
+
+
+@pytest.mark.parametrize("prompts", ["image", "video", "padded", "mixed"])
+@pytest.mark.parametrize("name", sorted(BOUNDARY))
+def test_static_cache_and_compiled_decode_give_the_eager_dynamic_tokens(host, name, prompts):
+    """Decode steps on a static cache take generate()'s [text, t, h, w] rows: only the text row (the cache's slot)
+    moves down by the shift, the M-RoPE rows continue from the rope deltas the prefill recorded."""
+    from test_compile import compiled_generate_config
+
+    torch._dynamo.reset()
+    inputs = {"image": host.single(0), "video": host.single(2), "padded": padded_pair(host),
+              "mixed": host.batch()}[prompts]  # mixed: rows keep different numbers of tokens (filler slots)
+    gen = dict(GEN, max_new_tokens=6, return_dict_in_generate=True, output_scores=True)
+    with vtoken.patch(host.model, method_of(name.replace("_temporal", "")), **BOUNDARY[name]), torch.no_grad():
+        eager = host.model.generate(**inputs, **gen)
+        static = host.model.generate(**inputs, cache_implementation="static", **gen)
+        compiled = host.model.generate(**inputs, cache_implementation="static",
+                                       compile_config=compiled_generate_config(), **gen)
+    for out in (static, compiled):
+        assert torch.equal(out.sequences, eager.sequences)
+        torch.testing.assert_close(torch.stack(out.scores), torch.stack(eager.scores), atol=1e-4, rtol=1e-4)
+
+
+def test_a_static_decode_step_has_no_graph_break_inside_the_decoder(host):
+    from test_compile import assert_a_static_step_breaks_only_around_the_base_model
+
+    torch._dynamo.reset()
+    with vtoken.patch(host.model, "divprune", keep=0.25), torch.no_grad():
+        out = host.model.generate(**host.single(2), cache_implementation="static", return_dict_in_generate=True,
+                                  **dict(GEN, max_new_tokens=2))
+        assert_a_static_step_breaks_only_around_the_base_model(host.model, out, f"modeling_{host.family}")
+
+
 def test_bad_inputs_get_clear_errors(host):
     model, inputs = host.model, host.single(0)
-    with vtoken.patch(model, "random", keep=0.25), pytest.raises(ValueError, match="needs a DynamicCache"):
-        greedy(model, **inputs, cache_implementation="static")
     with vtoken.patch(model, "todre", keep=0.25), pytest.raises(ValueError, match="position_ids"):
         embeds = model.get_input_embeddings()(inputs["input_ids"])
         logits(model, inputs_embeds=embeds, **{k: v for k, v in inputs.items() if k != "input_ids"})

@@ -95,19 +95,19 @@ def mask_valid(mask: torch.Tensor | dict | None, shape: tuple[int, int], device)
     return mask[:, -shape[1]:].bool()
 
 
-def remap_mask(mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def remap_mask(mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, filler_rows: bool) -> torch.Tensor:
     """A call's mask moved from the caller's columns to the cache's slots.
 
     ``cols`` (B, K): for every key slot, the caller's column (-1: filler, never attended). ``rows`` (B, q): for every
-    query, the caller's query row (-1: filler); only 4-D masks have rows. A filler query attends to itself only,
-    so no softmax row is empty.
+    query, the caller's query row (-1: filler; ``filler_rows``, known on the host, says whether any is); only 4-D
+    masks have rows. A filler query attends to itself only, so no softmax row is empty.
     """
     if mask.dim() == 2:
         return gather_columns(mask, cols, 0, dim=1)
     blocked = blocked_value(mask)
     out = gather_columns(gather_columns(mask, rows, blocked, dim=2), cols, blocked, dim=3)
-    filler = rows < 0
-    if bool(filler.any()):
+    if filler_rows:
+        filler = rows < 0
         q, K = rows.shape[1], cols.shape[1]
         own = torch.zeros(rows.shape[0], 1, q, K, dtype=torch.bool, device=mask.device)
         own[:, 0, torch.arange(q), K - q + torch.arange(q)] = True

@@ -38,8 +38,13 @@ STATIC_CACHE = (
     "a static cache and torch.compile."
 )
 STATIC_CONTINUED = (
-    "vtoken: a static cache holds one conversation from its first token; continuing it with new images, or with rows "
-    "that kept different numbers of tokens, needs the default DynamicCache"
+    "vtoken: a static cache holds one conversation from its first token; continuing it with new images needs the "
+    "default DynamicCache"
+)
+STATIC_FILLERS = (
+    "vtoken: the rows of this static cache kept different numbers of tokens, so its slots no longer line up with "
+    "the caller's columns; continue it through generate(), which vtoken hands a mask over the slots, or use the "
+    "default DynamicCache"
 )
 
 
@@ -110,7 +115,6 @@ class VLMPatch:
 
     host: ClassVar[str] = ""
     token_kwargs: ClassVar[tuple[str, ...]] = ()  # (B, L) forward arguments that follow the prompt's columns
-    static_cache: ClassVar[bool] = True  # boundary methods take a static cache here
     _patches: ClassVar[weakref.WeakKeyDictionary]
 
     def __init_subclass__(cls, **kwargs):
@@ -475,14 +479,12 @@ class VLMPatch:
         static = cache is not None and not _compat.is_dynamic_cache(cache)
         if present and static and self.decoder is not None:
             raise ValueError(STATIC_CACHE.format(methods=self.method_names(), cache=type(cache).__name__))
-        if present and static and not self.static_cache:
-            raise ValueError(f"vtoken: {type(self.model).__name__} with {self.method_names()} needs a DynamicCache "
-                             f"(the default); got {type(cache).__name__}, which vtoken supports on LLaVA hosts only so "
-                             "far. Leave cache_implementation at its default.")
         layout = self.layout_of(cache, kwargs, bool(present))
         if layout is not None and static:
-            if present or layout.fillers:
+            if present:
                 raise ValueError(STATIC_CONTINUED)
+            if layout.fillers and not layout.__dict__.pop("_slot_mask_given", False):
+                raise ValueError(STATIC_FILLERS)
         elif layout is not None:
             self.skip_cached(kwargs, layout, cache)
         tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
@@ -526,8 +528,6 @@ class VLMPatch:
                 item.context.instruction = None  # this call's prompt is not kept alive
             kwargs[_compat.ENCODER_OUTPUTS] = outputs
             edit, visual_counts = self.shorten_prompt(kwargs, kept, rows)
-            if static and edit is not None and edit.added_padding:
-                raise ValueError(STATIC_CONTINUED)
         elif self.decoder is not None and all(outputs.get(m.name) is not None for m in present):
             counts = {m.name: [f.shape[0] for f in outputs[m.name].pooler_output] for m in present}
             rows = self.rows_of_items(kwargs, counts)
@@ -602,6 +602,11 @@ class VLMPatch:
                 if unseen == tokens.shape[1] - layout.slots:
                     kwargs[_compat.GENERATE_UNSEEN] = tokens.shape[1] - layout.columns
                     check_continues(layout, input_ids if tokens is input_ids else None)
+            mask = kwargs.get("attention_mask")
+            if (layout is not None and layout.fillers and not _compat.is_dynamic_cache(cache)
+                    and mask is not None and mask.dim() == 2 and mask.shape[0] == layout.batch):
+                kwargs["attention_mask"] = slot_mask(layout, mask)
+                layout.__dict__["_slot_mask_given"] = True
             return original(input_ids, *args, **kwargs)
 
         return prepare_inputs_for_generation
@@ -655,7 +660,9 @@ class VLMPatch:
     def map_static(self, kwargs, layout: CacheLayout, length_in: int) -> None:
         """Text on a shortened static cache (generate()'s decode steps with ``cache_implementation="static"``).
         generate() builds the step's 4-D mask from the cache's own length, which already counts the shortened
-        prompt's slots; only the positions move down by the shift: one op, every shape fixed, as CUDA graphs need."""
+        prompt's slots; only the positions move down by the shift: one op, every shape fixed, as CUDA graphs need.
+        When rows kept different numbers of tokens, generate() built that mask from the slots' own padding
+        (``slot_mask``), and each row's positions move by its own shift."""
         positions = self.text_positions(kwargs, layout, length_in)
         if positions is not None:
             kwargs["position_ids"] = positions
@@ -693,7 +700,7 @@ class VLMPatch:
                     tail = torch.arange(base + length_in, total, device=device).expand(B, -1)
                     empty = torch.full((B, total - cols.shape[1] - tail.shape[1]), -1, device=device)
                     slots = torch.cat([cols, tail, empty], dim=1)
-                return remap_mask(mask, rows, slots)
+                return remap_mask(mask, rows, slots, edit is not None and edit.added_padding)
 
             # generate() hands a decoder with several layer types (Qwen2's full and sliding attention) one mask each
             kwargs["attention_mask"] = ({kind: m if m is None else remapped(m) for kind, m in mask.items()}
@@ -805,6 +812,18 @@ def frame_counts(context: ImageContext, reduction: Reduction) -> list[int]:
         return [reduction.features.shape[0]]
     frames_in = int(context.frames.max()) + 1 if context.frames is not None else int(frames.max()) + 1
     return torch.bincount(frames.long(), minlength=frames_in).tolist()
+
+
+def slot_mask(layout: CacheLayout, mask: torch.Tensor) -> torch.Tensor:
+    """generate()'s 2-D padding mask over the caller's columns, moved onto a static cache's slots, for a cache whose
+    rows hold filler slots: from it generate() builds each step's 4-D mask over the slots, sliding windows included.
+    The first slots (the edited prompt's) are gathered once per layout; later slots continue the columns one to one,
+    so each step costs one concatenation."""
+    edited = layout.source.shape[1]
+    head = layout.__dict__.get("_slot_padding")
+    if head is None:
+        head = layout.__dict__["_slot_padding"] = gather_columns(mask, layout.source, 0, dim=1)
+    return torch.cat([head, mask[:, edited + layout.columns - layout.slots:]], dim=1)
 
 
 def renumbered_positions(positions: torch.Tensor | None, layout: CacheLayout | None, edit: PromptEdit | None,
