@@ -588,7 +588,11 @@ class VLMPatch:
     @staticmethod
     def prepare_inputs(original):
         """generate() feeds a continued conversation from where the cache's slot count says; vtoken's shortened
-        earlier turns hold fewer slots than columns, so the cut moves to the first column the cache does not hold."""
+        earlier turns hold fewer slots than columns, so the cut moves to the first column the cache does not hold.
+
+        generate()'s padding mask addresses the caller's columns; on a shortened cache it is moved onto the slots
+        here (``slot_mask``). A static cache needs it before generate() builds its 4-D masks from it; a dynamic one
+        leaves it with the layout, and a text call that gets this very mask takes it instead of remapping."""
 
         def prepare_inputs_for_generation(input_ids, *args, **kwargs):
             unseen = kwargs.get(_compat.GENERATE_UNSEEN)
@@ -603,10 +607,14 @@ class VLMPatch:
                     kwargs[_compat.GENERATE_UNSEEN] = tokens.shape[1] - layout.columns
                     check_continues(layout, input_ids if tokens is input_ids else None)
             mask = kwargs.get("attention_mask")
-            if (layout is not None and layout.fillers and not _compat.is_dynamic_cache(cache)
+            if (layout is not None and (layout.fillers or layout.columns != layout.slots)
                     and mask is not None and mask.dim() == 2 and mask.shape[0] == layout.batch):
-                kwargs["attention_mask"] = slot_mask(layout, mask)
-                layout.__dict__["_slot_mask_given"] = True
+                if not _compat.is_dynamic_cache(cache):
+                    if layout.fillers:  # without fillers a slot lines up with its column in every row already
+                        kwargs["attention_mask"] = slot_mask(layout, mask)
+                        layout.__dict__["_slot_mask_given"] = True
+                else:
+                    layout.__dict__["_slot_mask_for"] = (mask, slot_mask(layout, mask))
             return original(input_ids, *args, **kwargs)
 
         return prepare_inputs_for_generation
@@ -647,15 +655,21 @@ class VLMPatch:
             kwargs["attention_mask"] = mask[:, :, trim:]
 
     def map_text(self, kwargs, layout: CacheLayout, length_in: int) -> None:
-        """Text that continues a shortened cache (every decode step). Without a mask and without filler slots the
-        slots are the caller's columns moved down by each row's shift: the positions alone move (one subtraction, or
-        none when the model derives them from the cache), and nothing is read from the device."""
-        if kwargs.get("attention_mask") is None and not layout.fillers:
-            positions = self.text_positions(kwargs, layout, length_in)
-            if positions is not None:
-                kwargs["position_ids"] = positions
+        """Text that continues a shortened cache (every decode step). Without a mask and without filler slots, or with
+        the mask generate() got moved onto the slots (``prepare_inputs``), the slots are the caller's columns moved
+        down by each row's shift: the positions alone move (one subtraction, or none when the model derives them from
+        the cache), and nothing is read from the device."""
+        given = layout.__dict__.pop("_slot_mask_for", None)
+        if given is not None and kwargs.get("attention_mask") is given[0]:
+            kwargs["attention_mask"] = given[1]
+        elif kwargs.get("attention_mask") is not None or layout.fillers:
+            self.map_call(kwargs, layout, None, length_in)
             return
-        self.map_call(kwargs, layout, None, length_in)
+        positions = self.text_positions(kwargs, layout, length_in)
+        if positions is None and layout.fillers:  # the model's default counts slots alike in every row
+            positions = self.map_positions(kwargs, layout, None, length_in)
+        if positions is not None:
+            kwargs["position_ids"] = positions
 
     def map_static(self, kwargs, layout: CacheLayout, length_in: int) -> None:
         """Text on a shortened static cache (generate()'s decode steps with ``cache_implementation="static"``).
