@@ -97,6 +97,16 @@ def test_a_static_cache_whose_rows_kept_different_counts_gives_the_eager_dynamic
         torch.testing.assert_close(torch.stack(out.scores), torch.stack(eager.scores), atol=1e-4, rtol=1e-4)
 
 
+
+def test_beam_search_on_such_a_static_cache_gives_the_eager_dynamic_tokens(uneven):
+    """generate() repeats each row for its beams before the prefill, so each beam carries its row's filler slots."""
+    model, inputs = uneven.model, uneven.batch()
+    gen = dict(GEN, max_new_tokens=4, num_beams=2, num_return_sequences=2)
+    with vtoken.patch(model, "divprune", keep=0.25), torch.no_grad():
+        eager = model.generate(**inputs, **gen)
+        static = model.generate(**inputs, cache_implementation="static", **gen)
+    assert torch.equal(static, eager)
+
 def test_such_a_static_cache_continued_outside_generate_is_refused(uneven):
     """Outside generate() the caller's mask addresses columns, which no longer line up with the cache's slots."""
     from vtoken.adapters._compat import find_cache
