@@ -829,10 +829,10 @@ def frame_counts(context: ImageContext, reduction: Reduction) -> list[int]:
 
 
 def slot_mask(layout: CacheLayout, mask: torch.Tensor) -> torch.Tensor:
-    """generate()'s 2-D padding mask over the caller's columns, moved onto a static cache's slots, for a cache whose
-    rows hold filler slots: from it generate() builds each step's 4-D mask over the slots, sliding windows included.
-    The first slots (the edited prompt's) are gathered once per layout; later slots continue the columns one to one,
-    so each step costs one concatenation."""
+    """generate()'s 2-D padding mask over the caller's columns, moved onto the slots of a cache vtoken shortened:
+    what a dynamic cache's decode step attends with, and what generate() builds a static cache's 4-D masks from
+    (sliding windows included). The first slots (the edited prompt's) are gathered once per layout; later slots
+    continue the columns one to one, so each step costs a slice and one concatenation."""
     edited = layout.source.shape[1]
     head = layout.__dict__.get("_slot_padding")
     if head is None:
