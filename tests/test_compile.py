@@ -117,6 +117,17 @@ def compiled_generate_config():
     return config
 
 
+def assert_static_and_compiled_match(model, inputs: dict, eager, gen: dict) -> None:
+    """generate() on a static cache, eager and with a compiled decode, gives ``eager``'s tokens and scores (``gen``
+    asks for both: ``return_dict_in_generate`` and ``output_scores``)."""
+    static = model.generate(**inputs, cache_implementation="static", **gen)
+    compiled = model.generate(**inputs, cache_implementation="static", compile_config=compiled_generate_config(),
+                              **gen)
+    for out in (static, compiled):
+        assert torch.equal(out.sequences, eager.sequences)
+        torch.testing.assert_close(torch.stack(out.scores), torch.stack(eager.scores), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("rows", [1, 2], ids=["single", "padded"])
 @pytest.mark.parametrize("name", sorted(BOUNDARY))
 def test_static_cache_and_compiled_decode_give_the_eager_dynamic_tokens(name, rows):

@@ -151,7 +151,6 @@ def test_a_method_the_model_cannot_take_is_refused_before_counting(capsys):
     assert "overhead" in vtoken.cli.COMMANDS
 
 
-
 @pytest.mark.parametrize("host", ["llava", "llava_next", "internvl", "qwen2_5_vl"])
 def test_a_padded_batchs_decode_step_stays_within_budget(host):
     """A left-padded batch (LLaVA: rows keep as many tokens; the others: rows keep different numbers, so the shorter

@@ -260,7 +260,7 @@ def padded_pair(host) -> dict:
 def test_static_cache_and_compiled_decode_give_the_eager_dynamic_tokens(host, name, prompts):
     """Decode steps on a static cache take generate()'s [text, t, h, w] rows: only the text row (the cache's slot)
     moves down by the shift, the M-RoPE rows continue from the rope deltas the prefill recorded."""
-    from test_compile import compiled_generate_config
+    from test_compile import assert_static_and_compiled_match
 
     torch._dynamo.reset()
     inputs = {"image": host.single(0), "video": host.single(2), "padded": padded_pair(host),
@@ -268,12 +268,7 @@ def test_static_cache_and_compiled_decode_give_the_eager_dynamic_tokens(host, na
     gen = dict(GEN, max_new_tokens=6, return_dict_in_generate=True, output_scores=True)
     with vtoken.patch(host.model, method_of(name.replace("_temporal", "")), **BOUNDARY[name]), torch.no_grad():
         eager = host.model.generate(**inputs, **gen)
-        static = host.model.generate(**inputs, cache_implementation="static", **gen)
-        compiled = host.model.generate(**inputs, cache_implementation="static",
-                                       compile_config=compiled_generate_config(), **gen)
-    for out in (static, compiled):
-        assert torch.equal(out.sequences, eager.sequences)
-        torch.testing.assert_close(torch.stack(out.scores), torch.stack(eager.scores), atol=1e-4, rtol=1e-4)
+        assert_static_and_compiled_match(host.model, inputs, eager, gen)
 
 
 def test_a_static_decode_step_has_no_graph_break_inside_the_decoder(host):

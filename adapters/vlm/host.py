@@ -492,7 +492,7 @@ class VLMPatch:
         ids = kwargs.get("input_ids")
         if not present:
             if layout is not None and static:
-                self.map_static(kwargs, layout, length_in)
+                self.shift_positions(kwargs, layout, length_in)
             elif layout is not None:
                 self.map_text(kwargs, layout, length_in)
             if self.decoder is not None:
@@ -665,19 +665,17 @@ class VLMPatch:
         elif kwargs.get("attention_mask") is not None or layout.fillers:
             self.map_call(kwargs, layout, None, length_in)
             return
+        self.shift_positions(kwargs, layout, length_in)
+
+    def shift_positions(self, kwargs, layout: CacheLayout, length_in: int) -> None:
+        """Text whose mask already addresses the slots: only the positions move down by each row's shift, one op.
+        On a static cache (generate()'s decode steps with ``cache_implementation="static"``) generate() built the
+        step's 4-D mask from the cache's own length, which counts the shortened prompt's slots, and from the slots'
+        own padding when rows kept different numbers of tokens (``slot_mask``): every shape fixed, as CUDA graphs
+        need."""
         positions = self.text_positions(kwargs, layout, length_in)
         if positions is None and layout.fillers:  # the model's default counts slots alike in every row
             positions = self.map_positions(kwargs, layout, None, length_in)
-        if positions is not None:
-            kwargs["position_ids"] = positions
-
-    def map_static(self, kwargs, layout: CacheLayout, length_in: int) -> None:
-        """Text on a shortened static cache (generate()'s decode steps with ``cache_implementation="static"``).
-        generate() builds the step's 4-D mask from the cache's own length, which already counts the shortened
-        prompt's slots; only the positions move down by the shift: one op, every shape fixed, as CUDA graphs need.
-        When rows kept different numbers of tokens, generate() built that mask from the slots' own padding
-        (``slot_mask``), and each row's positions move by its own shift."""
-        positions = self.text_positions(kwargs, layout, length_in)
         if positions is not None:
             kwargs["position_ids"] = positions
 
