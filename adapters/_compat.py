@@ -129,6 +129,16 @@ def is_dynamic_cache(cache) -> bool:
     return isinstance(cache, _cache_types()[1])
 
 
+def is_static_cache(cache) -> bool:
+    """A cache of fixed slots (``StaticCache``): every layer's masks span all its slots, written or not."""
+    return cache is not None and not is_dynamic_cache(cache)
+
+
+def sliding_cache_layers(cache) -> list[int]:
+    """The layers of a cache that keep only a window of slots."""
+    return [i for i, layer in enumerate(getattr(cache, "layers", ())) if getattr(layer, "is_sliding", False)]
+
+
 def accepts_encoder_outputs(base_model) -> bool:
     """Whether this multimodal model's forward takes precomputed encoder outputs from ``generate()``."""
     return ENCODER_OUTPUTS in inspect.signature(base_model.forward).parameters

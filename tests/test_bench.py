@@ -217,3 +217,16 @@ def test_compiling_needs_a_static_cache(capsys):
         main(["bench", "--compile", "cudagraphs", "--quiet"])
     assert exit_info.value.code == 2
     assert "--compile cudagraphs needs --cache static" in capsys.readouterr().err
+
+
+def test_a_static_cache_takes_in_llm_methods_and_compiling_leaves_them_out(monkeypatch, tmp_path, capsys):
+    from vtoken.evals.bench import llava as bench
+
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: tiny_llava(layers=4))
+    common = ["bench", "--method", "attn_topk", "--method", "random", "--keep", "16", "--repeats", "1", "--warmup",
+              "0", "--new-tokens", "2", "--quiet", "--cache", "static"]
+    for extra, rows in (([], ["dense", "attn_topk", "random"]), (["--compile", "eager"], ["dense", "random"])):
+        out = tmp_path / "b.json"
+        assert main([*common, *extra, "--json", str(out)]) == 0
+        assert [r["method"] for r in json.loads(out.read_text())["results"]] == rows
+    assert "--compile eager: attn_topk" in capsys.readouterr().out

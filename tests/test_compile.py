@@ -104,7 +104,7 @@ def test_corematching_generates_the_same_tokens_compiled(backend, config):
 
 
 # static cache + compile: the fast Hugging Face path, for every boundary method -------------------------------------
-BOUNDARY = {"random": dict(keep=16), "pool": dict(keep=16), "divprune": dict(keep=16),
+BOUNDARY = {"random": dict(keep=16), "pool": dict(keep=16), "divprune": dict(keep=16), "cdpruner": dict(keep=16),
             "todre": dict(keep=16, stage2=False), "tokenflex": dict(num_tokens=16)}
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_llava_invariants import PRUNING, Host, method_of
 from tiny_models import IMAGE_TOKEN, PAD, cache_keyword, hooks_of, prompt, tiny_llava
+from transformers import StaticCache
 
 import vtoken
 
@@ -47,21 +48,66 @@ def test_the_copy_guard_stays_while_any_method_remains():
 
 
 # static caches -------------------------------------------------------------------------------------------------
+IN_LLM = ["todre_stage2_fires", "attn_topk", "transprune", "corematching", "corematching_keep", "pyramiddrop", "dart"]
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ["todre", "attn_topk", "transprune", "corematching"])
-def test_a_static_cache_is_refused_by_in_llm_pruning_with_one_message(host, name, attn):
+@pytest.mark.parametrize("name", IN_LLM)
+def test_in_llm_pruning_on_a_static_cache_gives_the_eager_dynamic_tokens(host, name, attn):
+    """A pruned layer fills fewer of the static cache's slots: its masks (prefill and every decode step) are moved
+    onto them at the width generate() builds, and the rest stay forbidden; compiled decode steps alike."""
+    from test_compile import assert_static_and_compiled_match
+
+    torch._dynamo.reset()
     model = host.model
+    gen = dict(GEN, max_new_tokens=4, return_dict_in_generate=True, output_scores=True)
     model.model.language_model.set_attn_implementation(attn)
     try:
-        with vtoken.patch(model, method_of(name), **PRUNING[name]), torch.no_grad():
+        with vtoken.patch(model, method_of(name), **PRUNING[name]) as handle, torch.no_grad():
             for inputs in (host.single(0), host.batch()):
-                with pytest.raises(ValueError, match="prune.* inside the LLM.*needs a DynamicCache .* got StaticCache"):
-                    model.generate(**inputs, cache_implementation="static", **GEN)
-            text = torch.tensor([[1, 5, 6, 7]])  # no image: nothing to change, the static cache is fine
-            model.generate(input_ids=text, attention_mask=torch.ones_like(text), cache_implementation="static",
-                           **GEN)
+                eager = model.generate(**inputs, **gen)
+                layers = handle.stats.visual_tokens_per_layer
+                assert layers[-1] != layers[0], layers  # the LLM did prune
+                assert_static_and_compiled_match(model, inputs, eager, gen)
+                assert handle.stats.visual_tokens_per_layer == layers
     finally:
         model.model.language_model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("name", ["todre_stage2_fires", "attn_topk", "corematching_keep"])
+def test_a_static_decode_step_after_in_llm_pruning_has_no_graph_break_inside_the_decoder(name):
+    from test_compile import assert_a_static_step_breaks_only_around_the_base_model
+
+    torch._dynamo.reset()
+    model = tiny_llava(layers=4)
+    ids = prompt(64).unsqueeze(0)
+    cache = StaticCache(config=model.config.get_text_config(), max_cache_len=96)  # room for the explained step
+    with vtoken.patch(model, method_of(name), **PRUNING[name]) as handle, torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             pixel_values=torch.randn(1, 3, 112, 112), return_dict_in_generate=True,
+                             **{cache_keyword(model): cache}, **dict(GEN, max_new_tokens=2))
+        layers = handle.stats.visual_tokens_per_layer
+        assert layers[-1] != layers[0], layers
+        assert_a_static_step_breaks_only_around_the_base_model(model, out, "modeling_llama")
+
+
+@pytest.mark.parametrize("name", ["random", "attn_topk", "corematching_keep"])
+def test_a_second_request_reuses_the_compiled_decode_steps(name):
+    """Per-step host state (masks made per step, the layout) reaches no guard of the compiled decode step: a second
+    request with another image and the same shapes compiles nothing."""
+    from test_compile import compiled_generate_config
+
+    torch._dynamo.reset()
+    model = tiny_llava(layers=4)
+    ids = prompt(64).unsqueeze(0)
+    gen = dict(GEN, max_new_tokens=5, cache_implementation="static", compile_config=compiled_generate_config())
+    with vtoken.patch(model, method_of(name), **PRUNING[name]), torch.no_grad():
+        first = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               pixel_values=torch.randn(1, 3, 112, 112), **gen)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            second = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    pixel_values=torch.randn(1, 3, 112, 112), **gen)
+    assert not torch.equal(first, second)  # another image: another answer from the same graphs
 
 
 @pytest.fixture(scope="module", params=["llava_next", "llava_onevision", "internvl"])
@@ -71,9 +117,10 @@ def uneven(request):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ["divprune", "pool", "todre"])
+@pytest.mark.parametrize("name", ["divprune", "pool", "todre", "attn_topk"])
 def test_a_static_cache_whose_rows_kept_different_counts_gives_the_eager_dynamic_tokens(uneven, name, attn):
-    """The shorter rows get filler slots; generate() builds each step's mask from the slots' own padding."""
+    """The shorter rows get filler slots; generate() builds each step's mask from the slots' own padding (attn_topk:
+    rows of different lengths pruned inside the LLM, whose layers keep filler slots of their own)."""
     from test_compile import assert_static_and_compiled_match
 
     torch._dynamo.reset()

@@ -271,6 +271,35 @@ def test_static_cache_and_compiled_decode_give_the_eager_dynamic_tokens(host, na
         assert_static_and_compiled_match(host.model, inputs, eager, gen)
 
 
+@pytest.mark.parametrize("prompts", ["video", "mixed"])
+@pytest.mark.parametrize("name", ["todre_stage2_fires", "attn_topk", "attn_topk_layer1", "corematching_keep"])
+def test_in_llm_pruning_on_a_static_cache_gives_the_eager_dynamic_tokens(host, name, prompts):
+    """A layer pruned inside the LLM fills fewer slots; its masks are moved onto them at the static cache's width."""
+    from test_compile import assert_static_and_compiled_match
+
+    torch._dynamo.reset()
+    inputs = {"video": host.single(2), "mixed": host.batch()}[prompts]
+    gen = dict(GEN, max_new_tokens=4, return_dict_in_generate=True, output_scores=True)
+    with vtoken.patch(host.model, method_of(name), **QWEN_PRUNING[name]) as handle, torch.no_grad():
+        eager = host.model.generate(**inputs, **gen)
+        layers = handle.stats.visual_tokens_per_layer
+        assert layers[-1] != layers[0], layers
+        assert_static_and_compiled_match(host.model, inputs, eager, gen)
+
+
+def test_in_llm_pruning_refuses_a_static_cache_with_sliding_window_layers():
+    """A sliding-window layer's static slots roll at the dense count, which a pruned layer no longer has."""
+    host = QwenHost("qwen2_vl")
+    model, inputs = tiny_qwen("qwen2_vl", sliding_window=256), host.single(0)
+    with vtoken.patch(model, "attn_topk", keep=0.3), torch.no_grad():
+        eager = model.generate(**inputs, **GEN)
+        with pytest.raises(ValueError, match=r"attn_topk.* inside the LLM.*got sliding-window layers \[1, 2, 3\]"):
+            model.generate(**inputs, cache_implementation="static", **GEN)
+        assert torch.equal(model.generate(**inputs, **GEN), eager)  # nothing was left half-done
+    with vtoken.patch(model, "divprune", keep=0.25), torch.no_grad():  # a boundary method takes it
+        model.generate(**inputs, cache_implementation="static", **GEN)
+
+
 def test_a_static_decode_step_has_no_graph_break_inside_the_decoder(host):
     from test_compile import assert_a_static_step_breaks_only_around_the_base_model
 

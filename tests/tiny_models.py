@@ -116,15 +116,17 @@ QWEN_IMAGE, QWEN_VIDEO, VISION_START, VISION_END = 91, 92, 93, 94
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-def tiny_qwen(family: str = "qwen2_5_vl", attn: str = "sdpa", layers: int = 4):
+def tiny_qwen(family: str = "qwen2_5_vl", attn: str = "sdpa", layers: int = 4, sliding_window: int | None = None):
     """A tiny Qwen-VL from a config: 14 px patches (16 for Qwen3-VL), 2x2 merger, M-RoPE sections summing to
-    head_dim / 2 = 8."""
+    head_dim / 2 = 8; ``sliding_window``: layers after the first attend within that window (Qwen2's option)."""
     import transformers
 
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
                 max_position_embeddings=512, rope_parameters=rope)
+    if sliding_window is not None:
+        text = dict(text, use_sliding_window=True, sliding_window=sliding_window, max_window_layers=1)
     ids = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=VISION_START,
                vision_end_token_id=VISION_END)
     common = dict(depth=2, num_heads=4, spatial_merge_size=2, temporal_patch_size=2)

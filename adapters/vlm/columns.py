@@ -83,15 +83,16 @@ def blocked_value(mask: torch.Tensor):
     return torch.finfo(mask.dtype).min if mask.is_floating_point() else 0
 
 
-def mask_valid(mask: torch.Tensor | dict | None, shape: tuple[int, int], device) -> torch.Tensor:
+def mask_valid(mask: torch.Tensor | dict | None, shape: tuple[int, int], device, first: bool = False) -> torch.Tensor:
     """(B, L) real (non-padding) tokens of a call, from a 2-D padding mask or a causal 4-D mask (its last query row
-    sees every real key), or all True."""
+    sees every real key), or all True. A 4-D mask's keys end with the call's L tokens, unless ``first``: a static
+    cache's first call, whose mask spans every slot, the call's tokens first."""
     if isinstance(mask, dict):  # one mask per layer type (Qwen2's full and sliding attention): the full one
         mask = mask.get("full_attention", next((m for m in mask.values() if m is not None), None))
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
     if mask.dim() == 4:
-        return mask_allows(mask[:, 0, -1, -shape[1]:]).expand(shape)
+        return mask_allows(mask[:, 0, -1, :shape[1]] if first else mask[:, 0, -1, -shape[1]:]).expand(shape)
     return mask[:, -shape[1]:].bool()
 
 

@@ -10,7 +10,7 @@ import torch
 
 from vtoken.adapters import _compat
 from vtoken.adapters.vlm.cache import DECODE_LAYERS, DECODE_NEURONS
-from vtoken.adapters.vlm.columns import forbid_columns, gather_rows, mask_allows
+from vtoken.adapters.vlm.columns import blocked_value, forbid_columns, gather_rows, mask_allows
 from vtoken.adapters.vlm.ffn import DecodeFFN
 from vtoken.adapters.vlm.stats import OnRead, VLMStats
 from vtoken.kernels.attention import attention_received
@@ -39,6 +39,24 @@ def check_layer_kwargs(kwargs: dict) -> None:
             f"(transformers {transformers.__version__}); install a transformers version inside vtoken's tested "
             "range (see its README) or report this upstream change"
         )
+
+
+def onto_pruned_slots(mask: torch.Tensor, alive: torch.Tensor, live: torch.Tensor, prefill: int, fillers: bool,
+                      static: bool) -> torch.Tensor:
+    """A (B, h, q, C) mask over a dense layer's cache slots, moved onto a pruned layer's: the ``prefill`` slots the
+    prompt wrote are gathered at the ``alive`` positions (B, K), filler slots (``~live``) forbidden, and every later
+    slot moves down by the ``prefill - K`` that went. A ``static`` cache's masks span all its C slots, of which the
+    pruned layer fills fewer: its last ``prefill - K`` slots are never written, so they are forbidden at the same
+    width."""
+    B, h, q, C = mask.shape
+    K = alive.shape[1]
+    head = mask[..., :prefill].gather(3, alive[:, None, None, :].expand(B, h, q, K))
+    if fillers:
+        head = forbid_columns(head, ~live)
+    parts = [head] if C == prefill else [head, mask[..., prefill:]]
+    if static:
+        parts.append(torch.full_like(mask[..., : prefill - K], blocked_value(mask)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 class Alive(NamedTuple):
@@ -98,7 +116,11 @@ class DecoderPruner:
         self.state: TokenState | None = None
         self.mode = "idle"
         self.decode_records: list = []
+        self.decode_groups: list = []  # per layer: which distinct pruned record it holds (None: not pruned)
+        self.decode_masks: dict = {}  # per step: the mask of each distinct record and layer type
+        self.layer_kinds = tuple(getattr(self.config, "layer_types", None) or ("full_attention",) * n)
         self.decode_slots = 0
+        self.static = False  # whether the current call's cache is a static one
         for i, layer in enumerate(self.layers):
             handle.claim(layer, "vtoken.decoder_layer")
             handle.forward_pre_hook(layer, self._make_hook(i), with_kwargs=True)
@@ -113,15 +135,18 @@ class DecoderPruner:
         self.ffn = DecodeFFN(self.layers, ffn_layers, handle, method.method_name) if ffn_layers else None
 
     # -- driven by the host ----------------------------------------------------------------------------------
-    def begin_prefill(self, visual: torch.Tensor, valid: torch.Tensor, visual_counts: list[int] | None = None) -> None:
+    def begin_prefill(self, visual: torch.Tensor, valid: torch.Tensor, visual_counts: list[int] | None = None,
+                      static: bool = False) -> None:
         """A prefill of the LLM input with ``visual`` and ``valid`` (B, L) masks; ``visual_counts``, the visual tokens
-        of each row, when the host knows them (otherwise they are read once, here)."""
+        of each row, when the host knows them (otherwise they are read once, here); ``static``: into a static cache,
+        whose masks span all its slots."""
         if visual_counts is None:  # one read per prefill: every later size follows on the host
             visual_counts = visual.sum(1).tolist()
         B, L = visual.shape
         self.state = TokenState(visual=visual, valid=valid, visual_counts=list(visual_counts), live_counts=[L] * B,
                                 input_visual_counts=list(visual_counts))
         self.mode = "prefill" if self.score_layers or self.observed else "idle"
+        self.static = static
         if self.ffn is not None:
             self.ffn.activate(None)
 
@@ -130,14 +155,21 @@ class DecoderPruner:
         records = self.state.per_layer if self.state is not None else []
         return records if any(rec is not None for rec in records) else None
 
-    def begin_decode(self, layout) -> None:
-        """A call that continues a cache: layers that pruned its prefill hold fewer slots, so their masks shrink, and
-        the conversation's decode neurons (if its prefill chose any) drive the sliced FFNs."""
+    def begin_decode(self, layout, static: bool = False) -> None:
+        """A call that continues a cache (``static``: a static one): layers that pruned its prefill hold fewer slots,
+        so their masks shrink, and the conversation's decode neurons (if its prefill chose any) drive the sliced
+        FFNs."""
         if layout is not None and layout.pruned is not None:
             self.mode, self.decode_records, self.decode_slots = "decode", layout.pruned, layout.pruned_slots
+            distinct = {}
+            self.decode_groups = [None if rec is None else distinct.setdefault(id(rec), len(distinct))
+                                  for rec in layout.pruned]
         else:
             self.mode = "idle"
-        self.decode_masks = {}  # per step: the mask of each distinct pruned record, made once for all its layers
+        self.static = static
+        # Emptied, not replaced, and keyed by host ints rather than tensor ids: compiled decode steps guard on neither
+        # the dict's identity nor a mask's, so one graph serves every step.
+        self.decode_masks.clear()
         if self.ffn is not None:
             rows = layout.row_state if layout is not None and layout.row_state is not None else {}
             if DECODE_LAYERS in rows and rows[DECODE_LAYERS] != self.ffn.indices:
@@ -334,8 +366,8 @@ class DecoderPruner:
         if mask.dim() == 2:
             return forbid_columns(gather_rows(mask, alive), ~live)
         mask = mask.expand(batch, *mask.shape[1:]) if mask.shape[0] == 1 else mask
-        rows = gather_rows(mask, alive, dim=2)
-        return forbid_columns(gather_rows(rows, alive, dim=3), ~live)
+        return onto_pruned_slots(gather_rows(mask, alive, dim=2), alive, live, self.state.valid.shape[1], True,
+                                 self.static)
 
     def _attention_keys(self, layer, hidden, kwargs, rope: bool = True):
         """The layer's normalised input and its keys (B, Hk, K, D) with RoPE (``rope=False``: before it),
@@ -386,19 +418,21 @@ class DecoderPruner:
             part = rows[:, start : start + chunk]
             q = self._attention_queries(layer, u, kwargs, part)
             got = attention_received(q, k, weights[:, start : start + chunk], scale,
-                                     **self._scoring_masks(mask, part), backend=self.backend)
+                                     **self._scoring_masks(mask, part, k.shape[2]), backend=self.backend)
             out = got if out is None else out + got
         return out
 
     def _allowed(self, mask, rows, K) -> torch.Tensor:
         """(B, R, K) keys each query row may attend to, as the layer's own attention sees them."""
-        return allowed_keys(rows.shape[0], rows.shape[1], K, rows.device, **self._scoring_masks(mask, rows))
+        return allowed_keys(rows.shape[0], rows.shape[1], K, rows.device, **self._scoring_masks(mask, rows, K))
 
-    def _scoring_masks(self, mask, rows) -> dict:
+    def _scoring_masks(self, mask, rows, keys: int) -> dict:
         """The keys query rows ``rows`` (B, R) may attend to, in the scoring kernel's terms: causal rows and valid
         keys (no (B, R, K) mask needed), or the rows of a 4-D mask."""
         B = rows.shape[0]
         if mask is not None and mask.dim() == 4:
+            if mask.shape[-1] != keys:  # a static cache's mask spans every slot; the layer's input fills the first
+                mask = mask[..., :keys]
             return {"allowed": gather_rows(mask_allows(mask.expand(B, *mask.shape[1:])[:, 0]), rows)}
         valid = None if mask is None else mask.bool().expand(B, -1)  # 2-D padding mask (FlashAttention layouts)
         if self.state.live is not None:
@@ -416,28 +450,25 @@ class DecoderPruner:
         q = hidden.shape[1]
         if mask is None and not record.fillers and q == 1:
             return None  # SDPA without padding: no mask at q=1, the shorter cache is enough
-        key = (id(record), id(mask))
+        key = (self.decode_groups[index], self.layer_kinds[index])  # generate() hands each layer type one mask
         if key not in self.decode_masks:
-            self.decode_masks[key] = self._decode_mask(record, mask, hidden.shape[0], q,
-                                                       _compat.find_cache(kwargs).get_seq_length(index))
+            self.decode_masks[key] = self._decode_mask(record, mask, hidden.shape[0], q, kwargs, index)
         kwargs["attention_mask"] = self.decode_masks[key]
         return args, kwargs
 
-    def _decode_mask(self, record: Alive, mask, B: int, q: int, cached: int) -> torch.Tensor:
+    def _decode_mask(self, record: Alive, mask, B: int, q: int, kwargs: dict, index: int) -> torch.Tensor:
         alive, live = record.alive, record.live
         L0 = self.decode_slots
         K = alive.shape[1]
-        if mask is None:
-            tail = cached - K + q  # slots after the pruned prefill
+        if mask is None:  # a dynamic cache (a static one's masks span its slots): its length is a host int
+            tail = _compat.find_cache(kwargs).get_seq_length(index) - K + q  # slots after the pruned prefill
             head = live[:, None, None, :].expand(B, 1, q, K)
             rows, cols = torch.arange(q, device=live.device), torch.arange(tail, device=live.device)
             causal = cols.view(1, tail) <= (tail - q + rows).view(q, 1)
             return torch.cat([head, causal.expand(B, 1, q, tail)], dim=-1)
         if mask.dim() == 2:
             head = gather_rows(mask[:, :L0], alive)
-        else:
-            m = mask[..., :L0].expand(B, *mask.shape[1:-1], L0)
-            head = m.gather(3, alive[:, None, None, :].expand(B, m.shape[1], m.shape[2], K))
-        if record.fillers:
-            head = forbid_columns(head, ~live)
-        return torch.cat([head, mask[..., L0:]], dim=-1)
+            if record.fillers:
+                head = forbid_columns(head, ~live)
+            return torch.cat([head, mask[:, L0:]], dim=-1)
+        return onto_pruned_slots(mask.expand(B, *mask.shape[1:]), alive, live, L0, record.fillers, self.static)

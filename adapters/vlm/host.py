@@ -31,11 +31,10 @@ from vtoken.handle import Handle
 from vtoken.methods.base import ImageContext, Reduction, TowerTokens, VisualTokenMethod, text_after_last_visual
 from vtoken.timing import Stopwatch
 
-STATIC_CACHE = (
-    "vtoken: {methods} prune(s) inside the LLM, so its layers hold different numbers of tokens, which needs a "
-    "DynamicCache (the default); got {cache}, which gives every layer one length. Leave cache_implementation at its "
-    "default for this method; the boundary methods (todre with stage2=False, divprune, random, pool, tokenflex) take "
-    "a static cache and torch.compile."
+STATIC_PRUNED = (
+    "vtoken: {methods} prune(s) inside the LLM, which on a static cache needs 4-D masks over full-attention layers "
+    "(attn_implementation 'sdpa' or 'eager', no sliding-window layers); got {what}. Use one of those, or the default "
+    "DynamicCache"
 )
 STATIC_CONTINUED = (
     "vtoken: a static cache holds one conversation from its first token; continuing it with new images needs the "
@@ -370,7 +369,9 @@ class VLMPatch:
         for modality in self.modalities():
             mask = self.placeholder_mask(kwargs, modality)
             placeholders = mask if placeholders is None else placeholders | mask
-        return placeholders, mask_valid(kwargs.get("attention_mask"), placeholders.shape, placeholders.device)
+        # a static cache takes images only in its first call, whose tokens are the first of the slots its masks span
+        first = _compat.is_static_cache(_compat.find_cache(kwargs))
+        return placeholders, mask_valid(kwargs.get("attention_mask"), placeholders.shape, placeholders.device, first)
 
     def placeholder_mask(self, kwargs, modality: Modality) -> torch.Tensor:
         ids = kwargs.get("input_ids")
@@ -476,9 +477,9 @@ class VLMPatch:
         present = [m for m in self.modalities() if encoded.get(m.name) is not None
                    or (kwargs.get(m.pixels) is not None and kwargs[m.pixels].numel() > 0)]
         boundary = self.boundary_method()
-        static = cache is not None and not _compat.is_dynamic_cache(cache)
+        static = _compat.is_static_cache(cache)
         if present and static and self.decoder is not None:
-            raise ValueError(STATIC_CACHE.format(methods=self.method_names(), cache=type(cache).__name__))
+            self.check_static_pruning(cache)
         layout = self.layout_of(cache, kwargs, bool(present))
         if layout is not None and static:
             if present:
@@ -496,7 +497,7 @@ class VLMPatch:
             elif layout is not None:
                 self.map_text(kwargs, layout, length_in)
             if self.decoder is not None:
-                self.decoder.begin_decode(layout)
+                self.decoder.begin_decode(layout, static)
             self.call = _Call(layout, None, ids, length_in, prefill=False)
             return (), kwargs
 
@@ -548,18 +549,27 @@ class VLMPatch:
 
         self.stats.visual_tokens_llm = OnRead(visual_per_row)
         if self.decoder is not None and fresh:
-            self.decoder.begin_prefill(*sets(), visual_counts)
+            self.decoder.begin_prefill(*sets(), visual_counts, static)
         else:  # nothing changes inside the decoder: every layer sees the (possibly shortened) new tokens
             if self.decoder is not None:
                 note = "in-LLM pruning skipped for images that continue a KV cache (only a prefill is pruned)"
                 self.stats.notes.append(note)
                 warnings.warn(f"vtoken: {note}", stacklevel=2)
-                self.decoder.begin_decode(layout)
+                self.decoder.begin_decode(layout, static)
             layers = len(self.llm.layers)
             self.stats.tokens_per_layer = OnRead(lambda: [sets()[1].sum(1).tolist()] * layers)
             self.stats.visual_tokens_per_layer = OnRead(lambda: [visual_per_row()] * layers)
         self.call = _Call(layout, edit, ids, length_in, prefill=fresh)
         return (), kwargs
+
+    def check_static_pruning(self, cache) -> None:
+        """A layer pruned inside the LLM fills fewer of a static cache's slots than the masks generate() builds
+        span; the decoder moves 4-D masks onto its slots. A sliding-window layer rolls its slots at the dense count."""
+        attn = _compat.attn_implementation(self.decoder.config)
+        sliding = _compat.sliding_cache_layers(cache)
+        if attn not in ("sdpa", "eager") or sliding:
+            what = f"attn_implementation {attn!r}" if not sliding else f"sliding-window layers {sliding}"
+            raise ValueError(STATIC_PRUNED.format(methods=self.method_names(), what=what))
 
     # -- the cache: continuing what an earlier call wrote ---------------------------------------------------------
     def layout_of(self, cache, kwargs, images: bool) -> CacheLayout | None:

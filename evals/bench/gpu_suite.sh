@@ -174,10 +174,11 @@ part pytest_gpu 90 "${PYTEST_ENV[@]}" "$PY" -m pytest -m gpu tests/test_gpu.py -
   --junitxml="$OUT/pytest_gpu.xml"
 part bench_llava15_b1 110 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch 1 "${METHOD_ARGS[@]}" \
   --json "$OUT/bench_llava15_b1.json"
-# the fast Hugging Face path: a static cache, whose decode steps generate() compiles (CUDA graphs), for the boundary
-# methods (those that prune inside the LLM cannot take a static cache)
+# the fast Hugging Face path: a static cache, whose decode steps generate() compiles (CUDA graphs): todre as released
+# (stage 2 prunes inside the LLM) and without stage 2, and the boundary baselines
 part bench_llava15_b1_static 120 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch 1 --cache static \
-  --method todre:stage2=false --method random --method pool --method divprune --json "$OUT/bench_llava15_b1_static.json"
+  --method todre --method todre:stage2=false --method random --method pool --method divprune \
+  --json "$OUT/bench_llava15_b1_static.json"
 part bench_llava15_b$BATCH 160 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch "$BATCH" \
   "${METHOD_ARGS[@]}" --json "$OUT/bench_llava15_b$BATCH.json"
 part bench_llava_next 50 "${BENCH[@]}" "${NEXT[@]}" "${TIMING[@]}" --keep 0.1 --batch 1 \

@@ -62,9 +62,9 @@ def sdpa_kernel(name: str):
                      "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name])
 
 
-def static_capable(methods: list[tuple[str, dict]]) -> tuple[list, list]:
-    """(methods a static cache takes, the others): a method that prunes inside the LLM leaves its layers with
-    different lengths."""
+def graphable(methods: list[tuple[str, dict]]) -> tuple[list, list]:
+    """(methods whose language model can replay one CUDA graph per call, the others): a method that prunes inside
+    the LLM keeps host state between the prefill's layers, so only its decode steps compile."""
     def in_llm(name: str, config: dict) -> bool:
         method = vtoken.make_config(vtoken.methods()[name], config)
         return bool(method.score_layers(32)) if hasattr(method, "score_layers") else False
@@ -416,13 +416,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "on a CPU")
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                         help="static: transformers' static cache, whose decode steps generate() compiles on a GPU "
-                             "(torch.compile, CUDA graphs); methods that prune inside the LLM cannot take it and are "
-                             "left out")
+                             "(torch.compile, CUDA graphs); every method takes it")
     parser.add_argument("--compile", choices=COMPILE_BACKENDS, default=None,
                         help="with --cache static: compile the vision tower and the language model once and run "
                              "every call of them through it (cudagraphs: CUDA graphs over aten's kernels, the host's "
                              "launches gone; reduce-overhead: Inductor's kernels with CUDA graphs; eager: Dynamo "
-                             "alone); a method's selection between them and vtoken's bookkeeping stay eager")
+                             "alone); a method's selection between them and vtoken's bookkeeping stay eager; "
+                             "methods that prune inside the LLM are left out (only their decode steps compile)")
     parser.add_argument("--new-tokens", type=positive_int, default=16, help="tokens generated per run (decode speed)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:N]")
@@ -458,11 +458,11 @@ def run(args: argparse.Namespace) -> int:
                         random_weights=args.random_weights)
     with usage_errors():
         check_installs(model, methods)
-    if args.cache == "static":
-        methods, left_out = static_capable(methods)
+    if args.compile:
+        methods, left_out = graphable(methods)
         for name, config in left_out:
-            print(f"--cache static: {name} {config} left out (it prunes inside the LLM, whose layers then hold "
-                  "different lengths; a static cache gives every layer one)")
+            print(f"--compile {args.compile}: {name} {config} left out (it prunes inside the LLM, whose prefill then "
+                  "keeps host state between layers; --cache static alone compiles its decode steps)")
     with usage_errors():
         inputs = synthetic_inputs(model, batch=args.batch, video=args.video)
     cuda = device.type == "cuda"

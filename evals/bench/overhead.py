@@ -260,7 +260,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graphed", action="store_true",
                         help="count each call of the vision tower and of the language model as one launch, as when "
                              "they replay from CUDA graphs (vtoken bench --cache static --compile cudagraphs), on a "
-                             "static cache; methods that prune inside the LLM cannot take one and are left out")
+                             "static cache; methods that prune inside the LLM are left out (their prefill keeps host "
+                             "state between the decoder's layers)")
     parser.add_argument("--sites", action="store_true", help="also list where each method's extra syncs come from")
     parser.add_argument("--json", default=None, help="write the counts here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -305,13 +306,13 @@ def run(args: argparse.Namespace) -> int:
             vtoken.patch(model, name, **config).remove()  # refused here, before anything is counted
             methods.append((spec_label(name, overrides), name, config))
         if args.graphed:
-            from vtoken.evals.bench.llava import static_capable
+            from vtoken.evals.bench.llava import graphable
 
-            kept, _ = static_capable([(name, config) for _, name, config in methods])
+            kept, _ = graphable([(name, config) for _, name, config in methods])
             for label, name, config in methods:
                 if (name, config) not in kept:
-                    print(f"--graphed: {label} left out (it prunes inside the LLM, so it cannot take the static "
-                          "cache a graphed decoder needs)")
+                    print(f"--graphed: {label} left out (it prunes inside the LLM, whose prefill then keeps host "
+                          "state between layers: the decoder cannot replay as one graph)")
             methods = [m for m in methods if (m[1], m[2]) in kept]
         inputs = synthetic_inputs(model, batch=args.batch)
         if args.new_tokens < 2:
