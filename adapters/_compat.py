@@ -134,6 +134,11 @@ def is_static_cache(cache) -> bool:
     return cache is not None and not is_dynamic_cache(cache)
 
 
+def static_slots(cache) -> int:
+    """How many slots each full-attention layer of a static cache holds (what its masks span)."""
+    return cache.layers[0].max_cache_len
+
+
 def sliding_cache_layers(cache) -> list[int]:
     """The layers of a cache that keep only a window of slots."""
     return [i for i, layer in enumerate(getattr(cache, "layers", ())) if getattr(layer, "is_sliding", False)]

@@ -141,6 +141,11 @@ def test_the_command_prints_the_table_and_writes_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert set(report["counts"]) == {"dense", "random", "attn_topk layer=2"} and report["kernels"] == "triton"
     assert report["counts"]["random"]["decode_syncs"] == report["counts"]["dense"]["decode_syncs"]
+    assert cli.main(["overhead", "--model", "tiny-llava-1.5", "--method", "attn_topk:layer=2", "--cache", "static",
+                     "--new-tokens", "2", "--json", str(out), "--quiet"]) == 0
+    assert "static cache;" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["cache"] == "static" and set(report["counts"]) == {"dense", "attn_topk layer=2"}
 
 
 def test_a_method_the_model_cannot_take_is_refused_before_counting(capsys):
@@ -173,3 +178,22 @@ def test_a_padded_batchs_decode_step_stays_within_budget(host):
         assert pruned.decode_ops <= dense.decode_ops + 3, pruned.decode_ops - dense.decode_ops
     assert (static["random"].prefill_syncs - static["dense"].prefill_syncs
             == dynamic["random"].prefill_syncs - dynamic["dense"].prefill_syncs), static["random"].prefill_sites
+
+
+def test_a_static_decode_step_after_in_llm_pruning_stays_within_budget():
+    """On a static cache a pruned layer's mask spans every slot, so it is moved in every decode step (one distinct
+    record, one mask): a gather and a fill from a map the prefill made, no read of the device."""
+    model = build_model("count-llava-1.5")
+    methods = {label: METHODS[label] for label in ("attn_topk", "transprune", "corematching", "pyramiddrop", "dart")}
+    methods["todre"] = ("todre", dict(keep=64, tau=1.0, **TRITON))  # its stage 2 fires (at keep=64 it need not)
+    records = {"transprune": 3, "pyramiddrop": 3}  # distinct pruned records (stages); the others prune once
+    counts = count_methods(model, synthetic_inputs(model), [(label, *m) for label, m in methods.items()],
+                           new_tokens=3, progress=False, static=True)
+    dense = counts["dense"]
+    for label in methods:
+        c = counts[label]
+        assert c.decode_syncs == dense.decode_syncs, (label, c.decode_sites)
+        boundary = int(label == "todre")  # its boundary stage's shifted positions, as on a dynamic cache
+        budget = 2 * records.get(label, 1) + boundary
+        assert c.decode_ops <= dense.decode_ops + budget, (label, c.decode_ops - dense.decode_ops)
+        assert c.prefill_syncs - dense.prefill_syncs <= PREFILL_SYNCS[label], (label, c.prefill_sites)

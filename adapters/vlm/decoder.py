@@ -59,6 +59,58 @@ def onto_pruned_slots(mask: torch.Tensor, alive: torch.Tensor, live: torch.Tenso
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
+class SlotMap(NamedTuple):
+    """Where a pruned layer's slots of a static cache (width W) read a dense mask's columns, made once per
+    conversation so that a decode step moves its mask with one gather and one fill: ``index`` (B, 1, 1, W) the dense
+    slot behind each, ``blocked`` (B, 1, 1, W) its filler slots and the slots it never writes, ``open`` the rest."""
+
+    index: torch.Tensor
+    blocked: torch.Tensor
+    open: torch.Tensor
+
+    @classmethod
+    def of(cls, record: Alive, prefill: int, width: int) -> SlotMap:
+        alive, live = record.alive, record.live
+        B, K = alive.shape
+        later = torch.arange(prefill, prefill + width - K, device=alive.device)  # dense slots after the prompt
+        index = torch.cat([alive, later.clamp(max=width - 1).expand(B, -1)], dim=1)
+        blocked = torch.cat([~live, (later >= width).expand(B, -1)], dim=1)
+        return cls(index[:, None, None, :], blocked[:, None, None, :], ~blocked[:, None, None, :])
+
+    def moved(self, mask: torch.Tensor) -> torch.Tensor:
+        """A (B or 1, h, q, W) dense mask onto these slots."""
+        B, W = self.index.shape[0], self.index.shape[-1]
+        if mask.shape[0] != B:
+            mask = mask.expand(B, *mask.shape[1:])
+        index = self.index if mask.shape[1:3] == (1, 1) else self.index.expand(B, *mask.shape[1:3], W)
+        moved = mask.gather(3, index)
+        if moved.dtype == torch.bool:
+            return moved & self.open
+        return moved.masked_fill(self.blocked, blocked_value(moved))
+
+
+def record_groups(records: list) -> tuple[list, list]:
+    """(per layer the index of its distinct record or None, the distinct records): the layers between two prunes
+    hold the same alive sets, each in a record of its own."""
+    groups, distinct, of_layer = [], {}, []
+    for rec in records:
+        if rec is not None and (id(rec.alive), id(rec.live)) not in distinct:
+            distinct[id(rec.alive), id(rec.live)] = len(groups)
+            groups.append(rec)
+        of_layer.append(None if rec is None else distinct[id(rec.alive), id(rec.live)])
+    return of_layer, groups
+
+
+def slot_maps(layout, width: int, groups: list | None = None) -> list[SlotMap]:
+    """The :class:`SlotMap` of each distinct pruned record of a cache's ``layout`` at a static cache's ``width``,
+    made once per conversation (the prefill makes them; the layout carries them from step to step)."""
+    made = layout.__dict__.get("_slot_maps")
+    if made is None or made[0] != width:
+        groups = record_groups(layout.pruned)[1] if groups is None else groups
+        made = layout.__dict__["_slot_maps"] = (width, [SlotMap.of(rec, layout.pruned_slots, width) for rec in groups])
+    return made[1]
+
+
 class Alive(NamedTuple):
     """The tokens a decoder layer runs on after in-LLM pruning: per row the LLM-input positions of its slots, which
     slots are real (False: a filler that only equalises row lengths), and whether any row has fillers (host)."""
@@ -121,6 +173,7 @@ class DecoderPruner:
         self.layer_kinds = tuple(getattr(self.config, "layer_types", None) or ("full_attention",) * n)
         self.decode_slots = 0
         self.static = False  # whether the current call's cache is a static one
+        self.slot_maps: list[SlotMap] = []  # static decode steps: per distinct pruned record
         for i, layer in enumerate(self.layers):
             handle.claim(layer, "vtoken.decoder_layer")
             handle.forward_pre_hook(layer, self._make_hook(i), with_kwargs=True)
@@ -155,18 +208,18 @@ class DecoderPruner:
         records = self.state.per_layer if self.state is not None else []
         return records if any(rec is not None for rec in records) else None
 
-    def begin_decode(self, layout, static: bool = False) -> None:
-        """A call that continues a cache (``static``: a static one): layers that pruned its prefill hold fewer slots,
-        so their masks shrink, and the conversation's decode neurons (if its prefill chose any) drive the sliced
-        FFNs."""
+    def begin_decode(self, layout, static_slots: int | None = None) -> None:
+        """A call that continues a cache (``static_slots``: a static one's width): layers that pruned its prefill
+        hold fewer slots, so their masks shrink, and the conversation's decode neurons (if its prefill chose any)
+        drive the sliced FFNs."""
+        self.static = static_slots is not None
         if layout is not None and layout.pruned is not None:
             self.mode, self.decode_records, self.decode_slots = "decode", layout.pruned, layout.pruned_slots
-            distinct = {}
-            self.decode_groups = [None if rec is None else distinct.setdefault(id(rec), len(distinct))
-                                  for rec in layout.pruned]
+            self.decode_groups, groups = record_groups(layout.pruned)
+            if self.static:
+                self.slot_maps = slot_maps(layout, static_slots, groups)
         else:
             self.mode = "idle"
-        self.static = static
         # Emptied, not replaced, and keyed by host ints rather than tensor ids: compiled decode steps guard on neither
         # the dict's identity nor a mask's, so one graph serves every step.
         self.decode_masks.clear()
@@ -471,4 +524,6 @@ class DecoderPruner:
             if record.fillers:
                 head = forbid_columns(head, ~live)
             return torch.cat([head, mask[:, L0:]], dim=-1)
-        return onto_pruned_slots(mask.expand(B, *mask.shape[1:]), alive, live, L0, record.fillers, self.static)
+        if self.static:
+            return self.slot_maps[self.decode_groups[index]].moved(mask)
+        return onto_pruned_slots(mask.expand(B, *mask.shape[1:]), alive, live, L0, record.fillers, False)

@@ -25,7 +25,7 @@ import torch
 from vtoken.adapters import _compat
 from vtoken.adapters.vlm.cache import CacheLayout
 from vtoken.adapters.vlm.columns import PromptEdit, gather_columns, gather_rows, mask_valid, remap_mask
-from vtoken.adapters.vlm.decoder import DecoderPruner
+from vtoken.adapters.vlm.decoder import DecoderPruner, slot_maps
 from vtoken.adapters.vlm.stats import OnRead, VLMStats
 from vtoken.handle import Handle
 from vtoken.methods.base import ImageContext, Reduction, TowerTokens, VisualTokenMethod, text_after_last_visual
@@ -497,7 +497,7 @@ class VLMPatch:
             elif layout is not None:
                 self.map_text(kwargs, layout, length_in)
             if self.decoder is not None:
-                self.decoder.begin_decode(layout, static)
+                self.decoder.begin_decode(layout, _compat.static_slots(cache) if static else None)
             self.call = _Call(layout, None, ids, length_in, prefill=False)
             return (), kwargs
 
@@ -555,7 +555,7 @@ class VLMPatch:
                 note = "in-LLM pruning skipped for images that continue a KV cache (only a prefill is pruned)"
                 self.stats.notes.append(note)
                 warnings.warn(f"vtoken: {note}", stacklevel=2)
-                self.decoder.begin_decode(layout, static)
+                self.decoder.begin_decode(layout, _compat.static_slots(cache) if static else None)
             layers = len(self.llm.layers)
             self.stats.tokens_per_layer = OnRead(lambda: [sets()[1].sum(1).tolist()] * layers)
             self.stats.visual_tokens_per_layer = OnRead(lambda: [visual_per_row()] * layers)
@@ -757,6 +757,8 @@ class VLMPatch:
             layout = layout.extended(call.edit, call.ids, call.length_in)
         if pruned is not None:
             layout.pruned, layout.pruned_slots = pruned, layout.slots
+            if _compat.is_static_cache(cache):  # the prefill pays for what every decode step reads
+                slot_maps(layout, _compat.static_slots(cache))
         if row_state is not None:
             layout.row_state = row_state
         layout.attach(cache)

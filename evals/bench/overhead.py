@@ -179,11 +179,12 @@ class Counts:
     graph_syncs: int = 0  # syncs inside graphed parts, in the segment with the most (``graphed`` counts only)
 
 
-def count_generate(model, inputs: dict, new_tokens: int = 4, graphed: bool = False) -> Counts:
-    """Ops and syncs of one greedy ``generate()`` of ``new_tokens`` tokens (no early stop); ``graphed``: on a static
-    cache, with each call of the vision tower and of the language model one launch."""
+def count_generate(model, inputs: dict, new_tokens: int = 4, graphed: bool = False, static: bool = False) -> Counts:
+    """Ops and syncs of one greedy ``generate()`` of ``new_tokens`` tokens (no early stop) on a dynamic cache, or a
+    ``static`` one; ``graphed``: on a static cache, with each call of the vision tower and of the language model one
+    launch."""
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    if graphed:
+    if graphed or static:
         gen["cache_implementation"] = "static"
     parts = _compat.decoder_of(model.model) if graphed else ()
     with torch.no_grad():
@@ -199,12 +200,12 @@ def count_generate(model, inputs: dict, new_tokens: int = 4, graphed: bool = Fal
 
 
 def count_methods(model, inputs: dict, methods: list[tuple[str, str, dict]], new_tokens: int = 4,
-                  progress: bool = True, graphed: bool = False) -> dict[str, Counts]:
+                  progress: bool = True, graphed: bool = False, static: bool = False) -> dict[str, Counts]:
     """``{label: Counts}`` for dense (label "dense") and each (label, method, config)."""
-    out = {"dense": count_generate(model, inputs, new_tokens, graphed)}
+    out = {"dense": count_generate(model, inputs, new_tokens, graphed, static)}
     for label, name, config in tqdm(methods, desc="overhead", disable=not progress):
         with vtoken.patch(model, name, **config):
-            out[label] = count_generate(model, inputs, new_tokens, graphed)
+            out[label] = count_generate(model, inputs, new_tokens, graphed, static)
     return out
 
 
@@ -257,6 +258,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "each launch one op; on a CPU through Triton's interpreter); torch: the PyTorch "
                              "references. Default: triton wherever it can run (a GPU, or a CPU process that has not "
                              "imported Triton yet or was started with TRITON_INTERPRET=1)")
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                        help="static: transformers' static cache, eager (generate() compiles its decode steps on a "
+                             "GPU; this counts what each step issues before compiling)")
     parser.add_argument("--graphed", action="store_true",
                         help="count each call of the vision tower and of the language model as one launch, as when "
                              "they replay from CUDA graphs (vtoken bench --cache static --compile cudagraphs), on a "
@@ -318,12 +322,12 @@ def run(args: argparse.Namespace) -> int:
         if args.new_tokens < 2:
             raise ValueError("--new-tokens must be at least 2: the first token comes with the prefill")
     counts = count_methods(model, inputs, methods, args.new_tokens, progress=not args.quiet,
-                           graphed=args.graphed)
+                           graphed=args.graphed, static=args.cache == "static")
     layers = len(model.model.language_model.layers)
     print(f"{args.model}: {type(model).__name__}, {layers} decoder layers; batch {args.batch}, prompt "
           f"{inputs['input_ids'].shape[1]} tokens; keep {args.keep}; {args.kernels} kernels; "
           + ("static cache, each call of the vision tower and of the language model one launch (a CUDA graph's "
-             "replay); " if args.graphed else "")
+             "replay); " if args.graphed else "static cache; " if args.cache == "static" else "")
           + "aten ops (a Triton launch counts one) and device->host syncs per generate() segment (prefill = vision + "
           "prefill + first token; decode step = one more token)")
     print(format_table(counts))
@@ -335,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "batch": args.batch, "keep": args.keep, "kernels": args.kernels,
-                       "decoder_layers": layers, "graphed": args.graphed,
+                       "decoder_layers": layers, "graphed": args.graphed, "cache": args.cache,
                        "new_tokens": args.new_tokens, "counts": {k: asdict(v) for k, v in counts.items()}}, f,
                       indent=2)
         print(f"wrote {args.json}")
