@@ -91,22 +91,26 @@ def test_a_static_decode_step_after_in_llm_pruning_has_no_graph_break_inside_the
         assert_a_static_step_breaks_only_around_the_base_model(model, out, "modeling_llama")
 
 
-@pytest.mark.parametrize("name", ["random", "attn_topk", "corematching_keep"])
+@pytest.mark.parametrize("name", ["random", "attn_topk", "corematching_keep", "corematching"])
 def test_a_second_request_reuses_the_compiled_decode_steps(name):
     """Per-step host state (masks made per step, the layout) reaches no guard of the compiled decode step: a second
-    request with another image and the same shapes compiles nothing."""
+    request with another image compiles nothing, also when an adaptive decision (CoreMatching's threshold) keeps
+    another number of tokens."""
     from test_compile import compiled_generate_config
 
     torch._dynamo.reset()
+    torch.manual_seed(0)
     model = tiny_llava(layers=4)
     ids = prompt(64).unsqueeze(0)
     gen = dict(GEN, max_new_tokens=5, cache_implementation="static", compile_config=compiled_generate_config())
-    with vtoken.patch(model, method_of(name), **PRUNING[name]), torch.no_grad():
-        first = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                               pixel_values=torch.randn(1, 3, 112, 112), **gen)
+    images = torch.randn(2, 1, 3, 112, 112) * torch.tensor([1.0, 2.0]).view(2, 1, 1, 1, 1)
+    with vtoken.patch(model, method_of(name), **PRUNING[name]) as handle, torch.no_grad():
+        first = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=images[0], **gen)
+        kept = handle.stats.visual_tokens_per_layer[-1]
         with torch.compiler.set_stance("fail_on_recompile"):
-            second = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                    pixel_values=torch.randn(1, 3, 112, 112), **gen)
+            second = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=images[1], **gen)
+        if name == "corematching":
+            assert handle.stats.visual_tokens_per_layer[-1] != kept  # the threshold kept another count
     assert not torch.equal(first, second)  # another image: another answer from the same graphs
 
 

@@ -494,18 +494,22 @@ class DecoderPruner:
 
     def _decode(self, index, args, kwargs):
         """Decode step: this layer's cache holds only the alive prefill tokens, so its mask columns must match. The
-        mask of each distinct record is made once per step and shared by its layers."""
-        record = self.decode_records[index] if index < len(self.decode_records) else None
-        if record is None:
+        mask of each distinct record is made once per step and shared by its layers. A static cache's step reads
+        only the record's slot map, as wide as the cache, so a compiled step never sees how many tokens were kept
+        (an adaptive count compiles nothing new)."""
+        group = self.decode_groups[index] if index < len(self.decode_groups) else None
+        if group is None:
             return None
         mask = kwargs.get("attention_mask")
         hidden = args[0] if args else kwargs["hidden_states"]
         q = hidden.shape[1]
-        if mask is None and not record.fillers and q == 1:
+        if not self.static and mask is None and not self.decode_records[index].fillers and q == 1:
             return None  # SDPA without padding: no mask at q=1, the shorter cache is enough
-        key = (self.decode_groups[index], self.layer_kinds[index])  # generate() hands each layer type one mask
+        key = (group, self.layer_kinds[index])  # generate() hands each layer type one mask
         if key not in self.decode_masks:
-            self.decode_masks[key] = self._decode_mask(record, mask, hidden.shape[0], q, kwargs, index)
+            self.decode_masks[key] = (self.slot_maps[group].moved(mask) if self.static else
+                                      self._decode_mask(self.decode_records[index], mask, hidden.shape[0], q, kwargs,
+                                                        index))
         kwargs["attention_mask"] = self.decode_masks[key]
         return args, kwargs
 
@@ -524,6 +528,4 @@ class DecoderPruner:
             if record.fillers:
                 head = forbid_columns(head, ~live)
             return torch.cat([head, mask[:, L0:]], dim=-1)
-        if self.static:
-            return self.slot_maps[self.decode_groups[index]].moved(mask)
         return onto_pruned_slots(mask.expand(B, *mask.shape[1:]), alive, live, L0, record.fillers, False)
