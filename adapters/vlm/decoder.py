@@ -41,28 +41,25 @@ def check_layer_kwargs(kwargs: dict) -> None:
         )
 
 
-def onto_pruned_slots(mask: torch.Tensor, alive: torch.Tensor, live: torch.Tensor, prefill: int, fillers: bool,
-                      static: bool) -> torch.Tensor:
-    """A (B, h, q, C) mask over a dense layer's cache slots, moved onto a pruned layer's: the ``prefill`` slots the
-    prompt wrote are gathered at the ``alive`` positions (B, K), filler slots (``~live``) forbidden, and every later
-    slot moves down by the ``prefill - K`` that went. A ``static`` cache's masks span all its C slots, of which the
-    pruned layer fills fewer: its last ``prefill - K`` slots are never written, so they are forbidden at the same
-    width."""
+def onto_pruned_slots(mask: torch.Tensor, alive: torch.Tensor, live: torch.Tensor, prefill: int,
+                      fillers: bool) -> torch.Tensor:
+    """A (B, h, q, C) mask over a dense layer's dynamic-cache slots, moved onto a pruned layer's: the ``prefill``
+    slots the prompt wrote are gathered at the ``alive`` positions (B, K), filler slots (``~live``) forbidden, and
+    every later slot moves down by the ``prefill - K`` that went (a static cache's: :class:`SlotMap`)."""
     B, h, q, C = mask.shape
     K = alive.shape[1]
     head = mask[..., :prefill].gather(3, alive[:, None, None, :].expand(B, h, q, K))
     if fillers:
         head = forbid_columns(head, ~live)
-    parts = [head] if C == prefill else [head, mask[..., prefill:]]
-    if static:
-        parts.append(torch.full_like(mask[..., : prefill - K], blocked_value(mask)))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return head if C == prefill else torch.cat([head, mask[..., prefill:]], dim=-1)
 
 
 class SlotMap(NamedTuple):
-    """Where a pruned layer's slots of a static cache (width W) read a dense mask's columns, made once per
-    conversation so that a decode step moves its mask with one gather and one fill: ``index`` (B, 1, 1, W) the dense
-    slot behind each, ``blocked`` (B, 1, 1, W) its filler slots and the slots it never writes, ``open`` the rest."""
+    """Where a pruned layer's slots of a static cache (width W) read a dense mask's columns: its first K slots hold
+    the alive positions, every later one the dense slot ``prefill - K`` further on, and its last ``prefill - K`` are
+    never written. Made once per conversation, so that a decode step moves its mask with one gather and one fill:
+    ``index`` (B, 1, 1, W) the dense slot behind each, ``blocked`` (B, 1, 1, W) its filler slots and the slots it
+    never writes, ``open`` the rest."""
 
     index: torch.Tensor
     blocked: torch.Tensor
@@ -419,8 +416,10 @@ class DecoderPruner:
         if mask.dim() == 2:
             return forbid_columns(gather_rows(mask, alive), ~live)
         mask = mask.expand(batch, *mask.shape[1:]) if mask.shape[0] == 1 else mask
-        return onto_pruned_slots(gather_rows(mask, alive, dim=2), alive, live, self.state.valid.shape[1], True,
-                                 self.static)
+        rows, prefill = gather_rows(mask, alive, dim=2), self.state.valid.shape[1]
+        if self.static:  # the mask spans every slot of the cache
+            return SlotMap.of(Alive(alive, live, self.state.fillers), prefill, mask.shape[-1]).moved(rows)
+        return onto_pruned_slots(rows, alive, live, prefill, True)
 
     def _attention_keys(self, layer, hidden, kwargs, rope: bool = True):
         """The layer's normalised input and its keys (B, Hk, K, D) with RoPE (``rope=False``: before it),
@@ -528,4 +527,4 @@ class DecoderPruner:
             if record.fillers:
                 head = forbid_columns(head, ~live)
             return torch.cat([head, mask[:, L0:]], dim=-1)
-        return onto_pruned_slots(mask.expand(B, *mask.shape[1:]), alive, live, L0, record.fillers, False)
+        return onto_pruned_slots(mask.expand(B, *mask.shape[1:]), alive, live, L0, record.fillers)

@@ -555,7 +555,7 @@ class VLMPatch:
                 note = "in-LLM pruning skipped for images that continue a KV cache (only a prefill is pruned)"
                 self.stats.notes.append(note)
                 warnings.warn(f"vtoken: {note}", stacklevel=2)
-                self.decoder.begin_decode(layout, _compat.static_slots(cache) if static else None)
+                self.decoder.begin_decode(layout)  # a dynamic cache: images on a written static one were refused
             layers = len(self.llm.layers)
             self.stats.tokens_per_layer = OnRead(lambda: [sets()[1].sum(1).tolist()] * layers)
             self.stats.visual_tokens_per_layer = OnRead(lambda: [visual_per_row()] * layers)
