@@ -74,6 +74,20 @@ def test_in_llm_pruning_on_a_static_cache_gives_the_eager_dynamic_tokens(host, n
         model.model.language_model.set_attn_implementation("sdpa")
 
 
+@pytest.mark.parametrize("name", ["attn_topk", "corematching_keep"])
+def test_beam_search_after_in_llm_pruning_on_a_static_cache_gives_the_eager_dynamic_tokens(host, name):
+    """generate() repeats each row for its beams before the prefill and reorders the cache's rows at every step:
+    the slot maps, made once per row, must follow neither (each beam's pruned layers keep its row's slots)."""
+    gen = dict(GEN, max_new_tokens=4, num_beams=2, num_return_sequences=2)
+    with vtoken.patch(host.model, method_of(name), **PRUNING[name]) as handle, torch.no_grad():
+        inputs = host.batch()
+        eager = host.model.generate(**inputs, **gen)
+        layers = handle.stats.visual_tokens_per_layer
+        assert layers[-1] != layers[0], layers
+        static = host.model.generate(**inputs, cache_implementation="static", disable_compile=True, **gen)
+    assert torch.equal(static, eager)
+
+
 @pytest.mark.parametrize("name", ["todre_stage2_fires", "attn_topk", "corematching_keep"])
 def test_a_static_decode_step_after_in_llm_pruning_has_no_graph_break_inside_the_decoder(name):
     from test_compile import assert_a_static_step_breaks_only_around_the_base_model

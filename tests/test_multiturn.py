@@ -129,6 +129,27 @@ def test_a_left_padded_batch_continues_like_its_rows(host, name):
             assert torch.equal(batched[row], alone.turn(model, follow[row])[0])
 
 
+@pytest.mark.parametrize("name", ["attn_topk", "transprune"])
+def test_a_cache_repeated_for_several_sequences_continues_like_its_row(host, name):
+    """A caller who repeats a conversation's cache (``batch_repeat_interleave``, to sample several follow-ups) gets
+    each repeat's answer of the row alone, and the layers of one pruning stage still share one record."""
+    from vtoken.adapters.vlm.decoder import record_groups
+
+    model = host.model
+    with vtoken.patch(model, method_of(name), **PRUNING[name]), torch.no_grad():
+        chat = Conversation(host, 0)
+        chat.turn(model, torch.tensor([], dtype=torch.long))
+        stages = len(record_groups(CacheLayout.of(chat.cache).pruned)[1])
+        repeated = copy.deepcopy(chat.cache)
+        repeated.batch_repeat_interleave(2)
+        ids = torch.cat([chat.ids, torch.tensor([[11, 12, 13]])], 1).repeat(2, 1)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), return_dict_in_generate=True,
+                             **with_cache(model, repeated), **GEN)
+        alone = chat.turn(model, torch.tensor([11, 12, 13]))
+    assert torch.equal(out.sequences[:, -3:], alone.expand(2, -1))
+    assert len(record_groups(CacheLayout.of(find_cache(out)).pruned)[1]) == stages
+
+
 def test_each_cache_remembers_its_own_layout(host):
     """Two conversations interleaved on one patched model, and a deep copy of a cache, continue correctly."""
     model = host.model

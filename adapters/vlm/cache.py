@@ -99,7 +99,7 @@ class CacheLayout:
         if batch % self.batch:
             raise ValueError(f"vtoken: a call with {batch} rows continues a cache written for {self.batch}")
         n = batch // self.batch
-        pruned = None if self.pruned is None else [None if rec is None else rec.repeated(n) for rec in self.pruned]
+        pruned = None if self.pruned is None else repeated_records(self.pruned, n)
         deltas = None if self.rope_deltas is None else self.rope_deltas.repeat_interleave(n, 0)
         rows = None if self.row_state is None else {
             k: t.repeat_interleave(n, 0) if isinstance(t, torch.Tensor) else t for k, t in self.row_state.items()}
@@ -123,6 +123,16 @@ class CacheLayout:
             self, source=torch.cat([self.slot_columns(self.slots), new], dim=1), columns=self.columns + length_in,
             slots=self.slots + edit.length_out, shift=self.shift + edit.shift.to(self.shift.device), ids=joined,
             fillers=self.fillers or edit.added_padding, renumbered=True, uniform_shift=None)
+
+
+def repeated_records(records: list, n: int) -> list:
+    """Each layer's pruned record (``Alive`` or None) with every row repeated ``n`` times; layers that shared one
+    record (the layers of one stage) share its repeat, as decode steps move one mask per distinct record."""
+    repeats: dict = {}
+    for rec in records:
+        if rec is not None and (id(rec.alive), id(rec.live)) not in repeats:
+            repeats[id(rec.alive), id(rec.live)] = rec.repeated(n)
+    return [None if rec is None else repeats[id(rec.alive), id(rec.live)] for rec in records]
 
 
 DECODE_NEURONS = "decode_neurons"  # CacheLayout.row_state key: (B, decode FFN layers, k) neurons per row

@@ -98,12 +98,21 @@ def record_groups(records: list) -> tuple[list, list]:
     return of_layer, groups
 
 
-def slot_maps(layout, width: int, groups: list | None = None) -> list[SlotMap]:
+def layout_groups(layout) -> tuple[list, list]:
+    """:func:`record_groups` of a cache layout's pruned records, made once per conversation: the layout carries them
+    from step to step, so a decode step runs no loop over the layers for them."""
+    made = layout.__dict__.get("_record_groups")
+    if made is None or made[0] is not layout.pruned:
+        made = layout.__dict__["_record_groups"] = (layout.pruned, record_groups(layout.pruned))
+    return made[1]
+
+
+def slot_maps(layout, width: int) -> list[SlotMap]:
     """The :class:`SlotMap` of each distinct pruned record of a cache's ``layout`` at a static cache's ``width``,
     made once per conversation (the prefill makes them; the layout carries them from step to step)."""
     made = layout.__dict__.get("_slot_maps")
     if made is None or made[0] != width:
-        groups = record_groups(layout.pruned)[1] if groups is None else groups
+        groups = layout_groups(layout)[1]
         made = layout.__dict__["_slot_maps"] = (width, [SlotMap.of(rec, layout.pruned_slots, width) for rec in groups])
     return made[1]
 
@@ -212,9 +221,9 @@ class DecoderPruner:
         self.static = static_slots is not None
         if layout is not None and layout.pruned is not None:
             self.mode, self.decode_records, self.decode_slots = "decode", layout.pruned, layout.pruned_slots
-            self.decode_groups, groups = record_groups(layout.pruned)
+            self.decode_groups = layout_groups(layout)[0]
             if self.static:
-                self.slot_maps = slot_maps(layout, static_slots, groups)
+                self.slot_maps = slot_maps(layout, static_slots)
         else:
             self.mode = "idle"
         # Emptied, not replaced, and keyed by host ints rather than tensor ids: compiled decode steps guard on neither
