@@ -46,13 +46,16 @@ def triton_available() -> bool:
     return True
 
 
-def use_triton(x: torch.Tensor, backend: str) -> bool:
+def use_triton(x: torch.Tensor, backend: str, eager_only: bool = False) -> bool:
+    """Whether a kernel runs in Triton. ``eager_only``: with ``backend="auto"``, a kernel whose PyTorch reference
+    is a few aten ops takes the reference inside a compiled graph, where CUDA graphs replay those ops without the
+    host's launches (what the Triton kernel saves) and Dynamo has no Triton launch to trace."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not allowed; choose one of {', '.join(map(repr, BACKENDS))}")
     if backend == "torch":
         return False
     if backend == "auto":
-        return x.is_cuda and triton_available()
+        return x.is_cuda and not (eager_only and torch.compiler.is_compiling()) and triton_available()
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package, which does not import here")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -219,14 +220,22 @@ def test_compiling_needs_a_static_cache(capsys):
     assert "--compile cudagraphs needs --cache static" in capsys.readouterr().err
 
 
-def test_a_static_cache_takes_in_llm_methods_and_compiling_leaves_them_out(monkeypatch, tmp_path, capsys):
+def test_a_static_cache_takes_in_llm_methods_and_compiling_leaves_out_counts_read_from_the_device(
+        monkeypatch, tmp_path, capsys):
+    """attn_topk's budget fixes its count, so it compiles with the decoder (its scoring, inside the graph, is not
+    timed); CoreMatching's threshold is read from the device, so only its decode steps would compile."""
     from vtoken.evals.bench import llava as bench
 
     monkeypatch.setattr(bench, "build_model", lambda *a, **k: tiny_llava(layers=4))
-    common = ["bench", "--method", "attn_topk", "--method", "random", "--keep", "16", "--repeats", "1", "--warmup",
-              "0", "--new-tokens", "2", "--quiet", "--cache", "static"]
-    for extra, rows in (([], ["dense", "attn_topk", "random"]), (["--compile", "eager"], ["dense", "random"])):
+    common = ["bench", "--method", "attn_topk", "--method", "corematching:keep=None", "--method", "random", "--keep",
+              "16", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--quiet", "--cache", "static"]
+    for extra, rows in (([], ["dense", "attn_topk", "corematching", "random"]),
+                        (["--compile", "eager"], ["dense", "attn_topk", "random"])):
         out = tmp_path / "b.json"
         assert main([*common, *extra, "--json", str(out)]) == 0
-        assert [r["method"] for r in json.loads(out.read_text())["results"]] == rows
-    assert "--compile eager: attn_topk" in capsys.readouterr().out
+        results = json.loads(out.read_text())["results"]
+        assert [r["method"] for r in results] == rows
+        assert results[1]["visual_tokens_last_layer"] == 16
+        assert math.isnan(results[1]["scoring_ms"]) == bool(extra)
+    printed = capsys.readouterr().out
+    assert "--compile eager: corematching {'keep': None} left out" in printed and "attn_topk {" not in printed

@@ -209,3 +209,27 @@ def test_fp16_torch_and_triton_backends_keep_the_same_tokens(half_host, name):
     assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(torch_kept[0], triton_kept[0]))
     assert torch_kept[1:] == triton_kept[1:]
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ["attn_topk", "transprune"])
+def test_fp16_decoder_replayed_whole_from_cuda_graphs_gives_its_eager_tokens(half_host, name):
+    """``vtoken bench --compile cudagraphs`` for a method whose counts are fixed: the prefill, its pruning inside the
+    LLM included, and every decode step replay from CUDA graphs and give the static cache's eager tokens; another
+    image of the same shapes compiles nothing."""
+    from test_hardening import decoder_compiled_whole
+
+    model = half_host.model
+    backend = "cudagraphs" if model.device.type == "cuda" else "eager"
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static",
+               disable_compile=True)
+    first = to_device(half_host.single(0), model.device)
+    requests = [first, dict(first, pixel_values=first["pixel_values"] * 2)]
+    torch._dynamo.reset()
+    with vtoken.patch(model, method_of(name), **PRUNING[name]), torch.no_grad():
+        eager = [model.generate(**inputs, **gen) for inputs in requests]
+        with decoder_compiled_whole(model, backend):
+            replayed = [model.generate(**requests[0], **gen)]
+            with torch.compiler.set_stance("fail_on_recompile"):
+                replayed.append(model.generate(**requests[1], **gen))
+    torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(replayed, eager))

@@ -35,7 +35,7 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
         "environment", "pytest_gpu", "bench_llava15_b1", "bench_llava15_b1_static", "bench_llava15_b4",
         "bench_llava_next",
         "bench_llava15_sdpa_math", "bench_llava_next_sdpa_math", "bench_qwen25", "bench_vit", "bench_dit",
-        "bench_kernels", "bench_compiled_llava15_b1"]
+        "bench_kernels", "bench_compiled_llava15_b1", "bench_compiled_in_llm_llava15_b1"]
     assert all(p[1] == "ok" for p in parts), parts
     readme = (out / "README.md").read_text()
     assert "CPU (dry run: no figure here is a GPU measurement)" in readme
@@ -52,6 +52,8 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     compiled = json.loads((out / "bench_compiled_llava15_b1.json").read_text())
     assert "vision tower and decoder compiled (eager)" in compiled["title"]
     assert [r["visual_tokens_llm"] for r in compiled["results"][1:]] == [16, 16, 16]
+    in_llm = json.loads((out / "bench_compiled_in_llm_llava15_b1.json").read_text())["results"]
+    assert [r["method"] for r in in_llm] == ["dense", "attn_topk"] and in_llm[1]["visual_tokens_last_layer"] == 16
 
 
 def test_parts_runs_the_chosen_parts_and_keeps_the_other_rows(tmp_path):

@@ -4,6 +4,7 @@ and token clustering composed with an LLM-side method. Each gives the right answ
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -72,6 +73,75 @@ def test_in_llm_pruning_on_a_static_cache_gives_the_eager_dynamic_tokens(host, n
                 assert handle.stats.visual_tokens_per_layer == layers
     finally:
         model.model.language_model.set_attn_implementation("sdpa")
+
+
+FIXED_COUNTS = ["attn_topk", "transprune", "corematching_keep", "pyramiddrop", "dart"]
+
+
+def decoder_compiled_whole(model, backend: str = "eager"):
+    """The language model's ``forward`` compiled with ``fullgraph`` for a block (the bench's ``compiled``): a graph
+    break anywhere in the decoder's call, its prefill pruning included, fails the call."""
+    from vtoken.adapters._compat import decoder_of
+    from vtoken.evals.bench.llava import compiled
+
+    decoder = decoder_of(model.model)[0]
+    return compiled({decoder: torch.compile(type(decoder).forward.__get__(decoder), backend=backend, dynamic=False,
+                                            fullgraph=True)})
+
+
+@pytest.mark.parametrize("name", FIXED_COUNTS)
+def test_a_prefill_pruned_by_fixed_counts_compiles_with_the_decoder_as_one_graph(host, name):
+    """A method whose budget fixes every count inside the LLM reads nothing from the device in its prefill, so the
+    decoder's prefill, pruning included, is one graph (what CUDA graphs replay); single and padded batches give the
+    eager dynamic tokens, scores and per-layer counts."""
+    torch._dynamo.reset()
+    model = host.model
+    gen = dict(GEN, max_new_tokens=4, return_dict_in_generate=True, output_scores=True)
+    with vtoken.patch(model, method_of(name), **PRUNING[name]) as handle, torch.no_grad():
+        assert handle.config.fixed_counts
+        for inputs in (host.single(0), host.batch()):
+            eager = model.generate(**inputs, **gen)
+            layers = handle.stats.visual_tokens_per_layer
+            assert layers[-1] != layers[0], layers
+            with decoder_compiled_whole(model):
+                out = model.generate(**inputs, cache_implementation="static", disable_compile=True, **gen)
+            assert torch.equal(out.sequences, eager.sequences)
+            torch.testing.assert_close(torch.stack(out.scores), torch.stack(eager.scores), atol=1e-4, rtol=1e-4)
+            assert handle.stats.visual_tokens_per_layer == layers
+
+
+@pytest.mark.parametrize("name", FIXED_COUNTS)
+def test_a_second_request_reuses_the_whole_compiled_decoder(name):
+    """Another image, with the method removed and applied again in between (as a bench's rows do): the prefill's
+    host state reaches no guard of the compiled decoder, and its scoring time is reported as not measured."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = tiny_llava(layers=4)
+    ids = prompt(64).unsqueeze(0)
+    gen = dict(GEN, max_new_tokens=4, cache_implementation="static", disable_compile=True)
+    images = torch.randn(2, 1, 3, 112, 112) * torch.tensor([1.0, 2.0]).view(2, 1, 1, 1, 1)
+    with torch.no_grad(), decoder_compiled_whole(model):
+        outs = []
+        for image, stance in zip(images, ["default", "fail_on_recompile"]):
+            with vtoken.patch(model, method_of(name), **PRUNING[name]) as handle, torch.compiler.set_stance(stance):
+                outs.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=image,
+                                           **gen))
+            assert math.isnan(handle.stats.scoring_time_s)
+    with vtoken.patch(model, method_of(name), **PRUNING[name]), torch.no_grad():
+        for image, out in zip(images, outs):
+            assert torch.equal(out, model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                   pixel_values=image, **dict(gen, cache_implementation="dynamic")))
+    assert not torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name", ["corematching", "todre_stage2_fires"])
+def test_a_count_that_depends_on_the_data_is_declared_as_such(name):
+    """Their prefill reads the count from the device, so the bench compiles only their decode steps."""
+    from vtoken.evals.bench.llava import graphable
+
+    config = vtoken.patch(tiny_llava(layers=4), method_of(name), **PRUNING[name]).config
+    assert not config.fixed_counts
+    assert graphable([(method_of(name), PRUNING[name])]) == ([], [(method_of(name), PRUNING[name])])
 
 
 @pytest.mark.parametrize("name", ["attn_topk", "corematching_keep"])
@@ -154,6 +224,21 @@ def test_a_static_cache_whose_rows_kept_different_counts_gives_the_eager_dynamic
             assert_static_and_compiled_match(model, inputs, eager, gen)
     finally:
         model.model.language_model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("name", ["attn_topk", "transprune"])
+def test_rows_that_keep_different_counts_compile_with_the_decoder_as_one_graph(uneven, name):
+    """Filler slots inside the LLM come from host counts too: the decoder compiled whole gives the eager tokens."""
+    torch._dynamo.reset()
+    model, inputs = uneven.model, uneven.batch()
+    gen = dict(GEN, max_new_tokens=4, return_dict_in_generate=True, output_scores=True)
+    with vtoken.patch(model, name, **PRUNING[name]) as handle, torch.no_grad():
+        eager = model.generate(**inputs, **gen)
+        assert len(set(handle.stats.visual_tokens_llm)) > 1
+        with decoder_compiled_whole(model):
+            out = model.generate(**inputs, cache_implementation="static", disable_compile=True, **gen)
+    assert torch.equal(out.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(eager.scores), atol=1e-4, rtol=1e-4)
 
 
 def test_beam_search_on_such_a_static_cache_gives_the_eager_dynamic_tokens(uneven):

@@ -132,6 +132,17 @@ def test_graphed_counts_keep_the_methods_extra_ops_and_drop_the_models_own():
     assert extra["graphed"] == extra["eager"] > 0
 
 
+def test_a_prefill_pruned_inside_the_llm_by_fixed_counts_reads_nothing_inside_the_graphed_decoder():
+    """What would split the decoder's graph is a read of the device inside it: none for attn_topk, and its decode
+    steps are dense's, their masks inside the step's graph."""
+    model = build_model("tiny-llava-1.5")
+    methods = [("attn_topk", "attn_topk", dict(keep=64)), ("corematching", "corematching", dict(keep=None))]
+    graphed = count_methods(model, synthetic_inputs(model), methods, new_tokens=3, progress=False, graphed=True)
+    assert graphed["attn_topk"].graph_syncs == 0
+    assert graphed["attn_topk"].decode_ops == graphed["dense"].decode_ops
+    assert graphed["corematching"].graph_syncs > 0  # its threshold: why --compile leaves it out
+
+
 def test_the_command_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "overhead.json"
     assert cli.main(["overhead", "--model", "tiny-llava-1.5", "--method", "random", "--method", "attn_topk:layer=2",

@@ -4,6 +4,7 @@ are read (one wait, for the last event) only when someone asks; on a CPU, wall t
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 
@@ -19,6 +20,7 @@ class Stopwatch:
         self.marks: list[tuple[str, object]] = []
         self.blocks: list[tuple[object, object]] = []
         self.read_seconds = 0.0
+        self.traced = False  # a block ran inside a compiled graph
         if device is not None:
             self.mark("start")
 
@@ -40,6 +42,10 @@ class Stopwatch:
 
     @contextlib.contextmanager
     def __call__(self, device: torch.device) -> Iterator[None]:
+        if torch.compiler.is_compiling():  # traced into a graph, the block runs with the rest of it: no time its own
+            self.traced = True
+            yield
+            return
         start = self.stamp(device)
         yield
         self.blocks.append((start, self.stamp(device)))
@@ -51,7 +57,9 @@ class Stopwatch:
 
     @property
     def seconds(self) -> float:
-        """Seconds in the timed blocks so far."""
+        """Seconds in the timed blocks so far; NaN once a block ran inside a compiled graph (not measurable)."""
+        if self.traced:
+            return math.nan
         if self.blocks:
             self.read_seconds += sum(elapsed_ms(a, b) for a, b in self.blocks) / 1000.0
             self.blocks = []

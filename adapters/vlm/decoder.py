@@ -145,7 +145,7 @@ class TokenState:
     pending: tuple | None = None  # (keep mask, width, fillers) to apply at the next layer's input
     version: int = 0
     per_layer: list = field(default_factory=list)  # per layer: Alive or None, reused by decode steps
-    sliced: tuple | None = None  # (version, id(source), kwargs) cache of the sliced shared kwargs
+    sliced: tuple | None = None  # (version, source, kwargs) cache of the sliced shared kwargs
     sets: tuple | None = None  # (version, valid, visual, positions, counts) at the current layer
     scratch: dict = field(default_factory=dict)  # the method's own per-prefill state (``LayerContext.state``)
 
@@ -401,7 +401,7 @@ class DecoderPruner:
         """Slice the kwargs every layer shares (mask, RoPE, position ids) to the alive positions, once per change."""
         st = self.state
         source = kwargs.get("position_embeddings")
-        if st.sliced is not None and st.sliced[0] == st.version and st.sliced[1] == id(source):
+        if st.sliced is not None and st.sliced[0] == st.version and st.sliced[1] is source:
             return {**kwargs, **st.sliced[2]}
         alive, live = st.alive, st.live
         out = {}
@@ -410,7 +410,7 @@ class DecoderPruner:
         if kwargs.get("position_ids") is not None:
             out["position_ids"] = gather_rows(kwargs["position_ids"], alive)
         out["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"), alive, live, batch)
-        st.sliced = (st.version, id(source), out)
+        st.sliced = (st.version, source, out)
         return {**kwargs, **out}
 
     def _prefill_mask(self, mask, alive, live, batch):

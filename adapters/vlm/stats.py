@@ -94,7 +94,7 @@ class VLMStats:
 
     @property
     def scoring_time_s(self) -> float:
-        """Seconds in the in-LLM scoring and observing."""
+        """Seconds in the in-LLM scoring and observing; NaN when they ran inside a compiled decoder's graph."""
         return self.scoring.seconds
 
     def __repr__(self) -> str:

@@ -11,9 +11,9 @@
 #    measurements, each part with a time share: a part that overruns is stopped with a message and the rest go on;
 # 4. writes JSON + a markdown table per benchmark, logs and README.md (device named) under --out.
 # --parts REGEX runs only the parts whose whole name matches (the environment check always runs) and keeps the other
-# parts' rows in --out: on one H100 the whole suite needs three device calls of 10 minutes, e.g.
-#   --parts 'pytest_gpu|bench_llava15_b.*'
-#   --parts 'bench_(llava_next|qwen25|dit|kernels|compiled_llava15_b1)'
+# parts' rows in --out: on one H100 the whole suite needs three device calls of at most 420 s each, e.g.
+#   --budget 400 --parts 'pytest_gpu|bench_llava15_b.*'
+#   --budget 400 --parts 'bench_(llava_next|qwen25|dit|kernels|compiled_llava15_b1|compiled_in_llm_llava15_b1)'
 #   --parts 'bench_(llava15|llava_next)_(sdpa_flash|fa2)|bench_vit'   (if time is left)
 #
 # --device cpu --smoke is the dry run: tiny shapes, Triton through the interpreter, no figure is a GPU measurement.
@@ -197,6 +197,10 @@ part bench_kernels 40 "${VT[@]}" bench-kernels --device "$DEVICE" "${KERNELS[@]}
 # rest
 part bench_compiled_llava15_b1 150 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch 1 "${COMPILED[@]}" \
   --method todre:stage2=false --method random --method divprune --json "$OUT/bench_compiled_llava15_b1.json"
+# the same for pruning inside the LLM by a fixed count (FastV): its prefill, pruning included, replays as one graph;
+# a part of its own, so that a second set of graphs to capture cannot cost the first part its figures
+part bench_compiled_in_llm_llava15_b1 90 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch 1 \
+  "${COMPILED[@]}" --method attn_topk --json "$OUT/bench_compiled_in_llm_llava15_b1.json"
 
 # -- 4. report --------------------------------------------------------------------------------------------------------
 "$PY" -m vtoken.evals.bench.gpu_suite report --out "$OUT" > "$OUT/logs/report.log" || echo "the report failed" >&2

@@ -64,13 +64,15 @@ def sdpa_kernel(name: str):
 
 def graphable(methods: list[tuple[str, dict]]) -> tuple[list, list]:
     """(methods whose language model can replay one CUDA graph per call, the others): a method that prunes inside
-    the LLM keeps host state between the prefill's layers, so only its decode steps compile."""
-    def in_llm(name: str, config: dict) -> bool:
+    the LLM by a count that depends on the data (a threshold) reads it from the device in the prefill, which splits
+    the decoder's graph there, so only its decode steps compile; one whose budget fixes every count compiles whole."""
+    def splits(name: str, config: dict) -> bool:
         method = vtoken.make_config(vtoken.methods()[name], config)
-        return bool(method.score_layers(32)) if hasattr(method, "score_layers") else False
+        if not hasattr(method, "score_layers"):  # it never enters the LLM (TokenFLEX's projector)
+            return False
+        return bool(method.score_layers(32)) and not method.fixed_counts
 
-    keep = [(n, c) for n, c in methods if not in_llm(n, c)]
-    return keep, [(n, c) for n, c in methods if in_llm(n, c)]
+    return [(n, c) for n, c in methods if not splits(n, c)], [(n, c) for n, c in methods if splits(n, c)]
 
 
 def check_installs(model, methods: list[tuple[str, dict]]) -> None:
@@ -189,6 +191,7 @@ class Row:
 
 
 COMPILE_BACKENDS = ("cudagraphs", "reduce-overhead", "eager")
+RECOMPILE_LIMIT = 64  # graphs per compiled part in one bench: two per method that prunes inside the LLM, a few more
 
 
 def compile_parts(model, how: str) -> dict:
@@ -207,13 +210,17 @@ def compile_parts(model, how: str) -> dict:
 def compiled(parts: dict | None):
     """Each compiled function (``compile_parts``) as its module's ``forward`` for the block, so that the vision
     encoding, the prefill and every decode step run them; a method's selection between the two and vtoken's
-    bookkeeping stay eager. Whatever ``forward`` an instance held before (a method's own, bound to the same code) is
-    put back on the way out."""
+    bookkeeping stay eager, while the pruning inside the LLM of a method whose counts are fixed (``graphable``) is
+    traced into the decoder's graph. Whatever ``forward`` an instance held before (a method's own, bound to the same
+    code) is put back on the way out."""
     saved = {part: vars(part).get("forward") for part in parts or {}}
     for part, fn in (parts or {}).items():
         part.forward = fn
     try:
-        yield
+        # Each prefill length and each method that prunes inside the LLM has graphs of its own: past Dynamo's default
+        # of 8 per function, a row would silently run eager.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if parts else contextlib.nullcontext():
+            yield
     finally:
         for part, own in saved.items():
             if own is None:
@@ -422,7 +429,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "every call of them through it (cudagraphs: CUDA graphs over aten's kernels, the host's "
                              "launches gone; reduce-overhead: Inductor's kernels with CUDA graphs; eager: Dynamo "
                              "alone); a method's selection between them and vtoken's bookkeeping stay eager; "
-                             "methods that prune inside the LLM are left out (only their decode steps compile)")
+                             "a method that prunes inside the LLM compiles with the decoder when its budget fixes "
+                             "every count, and is left out when a count depends on the data (corematching keep=None, "
+                             "todre's stage 2: only their decode steps compile)")
     parser.add_argument("--new-tokens", type=positive_int, default=16, help="tokens generated per run (decode speed)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:N]")
@@ -461,8 +470,9 @@ def run(args: argparse.Namespace) -> int:
     if args.compile:
         methods, left_out = graphable(methods)
         for name, config in left_out:
-            print(f"--compile {args.compile}: {name} {config} left out (it prunes inside the LLM, whose prefill then "
-                  "keeps host state between layers; --cache static alone compiles its decode steps)")
+            print(f"--compile {args.compile}: {name} {config} left out (it prunes inside the LLM by a count that "
+                  "depends on the data, which its prefill reads from the device and which would split the decoder's "
+                  "graph; --cache static alone compiles its decode steps)")
     with usage_errors():
         inputs = synthetic_inputs(model, batch=args.batch, video=args.video)
     cuda = device.type == "cuda"

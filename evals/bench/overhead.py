@@ -264,8 +264,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graphed", action="store_true",
                         help="count each call of the vision tower and of the language model as one launch, as when "
                              "they replay from CUDA graphs (vtoken bench --cache static --compile cudagraphs), on a "
-                             "static cache; methods that prune inside the LLM are left out (their prefill keeps host "
-                             "state between the decoder's layers)")
+                             "static cache; methods that prune inside the LLM by a count that depends on the data "
+                             "are left out (their prefill reads it from the device, which would split the decoder's "
+                             "graph)")
     parser.add_argument("--sites", action="store_true", help="also list where each method's extra syncs come from")
     parser.add_argument("--json", default=None, help="write the counts here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -315,8 +316,8 @@ def run(args: argparse.Namespace) -> int:
             kept, _ = graphable([(name, config) for _, name, config in methods])
             for label, name, config in methods:
                 if (name, config) not in kept:
-                    print(f"--graphed: {label} left out (it prunes inside the LLM, whose prefill then keeps host "
-                          "state between layers: the decoder cannot replay as one graph)")
+                    print(f"--graphed: {label} left out (it prunes inside the LLM by a count that depends on the "
+                          "data, read from the device in its prefill: the decoder cannot replay as one graph)")
             methods = [m for m in methods if (m[1], m[2]) in kept]
         inputs = synthetic_inputs(model, batch=args.batch)
         if args.new_tokens < 2:

@@ -22,7 +22,7 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, 
     ``key_valid`` (B, K), ``allowed`` (B, R, K).
     """
     check_shapes(q, k, weights, causal_rows, key_valid, allowed)
-    if use_triton(q, backend):
+    if use_triton(q, backend, eager_only=True):
         from vtoken.kernels.attention.received import attention_received_triton
 
         return attention_received_triton(q, k, weights, scale, causal_rows, key_valid, allowed)

@@ -36,7 +36,7 @@ def compact(hidden: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor | 
         least, width = (int(v) for v in torch.stack([counts.min(), counts.max()]).tolist()) if keep.numel() else (1, 0)
         if least < 1:
             raise ValueError("compact: every sample must keep at least one row (a sample keeps none)")
-    if use_triton(hidden, backend):
+    if use_triton(hidden, backend, eager_only=True):
         from vtoken.kernels.compaction.ragged import compact_triton
 
         return compact_triton(hidden, keep, positions, width)
