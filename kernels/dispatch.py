@@ -15,6 +15,27 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 _LAUNCH_WATCHERS: list[Callable[[str], contextlib.AbstractContextManager]] = []
+_COUNTED_AS_GRAPH: list[bool] = []  # one entry per open ``counted_as_graph`` block
+
+
+def inside_graph() -> bool:
+    """Whether the running code may not read the device: torch.compile traces it, a CUDA graph captures it, or
+    ``vtoken overhead --graphed`` counts it as a graph's replay. A read there would split the graph (or fail the
+    capture), and a replay runs the shapes it was captured with."""
+    if torch.compiler.is_compiling() or _COUNTED_AS_GRAPH:
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+@contextlib.contextmanager
+def counted_as_graph() -> Iterator[None]:
+    """Run the block as a CUDA graph's replay would have recorded it (:func:`inside_graph` holds inside), so a CPU
+    can count what a graphed model does."""
+    _COUNTED_AS_GRAPH.append(True)
+    try:
+        yield
+    finally:
+        _COUNTED_AS_GRAPH.pop()
 
 
 @contextlib.contextmanager

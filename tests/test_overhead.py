@@ -132,15 +132,22 @@ def test_graphed_counts_keep_the_methods_extra_ops_and_drop_the_models_own():
     assert extra["graphed"] == extra["eager"] > 0
 
 
-def test_a_prefill_pruned_inside_the_llm_by_fixed_counts_reads_nothing_inside_the_graphed_decoder():
-    """What would split the decoder's graph is a read of the device inside it: none for attn_topk, and its decode
-    steps are dense's, their masks inside the step's graph."""
+def test_a_prefill_pruned_inside_the_llm_reads_nothing_inside_the_graphed_decoder():
+    """What would split the decoder's graph is a read of the device inside it: none for a count the budget fixes
+    (attn_topk), nor for one that depends on the data (CoreMatching's threshold, ToDRE's stage 2 firing), whose
+    dropped tokens are masked there; their decode steps are dense's, their masks inside the step's graph."""
     model = build_model("tiny-llava-1.5")
-    methods = [("attn_topk", "attn_topk", dict(keep=64)), ("corematching", "corematching", dict(keep=None))]
+    methods = [("attn_topk", "attn_topk", dict(keep=64)), ("corematching", "corematching", dict(keep=None)),
+               ("todre", "todre", dict(keep=64, tau=1.0))]
     graphed = count_methods(model, synthetic_inputs(model), methods, new_tokens=3, progress=False, graphed=True)
-    assert graphed["attn_topk"].graph_syncs == 0
-    assert graphed["attn_topk"].decode_ops == graphed["dense"].decode_ops
-    assert graphed["corematching"].graph_syncs > 0  # its threshold: why --compile leaves it out
+    for label in ("attn_topk", "corematching", "todre"):
+        assert graphed[label].graph_syncs == 0, label
+        shift = label == "todre"  # a boundary method's one op per step: the positions' shift
+        assert graphed[label].decode_ops == graphed["dense"].decode_ops + shift, label
+    eager = count_methods(model, synthetic_inputs(model), methods[1:], new_tokens=3, progress=False, static=True)
+    for label in ("corematching", "todre"):  # eager, the decision reads its count once
+        reads = {site: n for site, n in eager[label].prefill_sites.items() if site.endswith(" _score")}
+        assert list(reads.values()) == [1] and not any(s.endswith(" _score") for s in graphed[label].prefill_sites)
 
 
 def test_the_command_prints_the_table_and_writes_json(tmp_path, capsys):

@@ -16,6 +16,7 @@ from vtoken.adapters.vlm.stats import OnRead, VLMStats
 from vtoken.kernels.attention import attention_received
 from vtoken.kernels.attention.naive import allowed_keys
 from vtoken.kernels.compaction import compact
+from vtoken.kernels.dispatch import inside_graph
 from vtoken.methods.base import SUBLAYER_KINDS, LayerContext, SublayerContext, VisualTokenMethod
 
 _KEYS = "_vtoken_scoring_keys"  # a scoring call's own kwargs copy keeps its recomputed keys here
@@ -142,6 +143,7 @@ class TokenState:
     alive: torch.Tensor | None = None  # (B, K) layer-0 positions at the current layer; None = all
     live: torch.Tensor | None = None  # (B, K) False for filler slots that only equalise row lengths
     fillers: bool = False  # whether any row has filler slots now
+    bounded: bool = False  # the host counts are upper bounds: a decision inside a graph kept the width (``_score``)
     pending: tuple | None = None  # (keep mask, width, fillers) to apply at the next layer's input
     version: int = 0
     per_layer: list = field(default_factory=list)  # per layer: Alive or None, reused by decode steps
@@ -380,11 +382,18 @@ class DecoderPruner:
         keep = keep | ~visual  # only visual tokens may go; fillers go with the rows they equalise
         if st.live is not None:
             keep = keep & st.live
+        masked = ctx.kept is None and inside_graph()
         if ctx.kept is not None:  # the method knows how many it keeps: the host sizes the batch without a read
             kept = [min(int(k), n) for k, n in zip(ctx.kept, st.visual_counts)]
+        elif masked:
+            # A count that depends on the data, inside a graph (torch.compile, CUDA graphs): a read would split the
+            # graph and a replay runs the shapes it was captured with. The later layers keep their width; the tokens
+            # the decision drops become filler slots, masked out as keys, so every kept token computes what it would
+            # after the removal. From here on the host's counts are upper bounds.
+            kept, st.bounded = list(st.visual_counts), True
         else:  # one read per pruning layer: the sizes of the compacted batch
             kept = (keep & visual).sum(1).tolist()
-        if kept == st.visual_counts:
+        if kept == st.visual_counts and not masked:
             return  # nothing goes
         live_counts = [n - v + k for n, v, k in zip(st.live_counts, st.visual_counts, kept)]
         st.visual_counts, st.live_counts = kept, live_counts
@@ -395,7 +404,7 @@ class DecoderPruner:
         # Compacted where it takes effect: rows that keep fewer tokens are left-filled with copies of their first
         # kept token, masked out as keys, so every row has the same length and a batch gives the same tokens as
         # single runs.
-        st.pending = (keep, max(live_counts), min(live_counts) != max(live_counts))
+        st.pending = (keep, max(live_counts), st.bounded or min(live_counts) != max(live_counts))
 
     def _sliced_kwargs(self, kwargs, batch):
         """Slice the kwargs every layer shares (mask, RoPE, position ids) to the alive positions, once per change."""
@@ -409,19 +418,24 @@ class DecoderPruner:
             out["position_embeddings"] = tuple(gather_rows(t, alive) for t in source)
         if kwargs.get("position_ids") is not None:
             out["position_ids"] = gather_rows(kwargs["position_ids"], alive)
-        out["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"), alive, live, batch)
+        out["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"), alive, live, batch, kwargs)
         st.sliced = (st.version, source, out)
         return {**kwargs, **out}
 
-    def _prefill_mask(self, mask, alive, live, batch):
+    def _prefill_mask(self, mask, alive, live, batch, kwargs):
         fillers = self.state.fillers
         if mask is None:
             if not fillers:
                 return None  # the sliced prompt is still causal and unpadded: SDPA keeps is_causal
             if _compat.attn_implementation(self.config).startswith("flash"):
                 return live.long()
-            causal = alive.unsqueeze(2) >= alive.unsqueeze(1)  # by original position
-            return forbid_columns(causal.unsqueeze(1), ~live)
+            if not self.static:
+                causal = alive.unsqueeze(2) >= alive.unsqueeze(1)  # by original position
+                return forbid_columns(causal.unsqueeze(1), ~live)
+            # An unpadded prompt runs into a static cache without a mask (SDPA's causal rule from slot 0); fillers
+            # need one over every slot: the dense prompt's, moved onto the pruned layer's slots below.
+            prefill, width = self.state.valid.shape[1], _compat.static_slots(_compat.find_cache(kwargs))
+            mask = torch.ones(prefill, width, dtype=torch.bool, device=alive.device).tril()[None, None]
         if mask.dim() == 2:
             return forbid_columns(gather_rows(mask, alive), ~live)
         mask = mask.expand(batch, *mask.shape[1:]) if mask.shape[0] == 1 else mask

@@ -62,19 +62,6 @@ def sdpa_kernel(name: str):
                      "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name])
 
 
-def graphable(methods: list[tuple[str, dict]]) -> tuple[list, list]:
-    """(methods whose language model can replay one CUDA graph per call, the others): a method that prunes inside
-    the LLM by a count that depends on the data (a threshold) reads it from the device in the prefill, which splits
-    the decoder's graph there, so only its decode steps compile; one whose budget fixes every count compiles whole."""
-    def splits(name: str, config: dict) -> bool:
-        method = vtoken.make_config(vtoken.methods()[name], config)
-        if not hasattr(method, "score_layers"):  # it never enters the LLM (TokenFLEX's projector)
-            return False
-        return bool(method.score_layers(32)) and not method.fixed_counts
-
-    return [(n, c) for n, c in methods if not splits(n, c)], [(n, c) for n, c in methods if splits(n, c)]
-
-
 def check_installs(model, methods: list[tuple[str, dict]]) -> None:
     """Install and remove each method once, so that one this model cannot take fails before anything is timed."""
     for name, config in methods:
@@ -210,9 +197,9 @@ def compile_parts(model, how: str) -> dict:
 def compiled(parts: dict | None):
     """Each compiled function (``compile_parts``) as its module's ``forward`` for the block, so that the vision
     encoding, the prefill and every decode step run them; a method's selection between the two and vtoken's
-    bookkeeping stay eager, while the pruning inside the LLM of a method whose counts are fixed (``graphable``) is
-    traced into the decoder's graph. Whatever ``forward`` an instance held before (a method's own, bound to the same
-    code) is put back on the way out."""
+    bookkeeping stay eager, while a method's pruning inside the LLM is traced into the decoder's graph (a decision
+    whose count depends on the data masks the tokens it drops instead of removing them). Whatever ``forward`` an
+    instance held before (a method's own, bound to the same code) is put back on the way out."""
     saved = {part: vars(part).get("forward") for part in parts or {}}
     for part, fn in (parts or {}).items():
         part.forward = fn
@@ -429,9 +416,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "every call of them through it (cudagraphs: CUDA graphs over aten's kernels, the host's "
                              "launches gone; reduce-overhead: Inductor's kernels with CUDA graphs; eager: Dynamo "
                              "alone); a method's selection between them and vtoken's bookkeeping stay eager; "
-                             "a method that prunes inside the LLM compiles with the decoder when its budget fixes "
-                             "every count, and is left out when a count depends on the data (corematching keep=None, "
-                             "todre's stage 2: only their decode steps compile)")
+                             "a method that prunes inside the LLM compiles with the decoder; a decision whose count "
+                             "depends on the data (corematching keep=None, todre's stage 2) masks the tokens it drops "
+                             "there instead of removing them, so the layers after it keep their length)")
     parser.add_argument("--new-tokens", type=positive_int, default=16, help="tokens generated per run (decode speed)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:N]")
@@ -467,12 +454,6 @@ def run(args: argparse.Namespace) -> int:
                         random_weights=args.random_weights)
     with usage_errors():
         check_installs(model, methods)
-    if args.compile:
-        methods, left_out = graphable(methods)
-        for name, config in left_out:
-            print(f"--compile {args.compile}: {name} {config} left out (it prunes inside the LLM by a count that "
-                  "depends on the data, which its prefill reads from the device and which would split the decoder's "
-                  "graph; --cache static alone compiles its decode steps)")
     with usage_errors():
         inputs = synthetic_inputs(model, batch=args.batch, video=args.video)
     cuda = device.type == "cuda"

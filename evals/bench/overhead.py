@@ -32,7 +32,7 @@ import vtoken
 from vtoken.adapters import _compat
 from vtoken.cli import usage_errors
 from vtoken.evals.common.arguments import budget, positive_int
-from vtoken.kernels.dispatch import watching_launches
+from vtoken.kernels.dispatch import counted_as_graph, watching_launches
 
 # aten ops whose result the host must wait for: a scalar read, or an output whose size depends on the data
 SYNC_OPS = frozenset({
@@ -119,9 +119,12 @@ class OpCounter:
         self.current.ops += 1
         self.current.launches["graph replay"] += 1
         self.inside_graph = True
+        self._as_graph = counted_as_graph()  # the code inside runs as it does when captured
+        self._as_graph.__enter__()
 
     def _replayed(self, module, args, kwargs, output):
         self.inside_graph = False
+        self._as_graph.__exit__(None, None, None)
 
     @contextlib.contextmanager
     def _launch(self, kernel: str):
@@ -264,9 +267,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graphed", action="store_true",
                         help="count each call of the vision tower and of the language model as one launch, as when "
                              "they replay from CUDA graphs (vtoken bench --cache static --compile cudagraphs), on a "
-                             "static cache; methods that prune inside the LLM by a count that depends on the data "
-                             "are left out (their prefill reads it from the device, which would split the decoder's "
-                             "graph)")
+                             "static cache; inside them a decision whose count depends on the data masks the tokens "
+                             "it drops instead of reading the count)")
     parser.add_argument("--sites", action="store_true", help="also list where each method's extra syncs come from")
     parser.add_argument("--json", default=None, help="write the counts here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -310,15 +312,6 @@ def run(args: argparse.Namespace) -> int:
                 config.setdefault("backend", "triton")
             vtoken.patch(model, name, **config).remove()  # refused here, before anything is counted
             methods.append((spec_label(name, overrides), name, config))
-        if args.graphed:
-            from vtoken.evals.bench.llava import graphable
-
-            kept, _ = graphable([(name, config) for _, name, config in methods])
-            for label, name, config in methods:
-                if (name, config) not in kept:
-                    print(f"--graphed: {label} left out (it prunes inside the LLM by a count that depends on the "
-                          "data, read from the device in its prefill: the decoder cannot replay as one graph)")
-            methods = [m for m in methods if (m[1], m[2]) in kept]
         inputs = synthetic_inputs(model, batch=args.batch)
         if args.new_tokens < 2:
             raise ValueError("--new-tokens must be at least 2: the first token comes with the prefill")
@@ -339,8 +332,9 @@ def run(args: argparse.Namespace) -> int:
         print(format_sites(counts) or "  no extra syncs")
     if args.json:
         with open(args.json, "w") as f:
+            cache = "static" if args.graphed else args.cache  # graphed counts run on a static cache
             json.dump({"model": args.model, "batch": args.batch, "keep": args.keep, "kernels": args.kernels,
-                       "decoder_layers": layers, "graphed": args.graphed, "cache": args.cache,
+                       "decoder_layers": layers, "graphed": args.graphed, "cache": cache,
                        "new_tokens": args.new_tokens, "counts": {k: asdict(v) for k, v in counts.items()}}, f,
                       indent=2)
         print(f"wrote {args.json}")

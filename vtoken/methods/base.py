@@ -234,14 +234,6 @@ class VisualTokenMethod:
     # output of layer l-1, as TransPrune and CoreMatching do, acts where the paper acts instead of a layer late).
     prune_at_scored_layer: ClassVar[bool] = False
 
-    @property
-    def fixed_counts(self) -> bool:
-        """Whether every decision inside the LLM keeps a number of tokens its budget fixes on the host (reported in
-        ``LayerContext.kept``). Its prefill then reads nothing from the device, so a compiled decoder runs it as one
-        graph (torch.compile with ``fullgraph``, CUDA graphs); a count that depends on the data (a threshold) is
-        read once per decision and splits the graph there."""
-        return False
-
     def observed_sublayers(self, num_layers: int) -> dict[str, tuple[int, ...]]:
         """Sub-layer kind (``SUBLAYER_KINDS``) -> decoder layers whose calls ``observe`` sees during prefill."""
         return {}

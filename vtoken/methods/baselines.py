@@ -207,7 +207,6 @@ class AttnTopKConfig(VisualTokenMethod):
     keep: int | float = 0.5
     layer: int = 2
     backend: str = "auto"
-    fixed_counts = True
 
     def __post_init__(self):
         super().__post_init__()

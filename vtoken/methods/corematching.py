@@ -157,10 +157,6 @@ class CoreMatchingConfig(VisualTokenMethod):
     backend: str = "auto"
     prune_at_scored_layer = True
 
-    @property
-    def fixed_counts(self) -> bool:
-        return self.keep is not None  # None: the adaptive threshold
-
     def __post_init__(self):
         if self.keep is not None:
             self.keep = check_budget(self.keep)

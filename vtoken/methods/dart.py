@@ -92,7 +92,6 @@ class DARTConfig(VisualTokenMethod):
     text_pivots: int = 4
     backend: str = "auto"
     prune_at_scored_layer = True
-    fixed_counts = True
 
     def __post_init__(self):
         super().__post_init__()

@@ -55,7 +55,6 @@ class PyramidDropConfig(VisualTokenMethod):
     layers: tuple[int, ...] | None = None
     backend: str = "auto"
     prune_at_scored_layer = True
-    fixed_counts = True
 
     def __post_init__(self):
         super().__post_init__()

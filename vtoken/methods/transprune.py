@@ -113,7 +113,6 @@ class TransPruneConfig(VisualTokenMethod):
     iga: bool = True
     backend: str = "auto"
     prune_at_scored_layer = True
-    fixed_counts = True
 
     def __post_init__(self):
         super().__post_init__()
