@@ -53,7 +53,8 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     assert "vision tower and decoder compiled (eager)" in compiled["title"]
     assert [r["visual_tokens_llm"] for r in compiled["results"][1:]] == [16, 16, 16]
     in_llm = json.loads((out / "bench_compiled_in_llm_llava15_b1.json").read_text())["results"]
-    assert [r["method"] for r in in_llm] == ["dense", "attn_topk"] and in_llm[1]["visual_tokens_last_layer"] == 16
+    assert [r["method"] for r in in_llm] == ["dense", "attn_topk", "todre"]
+    assert in_llm[1]["visual_tokens_last_layer"] == 16 and in_llm[2]["visual_tokens_llm"] == 16
 
 
 def test_parts_runs_the_chosen_parts_and_keeps_the_other_rows(tmp_path):

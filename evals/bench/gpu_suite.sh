@@ -197,10 +197,11 @@ part bench_kernels 40 "${VT[@]}" bench-kernels --device "$DEVICE" "${KERNELS[@]}
 # rest
 part bench_compiled_llava15_b1 150 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch 1 "${COMPILED[@]}" \
   --method todre:stage2=false --method random --method divprune --json "$OUT/bench_compiled_llava15_b1.json"
-# the same for pruning inside the LLM by a fixed count (FastV): its prefill, pruning included, replays as one graph;
-# a part of its own, so that a second set of graphs to capture cannot cost the first part its figures
-part bench_compiled_in_llm_llava15_b1 90 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch 1 \
-  "${COMPILED[@]}" --method attn_topk --json "$OUT/bench_compiled_in_llm_llava15_b1.json"
+# the same for pruning inside the LLM, by a fixed count (FastV) and by ToDRE as released (its stage 2 masks the tokens
+# it drops inside the graph): each prefill, pruning included, replays as one graph; a part of its own, so that the
+# second and third sets of graphs to capture cannot cost the first part its figures
+part bench_compiled_in_llm_llava15_b1 120 "${BENCH[@]}" "${LLAVA[@]}" "${TIMING[@]}" --keep "$KEEP" --batch 1 \
+  "${COMPILED[@]}" --method attn_topk --method todre --json "$OUT/bench_compiled_in_llm_llava15_b1.json"
 
 # -- 4. report --------------------------------------------------------------------------------------------------------
 "$PY" -m vtoken.evals.bench.gpu_suite report --out "$OUT" > "$OUT/logs/report.log" || echo "the report failed" >&2
