@@ -135,6 +135,31 @@ def test_a_second_request_reuses_the_whole_compiled_decoder(name):
     assert not torch.equal(outs[0], outs[1])
 
 
+def test_stage_2_firing_in_one_row_of_a_batch_masks_that_rows_tokens_alone_inside_the_compiled_decoder(host):
+    """ToDRE's stage 2 decides per row: with tau between the two lowest rows' ratios it removes one row's visual tokens
+    and keeps the others'. Inside the whole compiled decoder neither decision is read; the batch gives the eager dynamic
+    tokens and scores, and the same per-layer counts."""
+    torch._dynamo.reset()
+    model, inputs = host.model, host.batch()
+    gen = dict(GEN, max_new_tokens=4, return_dict_in_generate=True, output_scores=True)
+    with vtoken.patch(model, "todre", keep=0.25, tau=0.0) as handle, torch.no_grad():
+        model.generate(**inputs, **gen)
+        (record,) = handle.stats.records.values()
+    worst = torch.maximum(torch.as_tensor(record["text_to_visual"]), torch.as_tensor(record["visual_to_text"]))
+    low = worst.sort().values[:2]
+    assert low[0] < low[1], worst
+    with vtoken.patch(model, "todre", keep=0.25, tau=float(low.mean())) as handle, torch.no_grad():  # one row fires
+        eager = model.generate(**inputs, **gen)
+        (record,) = handle.stats.records.values()
+        assert torch.as_tensor(record["removed"]).sum() == 1
+        layers = handle.stats.visual_tokens_per_layer
+        with decoder_compiled_whole(model):
+            out = model.generate(**inputs, cache_implementation="static", disable_compile=True, **gen)
+        assert handle.stats.visual_tokens_per_layer == layers
+    assert torch.equal(out.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(eager.scores), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["attn_topk", "corematching_keep"])
 def test_beam_search_after_in_llm_pruning_on_a_static_cache_gives_the_eager_dynamic_tokens(host, name):
     """generate() repeats each row for its beams before the prefill and reorders the cache's rows at every step:
