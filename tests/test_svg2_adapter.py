@@ -1,5 +1,7 @@
 """SVG2 on tiny random-weight diffusers video DiTs: exactness, reversibility, denoising state, CFG branches."""
 
+import math
+
 import pytest
 import torch
 from svg2_utils import one_thread  # noqa: F401  (autouse fixture)
@@ -245,3 +247,37 @@ def test_model_default_counts_larger_than_a_tiny_video_fail_naming_the_argument(
     with vtoken.patch(model, "svg2", q_clusters=8), pytest.raises(
             ValueError, match="k_clusters=1000 is larger than the 768 tokens"):
         run(model, **inputs)
+
+
+# -- torch.compile ---------------------------------------------------------------------------------------------------
+
+
+def wan_step(model, t):
+    return run(model, t=t, **wan_inputs())
+
+
+@pytest.mark.parametrize("host", ["wan", "hunyuan"])
+def test_a_compiled_transformer_gives_the_eager_outputs_and_stats_over_denoising_steps(host):
+    """Traced by Dynamo, the centroid-cache lookup of a layer that missed on the first step stayed a miss on every
+    later one, so each compiled step restarted its k-means cold: the steps after the first differed from eager. The
+    host's bookkeeping now runs outside the graphs. Each step runs two CFG branches; the first step is dense, the
+    second clusters cold and the third warm."""
+    model, call = (tiny_wan(), wan_step) if host == "wan" else (tiny_hunyuan(), hunyuan_call)
+    config = dict(top_p=0.5, **{**SMALL, "dense_steps": 1})
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        with vtoken.patch(model, "svg2", **config) as handle:
+            forward = torch.compile(model, backend="eager") if compiled else model
+            outs = [call(forward, t) for t in (900, 900, 800, 800, 700, 700)]
+            runs[compiled] = outs, list(handle.stats.calls)
+    torch._dynamo.reset()
+    (eager, eager_calls), (traced, traced_calls) = runs[False], runs[True]
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(b, a)
+    fields = lambda c: (c.layer, c.step, c.branch, c.dense, c.tokens, round(c.density, 6))  # noqa: E731
+    assert [fields(c) for c in traced_calls] == [fields(c) for c in eager_calls]
+    assert sum(not c.dense for c in traced_calls) == 8  # 2 layers x 2 branches x 2 sparse steps
+    sparse = [c for c in traced_calls if not c.dense]
+    assert all(math.isnan(c.kmeans_ms) for c in sparse)  # inside a graph a stage has no time of its own
+    assert all(c.kmeans_ms > 0 for c in eager_calls if not c.dense)

@@ -1,5 +1,7 @@
 """Timing that does not stall the device: on a GPU every stamp is a CUDA event recorded in the stream, and the times
-are read (one wait, for the last event) only when someone asks; on a CPU, wall time."""
+are read (one wait, for the last event) only when someone asks; on a CPU, wall time. Inside a graph (traced by
+torch.compile, or captured by CUDA) nothing is stamped: the work runs with the rest of the graph, so it has no time of
+its own, and its times read NaN."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import time
 from collections.abc import Iterator
 
 import torch
+
+from vtoken.kernels.dispatch import inside_graph
 
 
 class Stopwatch:
@@ -32,17 +36,22 @@ class Stopwatch:
         return time.perf_counter()
 
     def mark(self, label: str) -> None:
-        if self.enabled:
-            self.marks.append((label, self.stamp(self.device)))
+        if not self.enabled:
+            return
+        if inside_graph():
+            self.traced = True
+            self.marks.append((label, None))
+            return
+        self.marks.append((label, self.stamp(self.device)))
 
     def laps(self) -> dict[str, float]:
-        """Milliseconds per mark since the previous one."""
+        """Milliseconds per mark since the previous one (NaN where either mark was inside a graph)."""
         pairs = list(zip(self.marks, self.marks[1:]))
-        return {label: elapsed_ms(a, b) for (_, a), (label, b) in pairs}
+        return {label: math.nan if a is None or b is None else elapsed_ms(a, b) for (_, a), (label, b) in pairs}
 
     @contextlib.contextmanager
     def __call__(self, device: torch.device) -> Iterator[None]:
-        if torch.compiler.is_compiling():  # traced into a graph, the block runs with the rest of it: no time its own
+        if inside_graph():  # traced or captured, the block runs with the rest of the graph: no time of its own
             self.traced = True
             yield
             return

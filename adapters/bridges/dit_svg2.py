@@ -17,6 +17,12 @@ a smaller one is the next step, a larger one (or ``check_inputs``, or ``handle.r
 which drops every centroid cache. The branch is the ``cache_context`` name when a pipeline sets one, else the call's
 ordinal within its step. Centroid caches are kept per transformer, per layer and per branch, so CFG branches never
 warm-start from each other (the official code shares them and never resets them).
+
+Under ``torch.compile`` that bookkeeping (the step, the branch, the centroid caches and the stats) stays on the host:
+each of its methods is ``torch.compiler.disable``-d, so Dynamo never traces the caches. Traced, a lookup of a centroid
+cache that missed on the first step stayed a miss on every later one (Dynamo, torch 2.11 to 2.15, guards no key that
+was absent after a graph break), and the compiled transformer silently restarted k-means cold each step. The
+clustering, plan and attention between those calls are traced.
 """
 
 from __future__ import annotations
@@ -150,6 +156,7 @@ class SVG2Runtime:
         self.last_timestep = timestep
         self.branch = self.context_name or str(min(self.calls_this_step, MAX_BRANCHES - 1))
 
+    @torch.compiler.disable
     def pre_hook(self, module, args, kwargs):
         self.begin_call(_timestep_value(kwargs["timestep"] if "timestep" in kwargs else (args[1:2] or [None])[0]))
 
@@ -166,6 +173,7 @@ class SVG2Runtime:
         return cache_context
 
     # -- per attention call ----------------------------------------------------------------------------------------
+    @torch.compiler.disable
     def mode(self, layer: int, tokens: int) -> str:
         """"dense" (original processor), "cluster" (dense, but k-means warms the cache) or "sparse".
 
@@ -180,31 +188,36 @@ class SVG2Runtime:
             return "cluster" if self.config.kmeans_in_dense_steps else "dense"
         return "sparse"
 
+    @torch.compiler.disable
     def record_dense(self, layer: int, tokens: int) -> None:
         if self.config.record_stats:
             self.stats.calls.append(SVG2CallStats(layer, max(self.step, 0), self.branch, True, tokens))
 
+    @torch.compiler.disable
     def _warm_start(self, key: tuple, q: torch.Tensor, k: torch.Tensor):
-        """This layer's and branch's centroids from the previous step, or (None, None) for a seeded start."""
+        """``(q centroids, k centroids, generator)``: this layer's and branch's centroids from the previous step, or
+        None for a seeded start from the generator."""
+        model_index, layer = key
+        generator = torch.Generator(device=q.device).manual_seed(
+            self.config.seed + 1_000_003 * model_index + 1009 * layer)
         cached = self.caches.get(key + (self.branch,))
         cfg = self.config
         expected = ((q.shape[0], cfg.q_clusters, q.shape[-1]), (k.shape[0], cfg.k_clusters, k.shape[-1]))
         if cached is None or tuple(c.shape for c in cached) != expected:
-            return None, None
-        return cached
+            return None, None, generator
+        return *cached, generator
 
-    def _generator(self, key: tuple, device: torch.device) -> torch.Generator:
-        model_index, layer = key
-        return torch.Generator(device=device).manual_seed(self.config.seed + 1_000_003 * model_index + 1009 * layer)
+    @torch.compiler.disable
+    def _keep_centroids(self, key: tuple, q_centroids: torch.Tensor, k_centroids: torch.Tensor) -> None:
+        self.caches[key + (self.branch,)] = (q_centroids, k_centroids)
 
     def warm_clusters(self, key: tuple, q: torch.Tensor, k: torch.Tensor) -> None:
         """Dense step with ``kmeans_in_dense_steps``: run the k-means only, so sparse steps start warm."""
         cfg = self.config
-        q_init, k_init = self._warm_start(key, q, k)
-        gen = self._generator(key, q.device)
+        q_init, k_init, gen = self._warm_start(key, q, k)
         qc = step_clusters(q, cfg.q_clusters, cfg, q_init, gen)
         kc = step_clusters(k, cfg.k_clusters, cfg, k_init, gen)
-        self.caches[key + (self.branch,)] = (qc.centroids, kc.centroids)
+        self._keep_centroids(key, qc.centroids, kc.centroids)
 
     def attend(self, key: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                extra_keys: torch.Tensor | None = None, dense_queries: int = 0) -> torch.Tensor:
@@ -212,21 +225,23 @@ class SVG2Runtime:
 
         ``dense_queries``: query rows the caller computes densely elsewhere (Hunyuan text), for the density figure.
         """
-        q_init, k_init = self._warm_start(key, q, k)
+        q_init, k_init, gen = self._warm_start(key, q, k)
         watch = Stopwatch(q.device, enabled=self.config.record_stats)
-        result = svg2_attention(q, k, v, self.config, q_init, k_init, self._generator(key, q.device), extra_keys,
-                                watch)
-        self.caches[key + (self.branch,)] = (result.q_clusters.centroids, result.k_clusters.centroids)
+        result = svg2_attention(q, k, v, self.config, q_init, k_init, gen, extra_keys, watch)
+        self._keep_centroids(key, result.q_clusters.centroids, result.k_clusters.centroids)
         if self.config.record_stats:
-            plan = result.plan
-            keys = plan.num_keys.float()
-            density = (plan.pairs + dense_queries * keys) / ((q.shape[1] + dense_queries) * keys)
-            laps = watch.laps()
-            self.stats.calls.append(SVG2CallStats(
-                key[1], max(self.step, 0), self.branch, False, q.shape[1] + dense_queries,
-                float(density.mean()), laps["kmeans"], laps["plan"], laps["attention"],
-            ))
+            self._record_sparse(key[1], result.plan, q.shape[1], dense_queries, watch)
         return result.out
+
+    @torch.compiler.disable
+    def _record_sparse(self, layer: int, plan, tokens: int, dense_queries: int, watch: Stopwatch) -> None:
+        keys = plan.num_keys.float()
+        density = (plan.pairs + dense_queries * keys) / ((tokens + dense_queries) * keys)
+        laps = watch.laps()
+        self.stats.calls.append(SVG2CallStats(
+            layer, max(self.step, 0), self.branch, False, tokens + dense_queries,
+            float(density.mean()), laps["kmeans"], laps["plan"], laps["attention"],
+        ))
 
 
 # -- processors ----------------------------------------------------------------------------------------------------
