@@ -11,8 +11,10 @@ from vtoken.methods.clustering import (
     TokenClustering,
     TokenClusteringConfig,
     TokenReconstruction,
+    admissible_pairs,
     cluster_grid,
     local_mask,
+    squared_distances,
 )
 
 
@@ -33,6 +35,24 @@ def smooth_tokens(batch, grid, channels, seed=0):
 )
 def test_cluster_grid(spec, grid, expected):
     assert cluster_grid(spec, grid) == expected
+
+
+@pytest.mark.parametrize("window", [1, 3, 5, 8])
+@pytest.mark.parametrize("grid, clusters", [((24, 24), (12, 12)), ((14, 14), (7, 7)), ((5, 7), (5, 7)),
+                                            ((6, 8), (3, 4)), ((16, 8), (11, 6)), ((9, 13), (2, 5)), ((3, 3), (1, 1))])
+def test_admissible_pairs_counts_the_local_mask_from_the_geometry(grid, clusters, window):
+    assert admissible_pairs(grid, clusters, window) == int(local_mask(grid, clusters, window).sum())
+
+
+@pytest.mark.parametrize("grid, clusters, window", [((8, 8), (4, 4), 5), ((6, 10), (3, 5), 3), ((7, 9), (3, 4), 2)])
+def test_auto_temperature_is_the_median_of_the_admissible_pairs_exactly(grid, clusters, window):
+    """The median is taken without selecting the pairs (no size read from the device); it is the same value."""
+    z = smooth_tokens(3, grid, 16)
+    out = TokenClustering(clusters, iterations=0, relative_temperature=1.0, window=window)(z, grid)
+    centers = F.adaptive_avg_pool2d(z.transpose(1, 2).reshape(3, 16, *grid), clusters).flatten(2).transpose(1, 2)
+    dist = squared_distances(centers, z)
+    median = dist[:, local_mask(grid, clusters, window)].median(dim=1).values
+    assert torch.equal(out.temperature, 1.0 / median)
 
 
 def test_cluster_grid_larger_than_input_is_an_error():

@@ -122,6 +122,30 @@ def test_batch_equals_singles(host):
 
 
 @pytest.mark.parametrize("host", list(HOSTS))
+def test_clustering_reads_nothing_from_the_device_and_compiles_as_one_graph(host):
+    """On a GPU a read stalls the host until the device drains, and under torch.compile it splits the graph: the
+    median of the admissible pairs once selected them with a boolean mask, and the stats read the temperatures."""
+    from vtoken.evals.bench.overhead import OpCounter
+
+    build, call, size = HOSTS[host]
+    model, x = build(), smooth_images(2, size)
+    with vtoken.patch(model, "token_clustering", cluster_after=1, num_clusters=16) as handle:
+        eager = run(host, model, x)
+        with torch.no_grad(), OpCounter(model) as counter:
+            call(model, x)
+        assert sum(segment.syncs for segment in counter.segments) == 0
+        torch._dynamo.reset()
+        try:
+            with torch.no_grad():
+                compiled = call(torch.compile(model, backend="eager", fullgraph=True), x)
+        finally:
+            torch._dynamo.reset()
+        for a, b in zip(compiled, eager, strict=True):
+            torch.testing.assert_close(a, b)
+        assert len(handle.stats.temperature) == 2 and all(t > 0 for t in handle.stats.temperature)
+
+
+@pytest.mark.parametrize("host", list(HOSTS))
 def test_patching_twice_is_an_error(host):
     build, _, _ = HOSTS[host]
     model = build()

@@ -36,7 +36,12 @@ class ClusteringStats:
     reconstruct_after: int | None
     tokens_before: int  # prefix + H*W
     tokens_after: int  # prefix + h*w, what blocks cluster_after+1 ... reconstruct_after see
-    temperature: list[float]  # clustering inverse temperature of each image
+    inverse_temperatures: torch.Tensor  # (B,) on the model's device, read only when ``temperature`` is looked at
+
+    @property
+    def temperature(self) -> list[float]:
+        """The clustering inverse temperature of each image (read from the device here, not in the forward pass)."""
+        return self.inverse_temperatures.tolist()
 
 
 class _Pass:
@@ -86,7 +91,7 @@ def install_clustering(site: VitSite, config: TokenClusteringConfig, handle) -> 
         state.affinity = reconstruction.affinity(patches, result) if beta is not None else None
         handle.stats = ClusteringStats(
             grid, result.grid, alpha, beta, prefix + grid[0] * grid[1], prefix + result.grid[0] * result.grid[1],
-            result.temperature.tolist(),
+            result.temperature.detach(),
         )
         out = batch_first(torch.cat([x[:, :prefix], result.centers], dim=1))
         return (out, *args[1:]), kwargs

@@ -73,6 +73,17 @@ def local_mask(grid: Grid, clusters: Grid, window: int, device=None) -> torch.Te
     return near_row & near_col
 
 
+def admissible_pairs(grid: Grid, clusters: Grid, window: int) -> int:
+    """The number of True entries of ``local_mask(grid, clusters, window)``, from the geometry alone (no device read):
+    a token's box holds (centre rows within reach of its row) x (centre columns within reach of its column)."""
+    (H, W), (h, w), r = grid, clusters, window // 2
+
+    def reach(n: int, cells: int) -> int:
+        return sum(min(cells - 1, i * cells // n + r) - max(0, i * cells // n - r) + 1 for i in range(n))
+
+    return reach(H, h) * reach(W, w)
+
+
 def squared_distances(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor | None = None) -> torch.Tensor:
     """(B, P, Q) fp32 squared Euclidean distances between rows of ``a`` (B, P, C) and ``b`` (B, Q, C), >= 0.
 
@@ -140,7 +151,7 @@ class TokenClustering(nn.Module):
         mask = local_mask(grid, clusters, self.window, tokens.device)
         z_sq = z.square().sum(-1)
         dist = squared_distances(centers, z, z_sq)  # (B, M, N)
-        temperature = self._temperature(dist, mask)
+        temperature = self._temperature(dist, mask, admissible_pairs(grid, clusters, self.window))
         outside = torch.zeros(mask.shape, device=tokens.device).masked_fill_(~mask, float("-inf"))
         for step in range(self.iterations):
             if step:
@@ -151,10 +162,13 @@ class TokenClustering(nn.Module):
                 centers = torch.bmm(assign, z) / assign.sum(-1, keepdim=True).clamp_min(1e-16)
         return Clustering(centers.to(tokens.dtype), centers, temperature, clusters)
 
-    def _temperature(self, dist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _temperature(self, dist: torch.Tensor, mask: torch.Tensor, admissible: int) -> torch.Tensor:
         if self.temperature is not None:
             return torch.full((dist.shape[0],), float(self.temperature), device=dist.device)
-        median = dist[:, mask].median(dim=1).values  # (B,), admissible pairs only
+        # The median of the admissible pairs (torch.median's lower middle of an even count), without selecting them:
+        # the others sort last as +inf, and the count comes from the geometry, so no size is read from the device.
+        ranked = dist.masked_fill(~mask, float("inf")).flatten(1)
+        median = ranked.kthvalue((admissible + 1) // 2, dim=1).values  # (B,)
         # Identical tokens (median 0), or a huge relative_temperature, would give an infinite t and -t * 0 = NaN;
         # any large finite value is as good.
         return (self.relative_temperature / median.clamp_min(1e-20)).clamp_max(torch.finfo(torch.float32).max)
