@@ -359,3 +359,14 @@ def diffusers_apply_rotary_emb():
     from diffusers.models.embeddings import apply_rotary_emb
 
     return apply_rotary_emb
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch
+# ------------------------------------------------------------------------------------------------------------
+def compiled_graphs() -> int:
+    """How many graphs TorchDynamo has compiled in this process so far (a benchmark's warm-up runs until a run adds
+    none). Its counters are internal to torch."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]

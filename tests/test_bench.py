@@ -13,7 +13,15 @@ import vtoken
 from vtoken.adapters import _compat
 from vtoken.cli import main
 from vtoken.evals.bench.flops import decoder_layer_flops
-from vtoken.evals.bench.llava import compile_parts, compiled, format_table, measure, run_bench
+from vtoken.evals.bench.llava import (
+    EXTRA_WARMUP,
+    compile_parts,
+    compiled,
+    format_table,
+    measure,
+    run_bench,
+    warm_up,
+)
 from vtoken.evals.bench.models import synthetic_inputs
 from vtoken.evals.common.methods import parse_method
 
@@ -209,6 +217,9 @@ def test_run_bench_with_compiled_parts_shares_their_graphs_between_methods():
     assert len(divprune["ttft_ms_all"]) == 2 and divprune["speedup"] > 0
     assert random["prefill_gflops"] < dense["prefill_gflops"]
     assert graphs[1] == graphs[0]  # DivPrune hands the decoder random's shapes: its graphs, nothing compiled anew
+    # each row warms up until a run compiles nothing: dense and random compile in their first run, DivPrune never
+    assert [row["warmup_runs"] for row in results] == [2, 2, 1]
+    assert [row["compiled_while_timed"] for row in results] == [0, 0, 0]
     assert not any("forward" in vars(part) for part in _compat.decoder_of(model.model))
     assert measure(model, inputs, 2, model.device, "static")[0] > 0  # eager again afterwards
 
@@ -238,3 +249,22 @@ def test_a_static_cache_and_compiling_take_every_in_llm_method(monkeypatch, tmp_
         assert all(math.isnan(r["scoring_ms"]) == bool(extra) for r in results[1:3])
         rows[bool(extra)] = results
     assert rows[True][2]["visual_tokens_last_layer"] == rows[False][2]["visual_tokens_last_layer"]
+
+
+def test_warm_up_runs_on_until_runs_in_a_row_compile_nothing(monkeypatch):
+    graphs = {"count": 0}
+    monkeypatch.setattr(_compat, "compiled_graphs", lambda: graphs["count"])
+
+    def compiling_until(n):
+        calls = {"n": 0}
+
+        def run():
+            calls["n"] += 1
+            graphs["count"] += calls["n"] <= n  # the first n runs each compile a graph
+        return run
+
+    assert warm_up(compiling_until(0), 3) == 3  # nothing to compile: the runs asked for
+    assert warm_up(compiling_until(3), 3) == 5  # the third compiled: two quiet runs follow
+    assert warm_up(compiling_until(1), 1) == 2  # one run asked: one quiet run is enough
+    assert warm_up(compiling_until(100), 3) == 3 + EXTRA_WARMUP  # never settles: bounded
+    assert warm_up(compiling_until(100), 0) == 0  # none asked, none made

@@ -15,6 +15,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -144,6 +145,8 @@ class Row:
     flops: dict = field(default_factory=dict)
     records: dict = field(default_factory=dict)
     ideal_ms: float = math.nan  # roofline ideal of one prefill (NaN: no peak figures for this device)
+    warmup_runs: int = 0
+    compiled_while_timed: int = 0  # graphs Dynamo compiled during the timed runs: their times include compiling
 
     def summary(self, dense: Row | None) -> dict:
         ttft = statistics.median(self.ttft_ms)
@@ -165,6 +168,8 @@ class Row:
             "scoring_ms": statistics.median(self.scoring_ms) if self.scoring_ms else math.nan,
             "records": self.records,
             "ideal_ms": self.ideal_ms,
+            "warmup_runs": self.warmup_runs,
+            "compiled_while_timed": self.compiled_while_timed,
         }
         out["overhead_pct_of_prefill"] = 100.0 * (out["selection_ms"] + out["scoring_ms"]) / ttft
         if dense is not None:
@@ -178,6 +183,10 @@ class Row:
 
 
 COMPILE_BACKENDS = ("cudagraphs", "reduce-overhead", "eager")
+# A compiled part records its CUDA graph only on a call after the one that compiled it, so a warm-up ends once this
+# many runs in a row compiled nothing; it runs at most this many more than asked.
+QUIET_RUNS = 2
+EXTRA_WARMUP = 5
 RECOMPILE_LIMIT = 64  # graphs per compiled part in one bench: two per method that prunes inside the LLM, a few more
 
 
@@ -266,9 +275,7 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
             if parts is not None:  # a compiled tower would not run hooks added after it was compiled
                 with TowerTokens(model) as tower:
                     measure(model, inputs, 1, device, cache, disable_compile=True)  # the prefill alone, eager
-            for _ in range(warmup):
-                run()
-                bar.update()
+            row.warmup_runs = warm_up(run, warmup, bar)
             # hooks registered after the method's (compiled: the eager prefill above counted the tower's tokens)
             with (TowerTokens(model) if parts is None else contextlib.nullcontext(tower) as tower,
                   PeakMemory(device) as mem):
@@ -284,7 +291,9 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
     for _ in range(repeats):
         for row in rows:
             with applied(row) as handle:
+                before = _compat.compiled_graphs()
                 ttft, decode = run()
+                row.compiled_while_timed += _compat.compiled_graphs() - before
                 stats = llm_stats(handle)
                 if stats is not None:
                     row.selection_ms.append(stats.selection_time_s * 1000.0)
@@ -295,6 +304,30 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
     bar.close()
     dense = rows[0]
     return [row.summary(None if row is dense else dense) for row in rows], dense
+
+
+def warm_up(run: Callable[[], object], runs: int, bar=None) -> int:
+    """Call ``run`` ``runs`` times, then on until the last ``QUIET_RUNS`` of them (or all, if fewer were asked)
+    compiled no graph, at most ``EXTRA_WARMUP`` more: a fixed count can stop while a compiled part is still
+    compiling or recording its graphs. Returns how many runs it made."""
+    done = quiet = 0
+    while done < runs or (quiet < min(runs, QUIET_RUNS) and done < runs + EXTRA_WARMUP):
+        before = _compat.compiled_graphs()
+        run()
+        quiet = quiet + 1 if _compat.compiled_graphs() == before else 0
+        done += 1
+        if bar is not None and done <= runs:
+            bar.update()
+    return done
+
+
+def warmup_line(results: list[dict], asked: int) -> str:
+    """``3 warm-up runs``, or the range each row took when some ran on until they compiled nothing."""
+    runs = sorted({row["warmup_runs"] for row in results})
+    if runs == [asked]:
+        return f"{asked} warm-up runs"
+    span = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
+    return f"{span} warm-up runs ({asked} asked, then until {QUIET_RUNS} in a row compiled nothing)"
 
 
 def quartiles(values: list[float]) -> list[float]:
@@ -472,13 +505,17 @@ def run(args: argparse.Namespace) -> int:
              + ("; static cache" + (", compiled decode" if cuda and not args.compile else "")
                 if args.cache == "static" else "")
              + (f"; vision tower and decoder compiled ({args.compile})" if args.compile else "")
-             + f"; median of {repeats} after {warmup} warm-up runs")
+             + f"; median of {repeats} after {warmup_line(results, warmup)}")
     print(title)
     print(machine_line(machine))
     print(threads.line())
     print(f"peak MB: extra memory at the peak of one generate() call ({PeakMemory(device).source})")
     print(roofline)
     print(format_table(results))
+    for row in results:
+        if row["compiled_while_timed"]:
+            print(f"warning: {row['method']} compiled {row['compiled_while_timed']} graphs during its timed runs, "
+                  "so its times include compiling (raise --warmup)", file=sys.stderr)
     if threads.warning:
         print(threads.warning, file=sys.stderr)
     if args.json:
