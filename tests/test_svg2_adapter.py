@@ -207,6 +207,24 @@ def test_wan_triton_backend_under_the_interpreter_equals_dense():
     torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-4)
 
 
+def test_wan_sparse_calls_read_only_the_timestep_from_the_device_and_their_stats_when_looked_at():
+    """On a GPU a read stalls the host until the device drains: the Triton path reads the timestep once per
+    transformer call (the host decides the step from it) and nothing per attention call, stats included."""
+    from vtoken.evals.bench.overhead import OpCounter
+
+    model, inputs = tiny_wan(), wan_inputs()
+    with vtoken.patch(model, "svg2", top_p=0.5, backend="triton", **SMALL) as handle:
+        for step, t in enumerate((900, 800)):
+            with OpCounter(model) as counter:
+                run(model, t=t, **inputs)
+            sites = counter.segments[0].sites
+            assert dict(sites) == {next(iter(sites)): 1} and "_timestep_value" in next(iter(sites))
+            assert len(handle.stats._unread) == 2 * (step + 1)  # every sparse call so far, not yet read
+        calls = handle.stats.calls
+    assert not handle.stats._unread and len(calls) == 4
+    assert all(0 < c.density < 1 and c.kmeans_ms > 0 and c.attention_ms > 0 for c in calls)
+
+
 # -- HunyuanVideo ---------------------------------------------------------------------------------------------------
 
 

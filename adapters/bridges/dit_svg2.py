@@ -28,6 +28,7 @@ clustering, plan and attention between those calls are traced.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -76,16 +77,37 @@ class SVG2Stats:
 
     ``generations`` counts the new generations started (by a pipeline call, the timestep going back up, or
     ``handle.reset()``); ``history`` holds the ``totals()`` of each finished one. Timings come from CUDA events on a
-    GPU (one synchronisation per call) and wall time on a CPU; ``record_stats=False`` turns the per-call records off.
+    GPU and wall time on a CPU; ``record_stats=False`` turns the per-call records off. A sparse call's density and
+    times stay on the device until ``calls`` is read (one wait for every call since the last read), so recording
+    never stalls the denoising loop.
     """
 
-    calls: list[SVG2CallStats] = field(default_factory=list)
     generations: int = 0
     history: list[dict] = field(default_factory=list)
+    _calls: list[SVG2CallStats] = field(default_factory=list, repr=False)
+    _unread: list[tuple[SVG2CallStats, torch.Tensor, Stopwatch]] = field(default_factory=list, repr=False)
+
+    @property
+    def calls(self) -> list[SVG2CallStats]:
+        if self._unread:
+            densities = torch.stack([density for _, density, _ in self._unread]).tolist()
+            for (call, _, watch), density in zip(self._unread, densities):
+                laps = watch.laps()
+                call.density, call.kmeans_ms, call.plan_ms, call.attention_ms = (
+                    density, laps["kmeans"], laps["plan"], laps["attention"])
+            self._unread.clear()
+        return self._calls
+
+    def add(self, call: SVG2CallStats, density: torch.Tensor | None = None, watch: Stopwatch | None = None) -> None:
+        """Record a call; a sparse one's ``density`` (a 0-d tensor) and stage times (``watch``) are read later."""
+        self._calls.append(call)
+        if density is not None:
+            self._unread.append((call, density.detach(), watch))
 
     @property
     def last(self) -> SVG2CallStats | None:
-        return self.calls[-1] if self.calls else None
+        calls = self.calls
+        return calls[-1] if calls else None
 
     @property
     def sparse_calls(self) -> list[SVG2CallStats]:
@@ -94,22 +116,22 @@ class SVG2Stats:
     def totals(self) -> dict:
         """This generation: call counts, summed k-means / plan / sparse-attention time, and mean densities (over
         sparse calls, as the paper reports them, and over all calls)."""
-        sparse = self.sparse_calls
+        calls, sparse = self.calls, self.sparse_calls
         return {
-            "calls": len(self.calls),
+            "calls": len(calls),
             "sparse_calls": len(sparse),
-            "dense_calls": len(self.calls) - len(sparse),
-            "kmeans_ms": sum(c.kmeans_ms for c in self.calls),
-            "plan_ms": sum(c.plan_ms for c in self.calls),
+            "dense_calls": len(calls) - len(sparse),
+            "kmeans_ms": sum(c.kmeans_ms for c in calls),
+            "plan_ms": sum(c.plan_ms for c in calls),
             "attention_ms": sum(c.attention_ms for c in sparse),
             "mean_sparse_density": sum(c.density for c in sparse) / len(sparse) if sparse else None,
-            "mean_density": sum(c.density for c in self.calls) / len(self.calls) if self.calls else None,
+            "mean_density": sum(c.density for c in calls) / len(calls) if calls else None,
         }
 
     def new_generation(self) -> None:
-        if self.calls:
+        if self._calls:
             self.history.append(self.totals())
-        self.calls = []
+        self._calls, self._unread = [], []
         self.generations += 1
 
 
@@ -191,7 +213,7 @@ class SVG2Runtime:
     @torch.compiler.disable
     def record_dense(self, layer: int, tokens: int) -> None:
         if self.config.record_stats:
-            self.stats.calls.append(SVG2CallStats(layer, max(self.step, 0), self.branch, True, tokens))
+            self.stats.add(SVG2CallStats(layer, max(self.step, 0), self.branch, True, tokens))
 
     @torch.compiler.disable
     def _warm_start(self, key: tuple, q: torch.Tensor, k: torch.Tensor):
@@ -237,11 +259,9 @@ class SVG2Runtime:
     def _record_sparse(self, layer: int, plan, tokens: int, dense_queries: int, watch: Stopwatch) -> None:
         keys = plan.num_keys.float()
         density = (plan.pairs + dense_queries * keys) / ((tokens + dense_queries) * keys)
-        laps = watch.laps()
-        self.stats.calls.append(SVG2CallStats(
-            layer, max(self.step, 0), self.branch, False, tokens + dense_queries,
-            float(density.mean()), laps["kmeans"], laps["plan"], laps["attention"],
-        ))
+        call = SVG2CallStats(layer, max(self.step, 0), self.branch, False, tokens + dense_queries,
+                             math.nan, math.nan, math.nan, math.nan)  # until read
+        self.stats.add(call, density.mean(), watch)
 
 
 # -- processors ----------------------------------------------------------------------------------------------------
