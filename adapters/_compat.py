@@ -1,4 +1,4 @@
-"""Every upstream internal vtoken reads, in one place: transformers, diffusers, timm and open_clip.
+"""Every upstream internal vtoken reads, in one place: transformers, diffusers, timm, open_clip and torch.
 
 Lookups go by feature (a type, a parameter of a signature, an attribute), never by version string, so an upstream
 rename is a one-line change here and a failing test in tests/test_compat.py, not a silently wrong result in an
