@@ -291,9 +291,8 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
     for _ in range(repeats):
         for row in rows:
             with applied(row) as handle:
-                before = _compat.compiled_graphs()
-                ttft, decode = run()
-                row.compiled_while_timed += _compat.compiled_graphs() - before
+                (ttft, decode), graphs = counting_compiles(run)
+                row.compiled_while_timed += graphs
                 stats = llm_stats(handle)
                 if stats is not None:
                     row.selection_ms.append(stats.selection_time_s * 1000.0)
@@ -306,15 +305,20 @@ def run_bench(model, inputs: dict, methods: list[tuple[str, dict]], repeats: int
     return [row.summary(None if row is dense else dense) for row in rows], dense
 
 
+def counting_compiles(run: Callable[[], object]) -> tuple[object, int]:
+    """``run()``'s result, and how many graphs Dynamo compiled during it."""
+    before = _compat.compiled_graphs()
+    result = run()
+    return result, _compat.compiled_graphs() - before
+
+
 def warm_up(run: Callable[[], object], runs: int, bar=None) -> int:
     """Call ``run`` ``runs`` times, then on until the last ``QUIET_RUNS`` of them (or all, if fewer were asked)
     compiled no graph, at most ``EXTRA_WARMUP`` more: a fixed count can stop while a compiled part is still
     compiling or recording its graphs. Returns how many runs it made."""
     done = quiet = 0
     while done < runs or (quiet < min(runs, QUIET_RUNS) and done < runs + EXTRA_WARMUP):
-        before = _compat.compiled_graphs()
-        run()
-        quiet = quiet + 1 if _compat.compiled_graphs() == before else 0
+        quiet = 0 if counting_compiles(run)[1] else quiet + 1
         done += 1
         if bar is not None and done <= runs:
             bar.update()
