@@ -251,6 +251,41 @@ def test_hunyuan_sparse_runs_and_counts_text_in_density():
     assert last.tokens == 768 + 12 and 0 < last.density < 1
 
 
+def test_hunyuan_checks_its_video_keys_once_per_transformer_call_not_once_per_layer():
+    """Every layer of a call gets the same key mask: its video part is read once (on a GPU each read stalls the host),
+    beside the timestep."""
+    from vtoken.evals.bench.overhead import OpCounter
+
+    model = tiny_hunyuan()
+    with vtoken.patch(model, "svg2", top_p=0.5, **SMALL) as handle:
+        for t in (900.0, 800.0):
+            with OpCounter(model) as counter:
+                hunyuan_call(model, t)
+            sites = {site.split(" ")[-1]: n for site, n in counter.segments[0].sites.items()}
+            assert {k: v for k, v in sites.items() if "reference" not in k} == {
+                "_timestep_value": 1, "_video_keys_valid": 1}
+        assert [c.dense for c in handle.stats.calls] == [False] * 4  # 2 layers x 2 calls
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_a_call_whose_video_keys_are_masked_stays_dense_also_after_an_in_place_change(inference):
+    from vtoken.adapters.bridges.dit_svg2 import SVG2Runtime
+
+    runtime = SVG2Runtime(svg2_method.SVG2Config(**SMALL))
+    runtime.begin_call(900.0)
+    with torch.inference_mode(inference):
+        mask = torch.ones(1, 1, 1, 40 + 8, dtype=torch.bool)
+        mask[..., 44:] = False  # padded text keys are a layout SVG2 knows
+        assert [runtime.begin_attention(layer, 40, video_mask=mask) for layer in (0, 1)] == ["sparse"] * 2
+        mask[..., 3] = False  # a masked video key: the original processor's call
+        if inference:  # an inference tensor has no version counter: a new tensor is a new check
+            mask = mask.clone()
+        assert runtime.begin_attention(2, 40, video_mask=mask) == "dense"
+        assert runtime.begin_attention(3, 40, video_mask=torch.ones(1, 1, 1, 48, dtype=torch.bool)) == "sparse"
+        assert runtime.begin_attention(4, 40, eligible=False) == "dense"
+    assert [(c.layer, c.dense) for c in runtime.stats.calls] == [(2, True), (4, True)]  # sparse calls record later
+
+
 @pytest.mark.parametrize("factory,counts", [(tiny_wan, (300, 1000)), (tiny_hunyuan, (400, 1000))])
 def test_cluster_counts_default_to_the_official_scripts_per_model(factory, counts):
     model = factory()

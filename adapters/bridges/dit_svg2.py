@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -158,6 +159,7 @@ class SVG2Runtime:
         self.calls_this_step = 0
         self.last_timestep: float | None = None
         self.context_name: str | None = None
+        self._checked_mask: tuple | None = None  # (weakref to a key mask, its version, video tokens, all valid)
 
     def new_generation(self) -> None:
         self.caches.clear()
@@ -196,24 +198,42 @@ class SVG2Runtime:
 
     # -- per attention call ----------------------------------------------------------------------------------------
     @torch.compiler.disable
-    def mode(self, layer: int, tokens: int) -> str:
-        """"dense" (original processor), "cluster" (dense, but k-means warms the cache) or "sparse".
+    def begin_attention(self, layer: int, tokens: int, eligible: bool = True,
+                        video_mask: torch.Tensor | None = None) -> str:
+        """This call's mode: "dense" (original processor), "cluster" (dense, but k-means warms the cache) or
+        "sparse"; a dense or cluster call is recorded here. One host call per attention call, so a compiled
+        transformer breaks its graph once for a dense call.
 
-        Cluster counts are checked against the video tokens on every call, dense ones included, so a bad setting
-        fails at the first step rather than after the warm-up.
+        ``eligible``: False for a call SVG2 leaves to the original processor whatever the step (an unexpected
+        layout). ``video_mask`` (B, 1, 1, N) is the call's key mask; a call whose video keys are not all valid stays
+        dense. Cluster counts are checked against the video tokens on every call, dense ones included, so a bad
+        setting fails at the first step rather than after the warm-up.
         """
         check_cluster_count(self.config.q_clusters, tokens, "q_clusters")
         check_cluster_count(self.config.k_clusters, tokens, "k_clusters")
-        if layer < self.config.dense_layers:
-            return "dense"
-        if max(self.step, 0) < self.config.dense_steps:
-            return "cluster" if self.config.kmeans_in_dense_steps else "dense"
-        return "sparse"
-
-    @torch.compiler.disable
-    def record_dense(self, layer: int, tokens: int) -> None:
-        if self.config.record_stats:
+        if not eligible or layer < self.config.dense_layers:
+            mode = "dense"
+        elif max(self.step, 0) < self.config.dense_steps:
+            mode = "cluster" if self.config.kmeans_in_dense_steps else "dense"
+        else:
+            mode = "sparse"
+        if mode != "dense" and video_mask is not None and not self._video_keys_valid(video_mask, tokens):
+            mode = "dense"  # masked video tokens: not a layout SVG2 knows, leave the call to the original processor
+        if mode != "sparse" and self.config.record_stats:
             self.stats.add(SVG2CallStats(layer, max(self.step, 0), self.branch, True, tokens))
+        return mode
+
+    def _video_keys_valid(self, mask: torch.Tensor, tokens: int) -> bool:
+        """Whether the first ``tokens`` keys of ``mask`` are all valid. A transformer call hands every layer the same
+        mask, so this reads the device once per call, not once per layer: the answer is kept for that tensor (by
+        identity and by its version counter, which catches an in-place change; an inference tensor has none)."""
+        version = None if mask.is_inference() else mask._version
+        seen = self._checked_mask
+        if seen is not None and seen[0]() is mask and seen[1:3] == (version, tokens):
+            return seen[3]
+        valid = bool(mask[..., :tokens].all())  # one read per transformer call: decides dense or sparse on the host
+        self._checked_mask = (weakref.ref(mask), version, tokens, valid)
+        return valid
 
     @torch.compiler.disable
     def _warm_start(self, key: tuple, q: torch.Tensor, k: torch.Tensor):
@@ -250,16 +270,18 @@ class SVG2Runtime:
         q_init, k_init, gen = self._warm_start(key, q, k)
         watch = Stopwatch(q.device, enabled=self.config.record_stats)
         result = svg2_attention(q, k, v, self.config, q_init, k_init, gen, extra_keys, watch)
-        self._keep_centroids(key, result.q_clusters.centroids, result.k_clusters.centroids)
-        if self.config.record_stats:
-            self._record_sparse(key[1], result.plan, q.shape[1], dense_queries, watch)
+        self._end_sparse(key, result, q.shape[1], dense_queries, watch)
         return result.out
 
     @torch.compiler.disable
-    def _record_sparse(self, layer: int, plan, tokens: int, dense_queries: int, watch: Stopwatch) -> None:
-        keys = plan.num_keys.float()
-        density = (plan.pairs + dense_queries * keys) / ((tokens + dense_queries) * keys)
-        call = SVG2CallStats(layer, max(self.step, 0), self.branch, False, tokens + dense_queries,
+    def _end_sparse(self, key: tuple, result, tokens: int, dense_queries: int, watch: Stopwatch) -> None:
+        """Keep this call's centroids for the next step and record it: one host call after the sparse attention."""
+        self._keep_centroids(key, result.q_clusters.centroids, result.k_clusters.centroids)
+        if not self.config.record_stats:
+            return
+        keys = result.plan.num_keys.float()
+        density = (result.plan.pairs + dense_queries * keys) / ((tokens + dense_queries) * keys)
+        call = SVG2CallStats(key[1], max(self.step, 0), self.branch, False, tokens + dense_queries,
                              math.nan, math.nan, math.nan, math.nan)  # until read
         self.stats.add(call, density.mean(), watch)
 
@@ -293,14 +315,13 @@ class _SVG2Processor:
 class SVG2WanProcessor(_SVG2Processor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                  **kwargs):
-        mode = self.runtime.mode(self.layer, hidden_states.shape[1])
-        if mode == "dense" or encoder_hidden_states is not None or attention_mask is not None or kwargs:
-            self.runtime.record_dense(self.layer, hidden_states.shape[1])
+        eligible = encoder_hidden_states is None and attention_mask is None and not kwargs
+        mode = self.runtime.begin_attention(self.layer, hidden_states.shape[1], eligible)
+        if mode == "dense":
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
         query, key, value = wan_qkv(attn, hidden_states, rotary_emb)
         if mode == "cluster":
             self.runtime.warm_clusters(self.key, to_heads(query), to_heads(key))
-            self.runtime.record_dense(self.layer, hidden_states.shape[1])
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         out = self.runtime.attend(self.key, to_heads(query), to_heads(key), to_heads(value))
         out = from_heads(out, hidden_states.shape[0]).type_as(query)
@@ -313,16 +334,12 @@ class SVG2HunyuanProcessor(_SVG2Processor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         n_video = hidden_states.shape[1]
-        mode = self.runtime.mode(self.layer, n_video)
-        if mode != "dense" and attention_mask is not None and not bool(attention_mask[..., :n_video].all()):
-            mode = "dense"  # masked video tokens: not a layout SVG2 knows, leave the call to the original processor
-        if mode == "dense" or encoder_hidden_states is None:
-            self.runtime.record_dense(self.layer, n_video)
+        mode = self.runtime.begin_attention(self.layer, n_video, encoder_hidden_states is not None, attention_mask)
+        if mode == "dense":
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         query, key, value = hunyuan_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         if mode == "cluster":
             self.runtime.warm_clusters(self.key, to_heads(query[:, :n_video]), to_heads(key[:, :n_video]))
-            self.runtime.record_dense(self.layer, n_video)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
         batch, n, heads = query.shape[:3]
