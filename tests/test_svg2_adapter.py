@@ -309,19 +309,29 @@ def wan_step(model, t):
     return run(model, t=t, **wan_inputs())
 
 
+def compiled_transformer(model, how: str, **options):
+    """``model`` compiled whole (``torch.compile``) or block by block (diffusers' ``compile_repeated_blocks``)."""
+    if how == "whole":
+        return torch.compile(model, backend="eager", **options)
+    model.compile_repeated_blocks(backend="eager", **options)
+    return model
+
+
+@pytest.mark.parametrize("how", ["whole", "regional"])
 @pytest.mark.parametrize("host", ["wan", "hunyuan"])
-def test_a_compiled_transformer_gives_the_eager_outputs_and_stats_over_denoising_steps(host):
+def test_a_compiled_transformer_gives_the_eager_outputs_and_stats_over_denoising_steps(host, how):
     """Traced by Dynamo, the centroid-cache lookup of a layer that missed on the first step stayed a miss on every
     later one, so each compiled step restarted its k-means cold: the steps after the first differed from eager. The
     host's bookkeeping now runs outside the graphs. Each step runs two CFG branches; the first step is dense, the
-    second clusters cold and the third warm."""
+    second clusters cold and the third warm. Compiled whole or, as diffusers recommends for video DiTs, block by
+    block."""
     model, call = (tiny_wan(), wan_step) if host == "wan" else (tiny_hunyuan(), hunyuan_call)
     config = dict(top_p=0.5, **{**SMALL, "dense_steps": 1})
     runs = {}
     for compiled in (False, True):
         torch._dynamo.reset()
         with vtoken.patch(model, "svg2", **config) as handle:
-            forward = torch.compile(model, backend="eager") if compiled else model
+            forward = compiled_transformer(model, how) if compiled else model
             outs = [call(forward, t) for t in (900, 900, 800, 800, 700, 700)]
             runs[compiled] = outs, list(handle.stats.calls)
     torch._dynamo.reset()
@@ -334,3 +344,15 @@ def test_a_compiled_transformer_gives_the_eager_outputs_and_stats_over_denoising
     sparse = [c for c in traced_calls if not c.dense]
     assert all(math.isnan(c.kmeans_ms) for c in sparse)  # inside a graph a stage has no time of its own
     assert all(c.kmeans_ms > 0 for c in eager_calls if not c.dense)
+
+
+@pytest.mark.parametrize("how", ["whole", "regional"])
+def test_fullgraph_compilation_fails_saying_why_and_what_to_do(how):
+    """The host's bookkeeping splits the graph at every attention call, so ``fullgraph=True`` cannot hold; Dynamo's
+    error carries vtoken's reason rather than only its own "Skip inlining a disabled function"."""
+    model = tiny_wan()
+    torch._dynamo.reset()
+    with vtoken.patch(model, "svg2", top_p=0.5, **SMALL), pytest.raises(
+            torch._dynamo.exc.Unsupported, match=r"SVG2 keeps the denoising step.*compile_repeated_blocks\(\)"):
+        wan_step(compiled_transformer(model, how, fullgraph=True), 900)
+    torch._dynamo.reset()

@@ -19,10 +19,10 @@ ordinal within its step. Centroid caches are kept per transformer, per layer and
 warm-start from each other (the official code shares them and never resets them).
 
 Under ``torch.compile`` that bookkeeping (the step, the branch, the centroid caches and the stats) stays on the host:
-each of its methods is ``torch.compiler.disable``-d, so Dynamo never traces the caches. Traced, a lookup of a centroid
-cache that missed on the first step stayed a miss on every later one (Dynamo, torch 2.11 to 2.15, guards no key that
-was absent after a graph break), and the compiled transformer silently restarted k-means cold each step. The
-clustering, plan and attention between those calls are traced.
+each of its methods is ``torch.compiler.disable``-d (``host_side``), so Dynamo never traces the caches. Traced, a
+lookup of a centroid cache that missed on the first step stayed a miss on every later one (Dynamo, torch 2.11 to
+2.15, guards no key that was absent after a graph break), and the compiled transformer silently restarted k-means
+cold each step. The clustering, plan and attention between those calls are traced.
 """
 
 from __future__ import annotations
@@ -50,6 +50,12 @@ from vtoken.adapters.video_dit import (
 from vtoken.methods.svg2 import SVG2Config, check_cluster_count, step_clusters, svg2_attention
 from vtoken.registry import add_bridge
 from vtoken.timing import Stopwatch
+
+# Dynamo prints the reason with each graph break it logs here, and in the error that ``fullgraph=True`` raises.
+host_side = torch.compiler.disable(reason=(
+    "vtoken's SVG2 keeps the denoising step, the CFG branch, the centroid caches and the stats on the host, and each "
+    "attention call hands over to the host here, so the transformer cannot compile as one graph (fullgraph=True); "
+    "compile it without fullgraph: torch.compile(transformer) or transformer.compile_repeated_blocks()"))
 
 MAX_BRANCHES = 4  # calls beyond this many at one timestep (without a cache_context name) share the last branch
 
@@ -180,7 +186,7 @@ class SVG2Runtime:
         self.last_timestep = timestep
         self.branch = self.context_name or str(min(self.calls_this_step, MAX_BRANCHES - 1))
 
-    @torch.compiler.disable
+    @host_side
     def pre_hook(self, module, args, kwargs):
         self.begin_call(_timestep_value(kwargs["timestep"] if "timestep" in kwargs else (args[1:2] or [None])[0]))
 
@@ -197,7 +203,7 @@ class SVG2Runtime:
         return cache_context
 
     # -- per attention call ----------------------------------------------------------------------------------------
-    @torch.compiler.disable
+    @host_side
     def begin_attention(self, layer: int, tokens: int, eligible: bool = True,
                         video_mask: torch.Tensor | None = None) -> str:
         """This call's mode: "dense" (original processor), "cluster" (dense, but k-means warms the cache) or
@@ -235,7 +241,7 @@ class SVG2Runtime:
         self._checked_mask = (weakref.ref(mask), version, tokens, valid)
         return valid
 
-    @torch.compiler.disable
+    @host_side
     def _warm_start(self, key: tuple, q: torch.Tensor, k: torch.Tensor):
         """``(q centroids, k centroids, generator)``: this layer's and branch's centroids from the previous step, or
         None for a seeded start from the generator."""
@@ -249,7 +255,7 @@ class SVG2Runtime:
             return None, None, generator
         return *cached, generator
 
-    @torch.compiler.disable
+    @host_side
     def _keep_centroids(self, key: tuple, q_centroids: torch.Tensor, k_centroids: torch.Tensor) -> None:
         self.caches[key + (self.branch,)] = (q_centroids, k_centroids)
 
@@ -273,7 +279,7 @@ class SVG2Runtime:
         self._end_sparse(key, result, q.shape[1], dense_queries, watch)
         return result.out
 
-    @torch.compiler.disable
+    @host_side
     def _end_sparse(self, key: tuple, result, tokens: int, dense_queries: int, watch: Stopwatch) -> None:
         """Keep this call's centroids for the next step and record it: one host call after the sparse attention."""
         self._keep_centroids(key, result.q_clusters.centroids, result.k_clusters.centroids)

@@ -47,6 +47,13 @@ STATIC_FILLERS = (
 )
 
 
+# Dynamo prints the reason with each graph break it logs at these hooks, and in the error that fullgraph=True raises.
+host_side = torch.compiler.disable(reason=(
+    "vtoken keeps the bookkeeping around the language model's call (the prompt's layout, the KV cache's pruned slots) "
+    "on the host, where it changes every step, so the whole VLM cannot compile as one graph (fullgraph=True); compile "
+    "it without fullgraph, or compile the language model itself, which takes fullgraph=True with pruning included"))
+
+
 @dataclass(frozen=True)
 class Modality:
     """One kind of visual input of a host."""
@@ -198,8 +205,8 @@ class VLMPatch:
         # The bookkeeping around the LLM call keeps per-conversation state on the host (columns, slots, the cache's
         # layout), which changes every step: compiled code runs it as it is, outside the graph (a break before and
         # after the base model's call, never inside the decoder), instead of recompiling for each step's values.
-        self.hooks.forward_pre_hook(self.base, torch.compiler.disable(self.before_llm), with_kwargs=True)
-        self.hooks.forward_hook(self.base, torch.compiler.disable(self.after_llm), with_kwargs=True)
+        self.hooks.forward_pre_hook(self.base, host_side(self.before_llm), with_kwargs=True)
+        self.hooks.forward_hook(self.base, host_side(self.after_llm), with_kwargs=True)
         self.hooks.forward_pre_hook(model, self.reject_labels, with_kwargs=True)
 
     # -- users ------------------------------------------------------------------------------------------------------
