@@ -88,7 +88,6 @@ def test_tokenflex_update_reaches_the_compiled_model():
         assert handle.stats.visual_tokens_llm == [4]
 
 
-
 def test_fullgraph_compilation_of_the_whole_patched_vlm_fails_saying_why_and_what_to_do():
     """vtoken's bookkeeping around the language model's call runs on the host; under ``fullgraph=True`` Dynamo's error
     carries that reason and the way out (compile the language model, which takes ``fullgraph`` with pruning)."""
@@ -96,6 +95,7 @@ def test_fullgraph_compilation_of_the_whole_patched_vlm_fails_saying_why_and_wha
     with vtoken.patch(model, "random", keep=16), torch.no_grad(), pytest.raises(
             torch._dynamo.exc.Unsupported, match=r"vtoken keeps the bookkeeping.*compile the language model itself"):
         torch.compile(model, backend="eager", fullgraph=True)(**inputs())
+
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("config", [dict(keep=0.3), dict(), dict(keep=0.3, ffn_layers="all"), dict(variant="release")])
