@@ -25,7 +25,7 @@ lines = untested_versions(installed_versions(tuple(ranges)), ranges)
 print("\n".join("   " + line for line in lines) or "   nothing: every newest release is inside the ranges")
 PY
 report=$(mktemp /tmp/vtoken-canary.XXXXXX.xml)
-python -m pytest -q -p no:cacheprovider --tb=short -W ignore::RuntimeWarning --junitxml="$report" > "$venv/pytest.log" 2>&1
+python -m pytest -q -n auto --dist loadgroup -p no:cacheprovider --tb=short -W ignore::RuntimeWarning --junitxml="$report" > "$venv/pytest.log" 2>&1
 status=$?
 echo "== what broke, by package (the innermost installed package in each failure's traceback):"
 python .ci/breakage.py "$report"

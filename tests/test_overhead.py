@@ -23,6 +23,10 @@ from vtoken import cli
 from vtoken.evals.bench.models import build_model, synthetic_inputs
 from vtoken.evals.bench.overhead import OpCounter, count_methods
 
+# one worker under pytest-xdist: the counts of every method on each 32-layer host (the `counted` fixture) take two
+# minutes, and split over workers each would count them again
+pytestmark = pytest.mark.xdist_group("overhead")
+
 # extra prefill ops of each method at keep=64 before these budgets (dense: 2,607 / 2,631 / 2,684 ops)
 BEFORE = {
     "count-llava-1.5": {"random": 93, "pool": 142, "divprune": 951, "tokenflex": 98, "todre": 1311, "attn_topk": 498,
