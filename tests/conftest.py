@@ -33,9 +33,12 @@ else:
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook; pytest without the plugin (the GPU image's) skips it
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: one worker per core, at most 8: each worker imports torch and builds its own models, so memory
-    grows with their number."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    """``-n auto``: xdist's own count of the cores, at most 8: each worker imports torch and builds its own models, so
+    memory grows with their number. A count set in PYTEST_XDIST_AUTO_NUM_WORKERS is taken as it is."""
+    from xdist.plugin import pytest_xdist_auto_num_workers as xdist_count
+
+    count = xdist_count(config)
+    return count if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") else min(8, count)
 
 
 @pytest.fixture(autouse=True)
